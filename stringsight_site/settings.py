@@ -1,0 +1,225 @@
+"""Settings for StringSight Jobs, read from the environment.
+
+Every variable is listed in the README's configuration table. Helpers fail
+loudly on values they cannot read, so a typo never becomes a silent default.
+"""
+
+import os
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def envbool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ImproperlyConfigured(f"{name}={value!r} is not a boolean (use true or false)")
+
+
+def envint(name: str, default: int, minimum: int = 0) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={value!r} is not a whole number") from None
+    if number < minimum:
+        raise ImproperlyConfigured(f"{name}={number} is below its minimum of {minimum}")
+    return number
+
+
+def envfloat(name: str, default: float, minimum: float = 0.0) -> float:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={value!r} is not a number") from None
+    if number < minimum:
+        raise ImproperlyConfigured(f"{name}={number} is below its minimum of {minimum}")
+    return number
+
+
+def envlist(name: str, default: str = "") -> list[str]:
+    return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+
+
+DEBUG = envbool("DJANGO_DEBUG", True)
+
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured("DJANGO_SECRET_KEY must be set when DJANGO_DEBUG is false")
+    # Development only: DEBUG is on, so this key never protects real sessions.
+    SECRET_KEY = "dev-insecure-stringsight-jobs-key-do-not-use-in-production"
+
+ALLOWED_HOSTS = envlist("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver" if DEBUG else "")
+if not DEBUG and not ALLOWED_HOSTS:
+    raise ImproperlyConfigured("DJANGO_ALLOWED_HOSTS must be set when DJANGO_DEBUG is false")
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "drf_spectacular",
+    "django_q",
+    "jobs",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "stringsight_site.urls"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+WSGI_APPLICATION = "stringsight_site.wsgi.application"
+
+VAR_DIR = Path(os.environ.get("STRINGSIGHT_VAR_DIR", BASE_DIR / "var"))
+VAR_DIR.mkdir(parents=True, exist_ok=True)
+
+DATABASES = {
+    "default": dj_database_url.parse(
+        os.environ.get("DATABASE_URL") or f"sqlite:///{VAR_DIR / 'db.sqlite3'}",
+        conn_max_age=envint("DATABASE_CONN_MAX_AGE", 0),
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Several worker processes write at once: WAL lets readers go on during a
+    # write, IMMEDIATE takes the write lock at BEGIN (no lock upgrade that can
+    # fail mid-transaction), and the busy timeout waits instead of failing.
+    DATABASES["default"]["OPTIONS"] = {
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+    # The tests' worker processes must see the test database, so it is a file.
+    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test_db.sqlite3")}
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+
+LOGIN_URL = "/admin/login/"
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "jobs.api.errors.exception_handler",
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "StringSight Jobs API",
+    "DESCRIPTION": "Durable, cancellable LLM property-extraction jobs.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+}
+
+# The task queue. The ORM broker keeps tasks in this database, so a job and
+# its tasks commit together. `retry` must exceed `timeout`: a task still
+# running when `retry` expires would be delivered a second time.
+Q_TASK_TIMEOUT = envint("Q_TASK_TIMEOUT", 3600, minimum=10)
+Q_CLUSTER = {
+    "name": "stringsight",
+    "orm": "default",
+    "workers": envint("Q_WORKERS", 2, minimum=1),
+    "timeout": Q_TASK_TIMEOUT,
+    "retry": Q_TASK_TIMEOUT + 300,
+    "max_attempts": 3,
+    "ack_failures": True,
+    "poll": envfloat("Q_POLL", 0.2, minimum=0.01),
+    "save_limit": 500,
+    "catch_up": False,
+    "label": "Task queue",
+}
+if os.environ.get("Q_REDIS_URL"):
+    Q_CLUSTER.pop("orm")
+    Q_CLUSTER["redis"] = os.environ["Q_REDIS_URL"]
+
+# The LLM. OPENAI_API_KEY and OPENAI_BASE_URL are the SDK's own variables; the
+# key is read by the worker from the environment and never stored.
+STRINGSIGHT_DEFAULT_MODEL = os.environ.get("STRINGSIGHT_DEFAULT_MODEL", "gpt-4o-mini")
+STRINGSIGHT_LLM_TIMEOUT = envfloat("STRINGSIGHT_LLM_TIMEOUT", 120.0, minimum=1.0)
+STRINGSIGHT_MAX_ATTEMPTS = envint("STRINGSIGHT_MAX_ATTEMPTS", 4, minimum=1)
+STRINGSIGHT_RETRY_BASE_SECONDS = envfloat("STRINGSIGHT_RETRY_BASE_SECONDS", 1.0)
+STRINGSIGHT_RETRY_MAX_SECONDS = envfloat("STRINGSIGHT_RETRY_MAX_SECONDS", 60.0)
+
+# Orchestration. A task claims at most CHUNK_SIZE rows; the worker re-reads
+# the job row at least every CANCEL_POLL_SECONDS while calls are in flight.
+STRINGSIGHT_CHUNK_SIZE = envint("STRINGSIGHT_CHUNK_SIZE", 200, minimum=1)
+STRINGSIGHT_CANCEL_POLL_SECONDS = envfloat("STRINGSIGHT_CANCEL_POLL_SECONDS", 0.1, minimum=0.01)
+STRINGSIGHT_LEASE_SECONDS = envint("STRINGSIGHT_LEASE_SECONDS", 300, minimum=5)
+
+# Request limits: each breach answers 4xx naming the limit.
+STRINGSIGHT_MAX_ROWS = envint("STRINGSIGHT_MAX_ROWS", 50_000, minimum=1)
+STRINGSIGHT_MAX_WORKERS = envint("STRINGSIGHT_MAX_WORKERS", 256, minimum=1)
+STRINGSIGHT_MAX_TOKENS_CAP = envint("STRINGSIGHT_MAX_TOKENS_CAP", 32_768, minimum=1)
+DATA_UPLOAD_MAX_MEMORY_SIZE = envint("STRINGSIGHT_MAX_REQUEST_BYTES", 100 * 1024 * 1024, minimum=1024)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+    "loggers": {
+        # The SDK's HTTP client logs every request at INFO; our own events say more.
+        "httpx": {"level": "WARNING"},
+        "httpx2": {"level": "WARNING"},
+    },
+}
