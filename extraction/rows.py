@@ -1,0 +1,222 @@
+"""Input rows: validate them, detect the method, give each one a question id."""
+
+import hashlib
+
+METHODS = ("single_model", "side_by_side")
+
+REQUIRED_COLUMNS = {
+    "single_model": ("prompt", "model", "model_response"),
+    "side_by_side": ("prompt", "model_a", "model_b", "model_a_response", "model_b_response"),
+}
+
+_TEXT_COLUMNS = {
+    "single_model": ("prompt", "model"),
+    "side_by_side": ("prompt", "model_a", "model_b"),
+}
+
+_RESPONSE_COLUMNS = {
+    "single_model": ("model_response",),
+    "side_by_side": ("model_a_response", "model_b_response"),
+}
+
+
+class RowError(ValueError):
+    """A row, or the rows as a whole, cannot be used; `field` says where."""
+
+    def __init__(self, message: str, *, field: str, index: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.index = index
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def json_type(value) -> str:
+    """The JSON name of a Python value's type, for messages a client can act on."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list | tuple):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _is_number(value) -> bool:
+    # JSON booleans arrive as bool, which is an int subclass; they are not scores.
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_empty(value) -> bool:
+    return value is None or (isinstance(value, str | list | dict) and not value)
+
+
+def _quoted(names) -> str:
+    return ", ".join(f"'{name}'" for name in names)
+
+
+def validate_rows(rows, method: str | None = None) -> str:
+    """Check `rows` and return the method; raise RowError on the first problem."""
+    if not isinstance(rows, list):
+        raise RowError(f"rows: expected a list of row objects, got {json_type(rows)}", field="rows")
+    if not rows:
+        raise RowError("rows: the list is empty; send at least one row", field="rows")
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise RowError(
+                f"rows[{index}]: expected a JSON object, got {json_type(row)}",
+                field=f"rows[{index}]",
+                index=index,
+            )
+    # An empty string is what a form sends for "not chosen".
+    method = _check_method(method) if method not in (None, "") else detect_method(rows[0])
+    for index, row in enumerate(rows):
+        _check_columns(row, index, method)
+        _check_types(row, index, method)
+    return method
+
+
+def _check_method(method) -> str:
+    if method not in METHODS:
+        raise RowError(
+            f"method: unknown method {method!r}; expected one of {', '.join(METHODS)}",
+            field="method",
+        )
+    return method
+
+
+def detect_method(row: dict) -> str:
+    """side_by_side when the row has both per-model responses, single_model when it has one."""
+    if "model_a_response" in row and "model_b_response" in row:
+        return "side_by_side"
+    if "model_response" in row:
+        return "single_model"
+    raise RowError(
+        "rows[0]: cannot detect the method: the row has neither model_response (single_model) "
+        f"nor model_a_response and model_b_response (side_by_side); the row has {_columns(row)}",
+        field="rows[0]",
+        index=0,
+    )
+
+
+def _columns(row: dict) -> str:
+    return ", ".join(str(key) for key in row) or "no columns"
+
+
+def _check_columns(row: dict, index: int, method: str) -> None:
+    required = REQUIRED_COLUMNS[method]
+    missing = [column for column in required if column not in row]
+    empty = [column for column in required if column in row and _is_empty(row[column])]
+    if not missing and not empty:
+        return
+    problems = []
+    if missing:
+        problems.append(f"missing column{'s' if len(missing) > 1 else ''} {_quoted(missing)}")
+    if empty:
+        problems.append(f"empty column{'s' if len(empty) > 1 else ''} {_quoted(empty)}")
+    raise RowError(
+        f"rows[{index}]: {' and '.join(problems)} "
+        f"({method} needs {', '.join(required)}; the row has {_columns(row)})",
+        field=f"rows[{index}].{(missing or empty)[0]}",
+        index=index,
+    )
+
+
+def _check_types(row: dict, index: int, method: str) -> None:
+    def fail(column: str, expected: str, value) -> RowError:
+        return RowError(
+            f"rows[{index}].{column}: expected {expected}, got {json_type(value)}",
+            field=f"rows[{index}].{column}",
+            index=index,
+        )
+
+    for column in _TEXT_COLUMNS[method]:
+        value = row[column]
+        if not isinstance(value, str) and not _is_number(value):
+            raise fail(column, "a string", value)
+    for column in _RESPONSE_COLUMNS[method]:
+        _check_response(row[column], index, column)
+    question_id = row.get("question_id")
+    if question_id is not None and not isinstance(question_id, str) and not _is_number(question_id):
+        raise fail("question_id", "a string or a number", question_id)
+    for column in ("score", "score_a", "score_b"):
+        score = row.get(column)
+        if score is None or _is_number(score):
+            continue
+        if not isinstance(score, dict):
+            raise fail(column, "a number or an object of metric to number", score)
+        for metric, value in score.items():
+            if not _is_number(value):
+                raise fail(f"{column}.{metric}", "a number", value)
+    winner = row.get("winner")
+    if winner is not None and not isinstance(winner, str):
+        raise fail("winner", "a string", winner)
+
+
+def _check_response(response, index: int, column: str) -> None:
+    if isinstance(response, str | dict):
+        return
+    if isinstance(response, list):
+        for position, message in enumerate(response):
+            if not isinstance(message, dict):
+                raise RowError(
+                    f"rows[{index}].{column}[{position}]: expected a chat message object, "
+                    f"got {json_type(message)}",
+                    field=f"rows[{index}].{column}",
+                    index=index,
+                )
+        return
+    raise RowError(
+        f"rows[{index}].{column}: expected a string, an object or a list of chat messages, "
+        f"got {json_type(response)}",
+        field=f"rows[{index}].{column}",
+        index=index,
+    )
+
+
+def question_id_for(row: dict, index: int) -> str:
+    """The row's own question_id, else one derived from the prompt so equal prompts share it."""
+    question_id = row.get("question_id")
+    if question_id is not None:
+        return str(question_id)
+    prompt = row.get("prompt")
+    if prompt is None or prompt == "":
+        return f"row-{index}"
+    return "q-" + hashlib.sha1(str(prompt).encode("utf-8")).hexdigest()[:12]
+
+
+def pair_side_by_side(rows: list[dict]) -> list[dict]:
+    """Pair single_model rows by prompt: the first two models seen answer as A and B, in file order."""
+    by_prompt: dict[str, list[dict]] = {}
+    for row in rows:
+        answers = by_prompt.setdefault(str(row["prompt"]), [])
+        if len(answers) < 2 and all(answer["model"] != row["model"] for answer in answers):
+            answers.append(row)
+    paired = []
+    for prompt, answers in by_prompt.items():
+        if len(answers) < 2:
+            continue
+        row_a, row_b = answers
+        pair = {
+            "prompt": prompt,
+            "model_a": row_a["model"],
+            "model_b": row_b["model"],
+            "model_a_response": row_a["model_response"],
+            "model_b_response": row_b["model_response"],
+        }
+        if row_a.get("question_id") is not None:
+            pair["question_id"] = row_a["question_id"]
+        if row_a.get("score") is not None:
+            pair["score_a"] = row_a["score"]
+        if row_b.get("score") is not None:
+            pair["score_b"] = row_b["score"]
+        paired.append(pair)
+    return paired
