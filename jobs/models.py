@@ -1,3 +1,153 @@
+import uuid
+
+from django.conf import settings
 from django.db import models
 
-# Create your models here.
+
+class JobState(models.TextChoices):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+
+ACTIVE_STATES = (JobState.QUEUED, JobState.RUNNING)
+
+
+class Method(models.TextChoices):
+    SINGLE_MODEL = "single_model"
+    SIDE_BY_SIDE = "side_by_side"
+
+
+class RowStatus(models.TextChoices):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class ExtractJob(models.Model):
+    """One extraction request. Its counters are the status: the worker moves
+    them with F() in the same transaction as the row they count, so reading
+    a job's progress never counts rows or properties."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="extract_jobs"
+    )
+    state = models.CharField(max_length=16, choices=JobState.choices, default=JobState.QUEUED)
+    error = models.TextField(blank=True, default="")
+
+    method = models.CharField(max_length=16, choices=Method.choices)
+    system_prompt = models.TextField(help_text="The prompt name or literal text the caller sent.")
+    resolved_system_prompt = models.TextField(help_text="The exact system message sent to the LLM.")
+    task_description = models.TextField(blank=True, default="")
+    model_name = models.CharField(max_length=200)
+    temperature = models.FloatField()
+    top_p = models.FloatField()
+    max_tokens = models.PositiveIntegerField()
+    max_workers = models.PositiveIntegerField()
+    include_scores_in_prompt = models.BooleanField(default=False)
+
+    count_total = models.PositiveIntegerField(default=0)
+    count_done = models.PositiveIntegerField(default=0)
+    count_failed = models.PositiveIntegerField(default=0)
+    properties_count = models.PositiveIntegerField(default=0)
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    cancelled_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["owner", "-created_at"], name="job_owner_created"),
+            models.Index(fields=["state", "-created_at"], name="job_state_created"),
+        ]
+
+    def __str__(self) -> str:
+        return f"job {self.id} ({self.state})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+    @property
+    def count_finished(self) -> int:
+        return self.count_done + self.count_failed
+
+    @property
+    def progress(self) -> float:
+        """Finished rows (done or failed) over all rows, 0..1."""
+        if not self.count_total:
+            return 0.0
+        return min(1.0, self.count_finished / self.count_total)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class ExtractRow(models.Model):
+    job = models.ForeignKey(ExtractJob, on_delete=models.CASCADE, related_name="rows")
+    index = models.PositiveIntegerField()
+    question_id = models.CharField(max_length=200)
+    data = models.JSONField()
+    status = models.CharField(max_length=16, choices=RowStatus.choices, default=RowStatus.PENDING)
+    attempts = models.PositiveIntegerField(default=0, help_text="LLM calls made for this row.")
+    error = models.TextField(blank=True, default="")
+    raw_answer = models.TextField(blank=True, default="")
+    properties_dropped = models.PositiveIntegerField(default=0)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    claimed_by = models.CharField(max_length=100, blank=True, default="")
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["job", "index"]
+        constraints = [models.UniqueConstraint(fields=["job", "index"], name="row_unique_job_index")]
+        indexes = [
+            # Claims take the lowest pending indexes; the cap counts running rows.
+            models.Index(fields=["job", "status", "index"], name="row_job_status_index"),
+        ]
+
+    def __str__(self) -> str:
+        return f"row {self.index} of job {self.job_id} ({self.status})"
+
+
+class Property(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    job = models.ForeignKey(ExtractJob, on_delete=models.CASCADE, related_name="properties")
+    row = models.ForeignKey(ExtractRow, on_delete=models.CASCADE, related_name="properties")
+    # Denormalised from the row so a job's properties list in input order
+    # from one index, without a join.
+    row_index = models.PositiveIntegerField()
+    position = models.PositiveSmallIntegerField()
+    question_id = models.CharField(max_length=200)
+    model = models.CharField(max_length=200)
+    property_description = models.TextField()
+    category = models.CharField(max_length=200, blank=True, default="")
+    reason = models.TextField(blank=True, default="")
+    evidence = models.JSONField(default=list)
+    behavior_type = models.CharField(max_length=32)
+    contains_errors = models.BooleanField(default=False)
+    unexpected_behavior = models.BooleanField(default=False)
+
+    class Meta:
+        verbose_name_plural = "properties"
+        ordering = ["job", "row_index", "position"]
+        constraints = [
+            # A row's properties are stored once, however often its answer arrives.
+            models.UniqueConstraint(fields=["row", "position"], name="property_unique_row_position"),
+        ]
+        indexes = [models.Index(fields=["job", "row_index", "position"], name="property_job_order")]
+
+    def __str__(self) -> str:
+        return self.property_description[:80]
