@@ -198,6 +198,9 @@ STRINGSIGHT_LLM_TIMEOUT = envfloat("STRINGSIGHT_LLM_TIMEOUT", 120.0, minimum=1.0
 STRINGSIGHT_MAX_ATTEMPTS = envint("STRINGSIGHT_MAX_ATTEMPTS", 4, minimum=1)
 STRINGSIGHT_RETRY_BASE_SECONDS = envfloat("STRINGSIGHT_RETRY_BASE_SECONDS", 1.0)
 STRINGSIGHT_RETRY_MAX_SECONDS = envfloat("STRINGSIGHT_RETRY_MAX_SECONDS", 60.0)
+# Ask for JSON-schema structured output; turn off for endpoints without it
+# (the parser reads free text either way).
+STRINGSIGHT_STRUCTURED_OUTPUT = envbool("STRINGSIGHT_STRUCTURED_OUTPUT", True)
 
 # Orchestration. A task claims at most CHUNK_SIZE rows; the worker re-reads
 # the job row at least every CANCEL_POLL_SECONDS while calls are in flight.

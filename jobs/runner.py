@@ -1,0 +1,227 @@
+"""One chunk task's work on a job.
+
+The calling thread owns the database: it claims rows, records each result
+the moment it arrives and re-reads the job row at least every poll
+interval. LLM calls run on an asyncio loop in a helper thread, up to the
+job's max_workers at once. When the job stops running (cancelled, failed,
+or done by another worker) every call in flight is cancelled, which closes
+its connection, and its answer is never stored.
+"""
+
+import asyncio
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from django.conf import settings
+
+from extraction.extract import ExtractionSpec, RowOutcome, extract_row
+from extraction.llm import CallSettings, LLMCallError, make_client
+from extraction.prompts import response_format
+
+from . import services
+from .models import ExtractJob, JobState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    chunk_size: int
+    poll_seconds: float
+    lease_seconds: float
+    api_key: str | None
+    base_url: str | None
+    llm_timeout: float
+    max_attempts: int
+    retry_base: float
+    retry_max: float
+    structured_output: bool
+
+    @classmethod
+    def from_django(cls) -> "RunnerSettings":
+        return cls(
+            chunk_size=settings.STRINGSIGHT_CHUNK_SIZE,
+            poll_seconds=settings.STRINGSIGHT_CANCEL_POLL_SECONDS,
+            lease_seconds=settings.STRINGSIGHT_LEASE_SECONDS,
+            api_key=os.environ.get("OPENAI_API_KEY"),
+            base_url=os.environ.get("OPENAI_BASE_URL") or None,
+            llm_timeout=settings.STRINGSIGHT_LLM_TIMEOUT,
+            max_attempts=settings.STRINGSIGHT_MAX_ATTEMPTS,
+            retry_base=settings.STRINGSIGHT_RETRY_BASE_SECONDS,
+            retry_max=settings.STRINGSIGHT_RETRY_MAX_SECONDS,
+            structured_output=settings.STRINGSIGHT_STRUCTURED_OUTPUT,
+        )
+
+
+def extraction_spec(job: ExtractJob, config: RunnerSettings) -> ExtractionSpec:
+    return ExtractionSpec(
+        method=job.method,
+        system_prompt=job.resolved_system_prompt,
+        include_scores=job.include_scores_in_prompt,
+        call=CallSettings(
+            model=job.model_name,
+            temperature=job.temperature,
+            top_p=job.top_p,
+            max_tokens=job.max_tokens,
+            timeout=config.llm_timeout,
+            max_attempts=config.max_attempts,
+            retry_base=config.retry_base,
+            retry_max=config.retry_max,
+            response_format=response_format(job.method) if config.structured_output else None,
+        ),
+    )
+
+
+class _LoopThread:
+    """An asyncio loop on a daemon thread, fed from the calling thread."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="llm-calls", daemon=True)
+        self._thread.start()
+
+    def submit(self, coroutine) -> Future:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    def close(self, client) -> None:
+        self.submit(_cancel_everything(client)).result(timeout=30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=30)
+        self.loop.close()
+
+
+async def _cancel_everything(client) -> None:
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await client.close()
+
+
+class ChunkRunner:
+    def __init__(self, job_id, config: RunnerSettings):
+        self.job_id = job_id
+        self.config = config
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.results: queue.SimpleQueue = queue.SimpleQueue()
+        self.in_flight: dict[int, Future] = {}
+        self.recorded = 0
+
+    def run(self) -> str:
+        job = ExtractJob.objects.filter(pk=self.job_id, state=JobState.RUNNING).first()
+        if job is None:
+            return "job is not running: nothing to do"
+        spec = extraction_spec(job, self.config)
+        loop_thread = _LoopThread()
+        client = make_client(
+            api_key=self.config.api_key, base_url=self.config.base_url, timeout=self.config.llm_timeout
+        )
+        try:
+            stopped_because = self._work(loop_thread, client, spec, job.max_workers)
+        finally:
+            # Cancelling the tasks closes their connections before we return.
+            loop_thread.close(client)
+        log.info(
+            "job %s worker %s recorded %d rows: %s",
+            self.job_id,
+            self.worker_id,
+            self.recorded,
+            stopped_because,
+        )
+        return f"recorded {self.recorded} rows; {stopped_because}"
+
+    def _work(self, loop_thread: _LoopThread, client, spec: ExtractionSpec, max_workers: int) -> str:
+        poll = self.config.poll_seconds
+        # Claiming costs a transaction, so wait until a few slots are free,
+        # but never so many that the job runs well below its concurrency.
+        claim_batch = max(1, max_workers // 16)
+        claimed = 0
+        pending_left = True
+        last_check = last_lease = time.monotonic()
+        while True:
+            free = max_workers - len(self.in_flight)
+            quota = self.config.chunk_size - claimed
+            if pending_left and quota > 0 and free > 0 and (free >= claim_batch or not self.in_flight):
+                claim = services.claim_rows(
+                    job_id=self.job_id, worker_id=self.worker_id, limit=min(free, quota)
+                )
+                last_check = time.monotonic()
+                if not claim.job_running:
+                    return "the job stopped running"
+                for row in claim.rows:
+                    self._start(loop_thread, client, spec, row)
+                claimed += len(claim.rows)
+                pending_left = claim.pending_left
+                if not claim.rows and not self.in_flight and pending_left:
+                    # Other workers hold all of the job's slots; try again shortly.
+                    time.sleep(poll)
+                    continue
+            if not self.in_flight:
+                return "no rows left to claim" if not pending_left else "chunk quota reached"
+
+            stop = self._record_arrivals(timeout=poll)
+            if stop:
+                return stop
+            now = time.monotonic()
+            if now - last_check >= poll:
+                last_check = now
+                state = services.job_state(job_id=self.job_id)
+                if state != JobState.RUNNING:
+                    return f"the job is {state}"
+            if now - last_lease >= self.config.lease_seconds / 3:
+                last_lease = now
+                services.renew_leases(job_id=self.job_id, worker_id=self.worker_id)
+
+    def _start(
+        self, loop_thread: _LoopThread, client, spec: ExtractionSpec, row: services.ClaimedRow
+    ) -> None:
+        future = loop_thread.submit(extract_row(client, row.data, question_id=row.question_id, spec=spec))
+        self.in_flight[row.id] = future
+        future.add_done_callback(lambda done, row=row: self.results.put((row, done)))
+
+    def _record_arrivals(self, timeout: float) -> str | None:
+        """Record every result that has arrived, waiting up to `timeout` for
+        the first. Returns why to stop, or None to go on."""
+        try:
+            arrivals = [self.results.get(timeout=timeout)]
+        except queue.Empty:
+            return None
+        while True:
+            try:
+                arrivals.append(self.results.get_nowait())
+            except queue.Empty:
+                break
+        for row, future in arrivals:
+            self.in_flight.pop(row.id, None)
+            if future.cancelled():
+                continue
+            stop = self._record(row, future)
+            if stop:
+                return stop
+        return None
+
+    def _record(self, row: services.ClaimedRow, future: Future) -> str | None:
+        exc = future.exception()
+        if isinstance(exc, LLMCallError):
+            services.job_fail(job_id=self.job_id, error=str(exc))
+            return f"the job failed: {exc}"
+        if exc is not None:
+            log.error("job %s row %d: extraction crashed", self.job_id, row.index, exc_info=exc)
+            outcome = RowOutcome(error=f"internal error while extracting: {type(exc).__name__}")
+        else:
+            outcome = future.result()
+        stored = services.record_row_result(
+            job_id=self.job_id, row_id=row.id, row_index=row.index, worker_id=self.worker_id, outcome=outcome
+        )
+        if stored:
+            self.recorded += 1
+            return None
+        state = services.job_state(job_id=self.job_id)
+        return None if state == JobState.RUNNING else f"the job is {state}"

@@ -1,0 +1,11 @@
+"""django-q2 tasks: take an id, call the services. No rules live here."""
+
+from . import services
+from .runner import ChunkRunner, RunnerSettings
+
+
+def process_job_chunk(job_id: str) -> str:
+    """Work on up to one chunk of the job's rows. Safe to run twice: rows
+    are claimed in the database, so a second delivery finds nothing to do."""
+    services.job_mark_running(job_id=job_id)
+    return ChunkRunner(job_id, RunnerSettings.from_django()).run()
