@@ -1,0 +1,55 @@
+"""One error shape for every API failure:
+
+    {"detail": "rows[3]: missing column ...", "code": "invalid", "field": "rows[3]", "errors": {...}}
+
+`detail` is a sentence that names the field; `errors` (validation only)
+maps every failing field to its messages.
+"""
+
+from rest_framework import status
+from rest_framework.exceptions import APIException, ValidationError
+from rest_framework.views import exception_handler as drf_exception_handler
+
+
+class Conflict(APIException):
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "conflict"
+    default_detail = "The job is not in a state that allows this."
+
+
+def exception_handler(exc, context):
+    response = drf_exception_handler(exc, context)
+    if response is None:
+        return None
+    if isinstance(exc, ValidationError):
+        errors = flatten_errors(exc.detail)
+        field, messages = next(iter(errors.items()), ("", ["invalid input"]))
+        detail = messages[0] if field in ("", "non_field_errors") else f"{field}: {messages[0]}"
+        response.data = {"detail": detail, "code": "invalid", "field": field, "errors": errors}
+    else:
+        detail = exc.detail if isinstance(exc, APIException) else str(exc)
+        response.data = {"detail": str(detail), "code": getattr(detail, "code", "error")}
+    return response
+
+
+def flatten_errors(detail, prefix: str = "") -> dict[str, list[str]]:
+    """{"rows": {"3": ["..."]}} becomes {"rows[3]": ["..."]}."""
+    if isinstance(detail, dict):
+        flat: dict[str, list[str]] = {}
+        for key, value in detail.items():
+            name = (
+                f"{prefix}[{key}]"
+                if prefix and str(key).isdigit()
+                else (f"{prefix}.{key}" if prefix else str(key))
+            )
+            flat.update(flatten_errors(value, name))
+        return flat
+    if isinstance(detail, list) and detail and all(not isinstance(item, (dict, list)) for item in detail):
+        return {prefix: [str(item) for item in detail]}
+    if isinstance(detail, list):
+        flat = {}
+        for index, item in enumerate(detail):
+            if item:
+                flat.update(flatten_errors(item, f"{prefix}[{index}]"))
+        return flat
+    return {prefix: [str(detail)]}

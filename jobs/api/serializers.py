@@ -1,0 +1,199 @@
+"""Request validation and the documented shapes of every response.
+
+Responses are built as plain dicts (see `payloads`) for speed; the output
+serializers here describe them for the OpenAPI schema, and a test checks
+that real responses match it.
+"""
+
+from django.conf import settings
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from extraction.prompts import UnknownPromptError, resolve_system_prompt
+from extraction.rows import RowError, validate_rows
+
+from ..models import JobState, Method
+from ..services import JobParams
+
+# Upstream StringSight's frontend sends these; a caller who omits a value
+# (or sends null) gets the same.
+DEFAULTS = {
+    "system_prompt": "default",
+    "task_description": "",
+    "temperature": 0.6,
+    "top_p": 0.95,
+    "max_tokens": 2048,
+    "max_workers": 16,
+    "include_scores_in_prompt": False,
+}
+
+
+@extend_schema_field(
+    {
+        "type": "array",
+        "minItems": 1,
+        "items": {"type": "object", "additionalProperties": True},
+        "description": "StringSight rows: single_model rows have prompt, model, model_response; "
+        "side_by_side rows have prompt, model_a, model_b, model_a_response, model_b_response.",
+    }
+)
+class RowsField(serializers.JSONField):
+    pass
+
+
+class StartJobSerializer(serializers.Serializer):
+    rows = RowsField()
+    method = serializers.ChoiceField(
+        choices=Method.choices,
+        required=False,
+        allow_null=True,
+        help_text="Detected from the rows' columns when omitted.",
+    )
+    system_prompt = serializers.CharField(
+        required=False,
+        allow_null=True,
+        allow_blank=True,
+        trim_whitespace=False,
+        help_text="A prompt name (default, agent) or literal prompt text.",
+    )
+    custom_system_prompt = serializers.CharField(
+        required=False,
+        allow_null=True,
+        allow_blank=True,
+        trim_whitespace=False,
+        help_text="Literal system prompt text; wins over system_prompt.",
+    )
+    task_description = serializers.CharField(required=False, allow_null=True, allow_blank=True)
+    model_name = serializers.CharField(required=False, allow_null=True, max_length=200)
+    temperature = serializers.FloatField(required=False, allow_null=True, min_value=0.0, max_value=2.0)
+    top_p = serializers.FloatField(required=False, allow_null=True, min_value=0.0, max_value=1.0)
+    max_tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1)
+    max_workers = serializers.IntegerField(required=False, allow_null=True, min_value=1)
+    include_scores_in_prompt = serializers.BooleanField(required=False, allow_null=True)
+    output_dir = serializers.CharField(
+        required=False,
+        allow_null=True,
+        allow_blank=True,
+        help_text="Accepted for compatibility with StringSight; ignored.",
+    )
+
+    def validate_max_tokens(self, value):
+        cap = settings.STRINGSIGHT_MAX_TOKENS_CAP
+        if value is not None and value > cap:
+            raise serializers.ValidationError(
+                f"{value} is above the limit of {cap} (STRINGSIGHT_MAX_TOKENS_CAP)"
+            )
+        return value
+
+    def validate_max_workers(self, value):
+        cap = settings.STRINGSIGHT_MAX_WORKERS
+        if value is not None and value > cap:
+            raise serializers.ValidationError(
+                f"{value} is above the limit of {cap} (STRINGSIGHT_MAX_WORKERS)"
+            )
+        return value
+
+    def validate_rows(self, rows):
+        limit = settings.STRINGSIGHT_MAX_ROWS
+        if isinstance(rows, list) and len(rows) > limit:
+            raise serializers.ValidationError(
+                f"{len(rows)} rows are more than the limit of {limit} per job (STRINGSIGHT_MAX_ROWS)"
+            )
+        return rows
+
+    def validate(self, attrs):
+        values = {name: attrs.get(name) for name in DEFAULTS}
+        for name, default in DEFAULTS.items():
+            if values[name] is None:
+                values[name] = default
+        try:
+            method = validate_rows(attrs["rows"], attrs.get("method"))
+        except RowError as exc:
+            raise serializers.ValidationError({exc.field: [exc.message]}) from None
+        try:
+            resolved = resolve_system_prompt(
+                values["system_prompt"],
+                method,
+                task_description=values["task_description"] or None,
+                custom_system_prompt=attrs.get("custom_system_prompt") or None,
+            )
+        except UnknownPromptError as exc:
+            raise serializers.ValidationError({"system_prompt": [str(exc)]}) from None
+        system_prompt = attrs.get("custom_system_prompt") or values["system_prompt"]
+        params = JobParams(
+            method=method,
+            system_prompt=system_prompt,
+            resolved_system_prompt=resolved,
+            task_description=values["task_description"],
+            model_name=attrs.get("model_name") or settings.STRINGSIGHT_DEFAULT_MODEL,
+            temperature=values["temperature"],
+            top_p=values["top_p"],
+            max_tokens=values["max_tokens"],
+            max_workers=values["max_workers"],
+            include_scores_in_prompt=values["include_scores_in_prompt"],
+        )
+        return {"rows": attrs["rows"], "params": params}
+
+
+class UsageSerializer(serializers.Serializer):
+    prompt_tokens = serializers.IntegerField()
+    completion_tokens = serializers.IntegerField()
+    total_tokens = serializers.IntegerField()
+
+
+class JobStatusSerializer(serializers.Serializer):
+    job_id = serializers.UUIDField()
+    state = serializers.ChoiceField(choices=JobState.choices)
+    progress = serializers.FloatField(help_text="Finished rows (done or failed) over all rows, 0..1.")
+    count_done = serializers.IntegerField()
+    count_failed = serializers.IntegerField()
+    count_total = serializers.IntegerField()
+    properties_count = serializers.IntegerField()
+    error = serializers.CharField(allow_null=True)
+    method = serializers.ChoiceField(choices=Method.choices)
+    model_name = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+    cancelled_at = serializers.DateTimeField(allow_null=True)
+    usage = UsageSerializer()
+
+
+class CancelRequestSerializer(serializers.Serializer):
+    job_id = serializers.UUIDField()
+
+
+class CancelResponseSerializer(serializers.Serializer):
+    job_id = serializers.UUIDField()
+    state = serializers.ChoiceField(choices=JobState.choices)
+    message = serializers.CharField()
+    properties_count = serializers.IntegerField(help_text="Final: it never changes after the cancel.")
+
+
+class PropertySerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    question_id = serializers.CharField()
+    row_index = serializers.IntegerField()
+    model = serializers.CharField()
+    property_description = serializers.CharField()
+    category = serializers.CharField(allow_blank=True)
+    reason = serializers.CharField(allow_blank=True)
+    evidence = serializers.ListField(child=serializers.CharField(allow_blank=True))
+    behavior_type = serializers.CharField()
+    contains_errors = serializers.BooleanField()
+    unexpected_behavior = serializers.BooleanField()
+
+
+class ResultSerializer(serializers.Serializer):
+    job_id = serializers.UUIDField()
+    state = serializers.ChoiceField(choices=JobState.choices)
+    cancelled = serializers.BooleanField()
+    count = serializers.IntegerField()
+    properties = PropertySerializer(many=True)
+
+
+class ErrorSerializer(serializers.Serializer):
+    detail = serializers.CharField()
+    code = serializers.CharField()
+    field = serializers.CharField(required=False)
+    errors = serializers.DictField(child=serializers.ListField(child=serializers.CharField()), required=False)
