@@ -1,1 +1,67 @@
-from tests.fixtures_simulator import llm_simulator, sim  # noqa: F401  (fixtures shared by every test module)
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from tests.fixtures_simulator import llm_simulator, sim  # noqa: F401  (shared fixtures)
+from tests.fixtures_worker import qcluster, worker_process  # noqa: F401  (shared fixtures)
+
+DATA = Path(__file__).parent / "data" / "airline_data_demo.jsonl"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    # Lets fixtures see whether the test failed (to print a worker's log).
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+@pytest.fixture(scope="session")
+def _airline_rows():
+    return [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def airline_rows(_airline_rows):
+    """The 100 real tau-bench airline transcripts (single_model rows)."""
+    return copy.deepcopy(_airline_rows)
+
+
+@pytest.fixture
+def user(django_user_model):
+    return django_user_model.objects.create_user("alice", password="alice-password")
+
+
+@pytest.fixture
+def other_user(django_user_model):
+    return django_user_model.objects.create_user("bob", password="bob-password")
+
+
+@pytest.fixture
+def staff_user(django_user_model):
+    return django_user_model.objects.create_user("carol", password="carol-password", is_staff=True)
+
+
+def token_client(user) -> APIClient:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    return client
+
+
+@pytest.fixture
+def api(user):
+    return token_client(user)
+
+
+@pytest.fixture
+def other_api(other_user):
+    return token_client(other_user)
+
+
+@pytest.fixture
+def staff_api(staff_user):
+    return token_client(staff_user)

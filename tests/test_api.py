@@ -1,0 +1,359 @@
+import uuid
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from rest_framework.test import APIClient
+
+from jobs import services
+from jobs.models import ExtractJob, ExtractRow, Property
+from tests.factories import done_outcome, make_job, property_dict, simple_rows
+
+pytestmark = pytest.mark.django_db
+
+START_PATHS = ["/extract/jobs/start", "/api/jobs/"]
+
+
+def status_of(client, job_id, seed=True):
+    if seed:
+        return client.get("/extract/jobs/status", {"job_id": str(job_id)})
+    return client.get(f"/api/jobs/{job_id}/")
+
+
+def finish_with_properties(job: ExtractJob, descriptions_per_row: list[list[str]], state: str = "done"):
+    """Store properties the way the worker does, then set the final state."""
+    services.job_mark_running(job_id=job.id)
+    for row in job.rows.order_by("index"):
+        descriptions = descriptions_per_row[row.index] if row.index < len(descriptions_per_row) else []
+        Property.objects.bulk_create(
+            Property(
+                job=job,
+                row=row,
+                row_index=row.index,
+                position=position,
+                **property_dict(text, question_id=row.question_id),
+            )
+            for position, text in enumerate(descriptions)
+        )
+    total = sum(len(d) for d in descriptions_per_row)
+    ExtractJob.objects.filter(pk=job.id).update(
+        state=state, properties_count=total, count_done=len(descriptions_per_row)
+    )
+    job.refresh_from_db()
+    return job
+
+
+@pytest.mark.parametrize("path", START_PATHS)
+def test_start_creates_a_queued_job_with_its_rows(api, user, path):
+    response = api.post(
+        path, {"rows": simple_rows(3), "model_name": "gpt-4o-mini", "temperature": 0}, format="json"
+    )
+
+    assert response.status_code == 201
+    body = response.json()
+    job = ExtractJob.objects.get(pk=body["job_id"])
+    assert (body["state"], body["count_total"], body["count_done"], body["progress"]) == ("queued", 3, 0, 0.0)
+    assert (job.owner, job.method, job.model_name, job.temperature) == (
+        user,
+        "single_model",
+        "gpt-4o-mini",
+        0.0,
+    )
+    assert job.rows.count() == 3
+
+
+def test_start_applies_stringsight_defaults_for_omitted_and_null_values(api):
+    response = api.post("/extract/jobs/start", {"rows": simple_rows(1), "top_p": None}, format="json")
+
+    job = ExtractJob.objects.get(pk=response.json()["job_id"])
+    assert (job.temperature, job.top_p, job.max_tokens, job.max_workers) == (0.6, 0.95, 2048, 16)
+    assert job.system_prompt == "default"
+    assert "property_description" in job.resolved_system_prompt
+
+
+def test_start_detects_side_by_side_rows(api):
+    row = {
+        "prompt": "Hi",
+        "model_a": "a",
+        "model_b": "b",
+        "model_a_response": "Hello",
+        "model_b_response": "Hey",
+    }
+
+    response = api.post("/extract/jobs/start", {"rows": [row]}, format="json")
+
+    assert response.status_code == 201
+    assert response.json()["method"] == "side_by_side"
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "fragment"),
+    [
+        ({}, "rows", "required"),
+        ({"rows": []}, "rows", ""),
+        ({"rows": "not a list"}, "rows", ""),
+        ({"rows": [{"prompt": "p", "model": "m", "model_response": "r"}, 7]}, "rows[1]", ""),
+        ({"rows": [{"prompt": "p", "model": "m"}]}, "rows[0]", "model_response"),
+        ({"rows": simple_rows(1), "method": "pairwise"}, "method", ""),
+        ({"rows": simple_rows(1), "system_prompt": "defualt"}, "system_prompt", "defualt"),
+        ({"rows": simple_rows(1), "temperature": 3}, "temperature", ""),
+        ({"rows": simple_rows(1), "temperature": "warm"}, "temperature", ""),
+        ({"rows": simple_rows(1), "max_workers": 0}, "max_workers", ""),
+        ({"rows": simple_rows(1), "max_workers": 100000}, "max_workers", "STRINGSIGHT_MAX_WORKERS"),
+        ({"rows": simple_rows(1), "max_tokens": 10**9}, "max_tokens", "STRINGSIGHT_MAX_TOKENS_CAP"),
+    ],
+)
+def test_start_rejects_bad_input_naming_the_field(api, body, field, fragment):
+    response = api.post("/extract/jobs/start", body, format="json")
+
+    assert response.status_code == 400
+    error = response.json()
+    assert error["field"].startswith(field), error
+    assert error["detail"].startswith(field), error
+    assert fragment in error["detail"]
+    assert ExtractJob.objects.count() == 0
+
+
+def test_start_rejects_more_rows_than_the_limit(api, settings):
+    settings.STRINGSIGHT_MAX_ROWS = 2
+
+    response = api.post("/extract/jobs/start", {"rows": simple_rows(3)}, format="json")
+
+    assert response.status_code == 400
+    assert response.json()["detail"] == (
+        "rows: 3 rows are more than the limit of 2 per job (STRINGSIGHT_MAX_ROWS)"
+    )
+
+
+def test_start_rejects_malformed_json_and_other_content_types(api):
+    malformed = api.generic("POST", "/extract/jobs/start", b'{"rows": [', content_type="application/json")
+    form = api.post("/extract/jobs/start", {"rows": "x"})
+
+    assert malformed.status_code == 400
+    assert "JSON parse error" in malformed.json()["detail"]
+    assert form.status_code == 415
+    assert ExtractJob.objects.count() == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("post", "/extract/jobs/start"),
+        ("get", "/extract/jobs/status?job_id={id}"),
+        ("post", "/extract/jobs/cancel"),
+        ("get", "/extract/jobs/result?job_id={id}"),
+        ("post", "/api/jobs/"),
+        ("get", "/api/jobs/{id}/"),
+        ("post", "/api/jobs/{id}/cancel/"),
+        ("get", "/api/jobs/{id}/result/"),
+    ],
+)
+def test_anonymous_requests_are_refused(user, method, path):
+    job = make_job(user)
+
+    response = getattr(APIClient(), method)(path.format(id=job.id), {"job_id": str(job.id)}, format="json")
+
+    assert response.status_code == 401
+    assert response.json()["detail"] == "Authentication credentials were not provided."
+    job.refresh_from_db()
+    assert job.state == "queued"
+
+
+@pytest.mark.parametrize("seed", [True, False])
+def test_status_reports_the_seed_fields(api, user, seed):
+    job = make_job(user, simple_rows(4))
+    ExtractJob.objects.filter(pk=job.id).update(
+        state="running",
+        count_done=2,
+        count_failed=1,
+        properties_count=7,
+        prompt_tokens=300,
+        completion_tokens=120,
+    )
+
+    response = status_of(api, job.id, seed)
+
+    assert response.status_code == 200
+    body = response.json()
+    assert {
+        key: body[key] for key in ("job_id", "state", "progress", "count_done", "count_total", "error")
+    } == {
+        "job_id": str(job.id),
+        "state": "running",
+        "progress": 0.75,
+        "count_done": 2,
+        "count_total": 4,
+        "error": None,
+    }
+    assert (body["count_failed"], body["properties_count"]) == (1, 7)
+    assert body["usage"] == {"prompt_tokens": 300, "completion_tokens": 120, "total_tokens": 420}
+
+
+def test_status_reads_one_job_row_whatever_the_job_size(api, user):
+    job = finish_with_properties(make_job(user, simple_rows(50)), [["a", "b", "c"]] * 50)
+
+    with CaptureQueriesContext(connection) as queries:
+        response = status_of(api, job.id)
+
+    assert response.json()["properties_count"] == 150
+    sql = [query["sql"].upper() for query in queries.captured_queries]
+    assert len(sql) == 2  # the token's user, then the job row
+    assert not any("COUNT(" in statement for statement in sql)
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "detail"),
+    [
+        ({}, 400, "job_id: this field is required"),
+        ({"job_id": "not-a-uuid"}, 400, "job_id: 'not-a-uuid' is not a valid job id (expected a UUID)"),
+        (
+            {"job_id": "00000000-0000-0000-0000-000000000000"},
+            404,
+            "job_id: no job 00000000-0000-0000-0000-000000000000",
+        ),
+    ],
+)
+def test_status_rejects_missing_malformed_and_unknown_ids(api, query, status, detail):
+    response = api.get("/extract/jobs/status", query)
+
+    assert response.status_code == status
+    assert response.json()["detail"] == detail
+
+
+def test_restful_paths_reject_a_malformed_id(api):
+    for response in (
+        api.get("/api/jobs/nope/"),
+        api.post("/api/jobs/nope/cancel/"),
+        api.get("/api/jobs/nope/result/"),
+    ):
+        assert response.status_code == 400
+        assert response.json()["field"] == "job_id"
+
+
+def test_another_users_job_answers_404_and_stays_untouched(api, other_user):
+    theirs = make_job(other_user)
+
+    responses = [
+        status_of(api, theirs.id),
+        api.post("/extract/jobs/cancel", {"job_id": str(theirs.id)}, format="json"),
+        api.get("/extract/jobs/result", {"job_id": str(theirs.id)}),
+        api.post(f"/api/jobs/{theirs.id}/cancel/"),
+    ]
+
+    assert [response.status_code for response in responses] == [404, 404, 404, 404]
+    theirs.refresh_from_db()
+    assert theirs.state == "queued"
+
+
+def test_staff_see_and_cancel_everyones_jobs(staff_api, user):
+    job = make_job(user)
+
+    assert status_of(staff_api, job.id).status_code == 200
+    assert staff_api.post(f"/api/jobs/{job.id}/cancel/").json()["state"] == "cancelled"
+
+
+@pytest.mark.parametrize("seed", [True, False])
+def test_cancel_of_a_queued_job_answers_cancelled_at_once(api, user, seed):
+    job = make_job(user, simple_rows(3))
+
+    if seed:
+        response = api.post("/extract/jobs/cancel", {"job_id": str(job.id)}, format="json")
+    else:
+        response = api.post(f"/api/jobs/{job.id}/cancel/")
+
+    assert response.status_code == 200
+    assert response.json() == {
+        "job_id": str(job.id),
+        "state": "cancelled",
+        "message": "job cancelled",
+        "properties_count": 0,
+    }
+    assert set(ExtractRow.objects.filter(job=job).values_list("status", flat=True)) == {"cancelled"}
+
+
+def test_cancel_of_a_running_job_reports_the_properties_it_keeps(api, user):
+    job = make_job(user, simple_rows(3))
+    services.job_mark_running(job_id=job.id)
+    row = services.claim_rows(job_id=job.id, worker_id="w", limit=1).rows[0]
+    services.record_row_result(
+        job_id=job.id, row_id=row.id, row_index=0, worker_id="w", outcome=done_outcome(3)
+    )
+
+    response = api.post("/extract/jobs/cancel", {"job_id": str(job.id)}, format="json")
+
+    assert response.json()["properties_count"] == 3
+    result = api.get("/extract/jobs/result", {"job_id": str(job.id)}).json()
+    assert (result["count"], result["cancelled"], result["state"]) == (3, True, "cancelled")
+
+
+def test_cancel_twice_answers_200_both_times(api, user):
+    job = make_job(user)
+    api.post("/extract/jobs/cancel", {"job_id": str(job.id)}, format="json")
+
+    again = api.post("/extract/jobs/cancel", {"job_id": str(job.id)}, format="json")
+
+    assert again.status_code == 200
+    assert again.json()["state"] == "cancelled"
+    assert again.json()["message"] == "job was already cancelled"
+
+
+@pytest.mark.parametrize("state", ["done", "error"])
+def test_cancel_of_a_finished_job_is_a_conflict(api, user, state):
+    job = make_job(user)
+    ExtractJob.objects.filter(pk=job.id).update(state=state)
+
+    response = api.post("/extract/jobs/cancel", {"job_id": str(job.id)}, format="json")
+
+    assert response.status_code == 409
+    assert response.json()["detail"] == f"job already finished (state: {state})"
+
+
+@pytest.mark.parametrize("body", [{}, {"job_id": "x"}, ["not", "an", "object"]])
+def test_seed_cancel_rejects_a_bad_body(api, body):
+    response = api.post("/extract/jobs/cancel", body, format="json")
+
+    assert response.status_code == 400
+    assert response.json()["field"] == "job_id"
+
+
+@pytest.mark.parametrize("state", ["queued", "running"])
+def test_result_of_an_unfinished_job_is_a_conflict_naming_the_state(api, user, state):
+    job = make_job(user)
+    ExtractJob.objects.filter(pk=job.id).update(state=state)
+
+    response = api.get("/extract/jobs/result", {"job_id": str(job.id)})
+
+    assert response.status_code == 409
+    assert f"(state: {state})" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(("state", "cancelled"), [("done", False), ("cancelled", True), ("error", False)])
+def test_result_returns_properties_in_input_order(api, user, state, cancelled):
+    job = finish_with_properties(
+        make_job(user, simple_rows(2)), [["first", "second"], ["third"]], state=state
+    )
+
+    for response in (
+        api.get("/extract/jobs/result", {"job_id": str(job.id)}),
+        api.get(f"/api/jobs/{job.id}/result/"),
+    ):
+        assert response.status_code == 200
+        body = response.json()
+        assert (body["count"], body["cancelled"], body["state"]) == (3, cancelled, state)
+        assert [p["property_description"] for p in body["properties"]] == ["first", "second", "third"]
+        assert [p["question_id"] for p in body["properties"]] == ["q0", "q0", "q1"]
+        first = body["properties"][0]
+        assert set(first) == {
+            "id",
+            "question_id",
+            "row_index",
+            "model",
+            "property_description",
+            "category",
+            "reason",
+            "evidence",
+            "behavior_type",
+            "contains_errors",
+            "unexpected_behavior",
+        }
+        uuid.UUID(first["id"])

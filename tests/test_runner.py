@@ -1,0 +1,182 @@
+"""The worker's chunk runner as a plain function, against the LLM simulator
+over real HTTP."""
+
+import threading
+import time
+
+import pytest
+from django.db import connection
+
+from extraction.render import render_row
+from jobs import services
+from jobs.models import ExtractJob, ExtractRow, Property
+from jobs.runner import ChunkRunner, RunnerSettings
+from tests.factories import make_job, simple_rows
+
+
+def run_chunk(job, sim, **overrides) -> str:
+    config = {
+        "chunk_size": 1000,
+        "poll_seconds": 0.05,
+        "lease_seconds": 60,
+        "api_key": "sim-key",
+        "base_url": sim.base_url,
+        "llm_timeout": 10.0,
+        "max_attempts": 3,
+        "retry_base": 0.01,
+        "retry_max": 0.05,
+        "structured_output": True,
+    }
+    config.update(overrides)
+    services.job_mark_running(job_id=job.id)
+    return ChunkRunner(job.id, RunnerSettings(**config)).run()
+
+
+@pytest.mark.django_db
+def test_runner_extracts_every_row_of_the_airline_data(user, sim, airline_rows):
+    rows = airline_rows[:12]
+    job = make_job(user, rows, max_workers=4, temperature=0.0, top_p=0.9, max_tokens=3000)
+
+    run_chunk(job, sim)
+
+    job.refresh_from_db()
+    assert (job.state, job.count_done, job.count_failed) == ("done", 12, 0)
+    assert job.properties_count == Property.objects.filter(job=job).count() > 12 * 2
+    assert job.prompt_tokens > 0
+    assert job.completion_tokens > 0
+    for row in ExtractRow.objects.filter(job=job):
+        transcript = render_row(row.data, "single_model")
+        properties = list(row.properties.all())
+        assert row.status == "done"
+        assert len(properties) >= 3
+        for prop in properties:
+            assert prop.model == row.data["model"]
+            assert prop.question_id == row.question_id
+            assert all(quote in transcript for quote in prop.evidence)
+    requests = sim.requests()
+    assert len(requests) == 12
+    assert {(r["temperature"], r["top_p"], r["max_tokens"]) for r in requests} == {(0.0, 0.9, 3000)}
+
+
+@pytest.mark.django_db
+def test_runner_keeps_calls_in_flight_within_max_workers(user, sim):
+    sim.configure(latency_ms=150)
+    job = make_job(user, simple_rows(12), max_workers=3)
+
+    run_chunk(job, sim)
+
+    assert sim.stats()["max_in_flight"] == 3
+    assert ExtractJob.objects.get(pk=job.id).count_done == 12
+
+
+@pytest.mark.django_db
+def test_runner_fails_a_row_with_a_bad_answer_and_goes_on(user, sim):
+    rows = simple_rows(3)
+    rows[1]["prompt"] += " [[sim:bad_json]]"
+    job = make_job(user, rows)
+
+    run_chunk(job, sim)
+
+    job.refresh_from_db()
+    assert (job.state, job.count_done, job.count_failed) == ("done", 2, 1)
+    failed = ExtractRow.objects.get(job=job, index=1)
+    assert failed.status == "failed"
+    assert failed.error.startswith("no valid property in the LLM answer")
+    assert failed.raw_answer != ""
+    assert failed.properties.count() == 0
+
+
+@pytest.mark.django_db
+def test_runner_retries_server_errors_within_the_attempt_budget(user, sim):
+    rows = simple_rows(2)
+    rows[0]["prompt"] += " [[sim:500x2]]"
+    rows[1]["prompt"] += " [[sim:500x5]]"
+    job = make_job(user, rows)
+
+    run_chunk(job, sim, max_attempts=3)
+
+    recovered, exhausted = ExtractRow.objects.filter(job=job).order_by("index")
+    assert (recovered.status, recovered.attempts) == ("done", 3)
+    assert (exhausted.status, exhausted.attempts) == ("failed", 3)
+    assert exhausted.error == (
+        "LLM error 500: The server had an error processing your request (simulated); gave up after 3 attempts"
+    )
+
+
+@pytest.mark.django_db
+def test_runner_fails_the_job_at_once_on_bad_credentials(user, sim):
+    sim.configure(api_key="the-right-key")
+    job = make_job(user, simple_rows(40), max_workers=4)
+
+    run_chunk(job, sim, api_key="a-wrong-key")
+
+    job.refresh_from_db()
+    assert (job.state, job.error) == ("error", "LLM authentication failed (401): check OPENAI_API_KEY")
+    assert len(sim.requests()) <= 4
+    assert "a-wrong-key" not in job.error
+
+
+@pytest.mark.django_db
+def test_runner_stops_at_its_chunk_quota(user, sim):
+    job = make_job(user, simple_rows(5), max_workers=8)
+
+    run_chunk(job, sim, chunk_size=2)
+
+    job.refresh_from_db()
+    assert (job.state, job.count_done) == ("running", 2)
+    assert ExtractRow.objects.filter(job=job, status="pending").count() == 3
+
+
+@pytest.mark.django_db
+def test_runner_makes_no_call_for_a_cancelled_job(user, sim):
+    job = make_job(user, simple_rows(3))
+    services.job_cancel(job=job)
+
+    outcome = ChunkRunner(
+        job.id,
+        RunnerSettings(
+            chunk_size=10,
+            poll_seconds=0.05,
+            lease_seconds=60,
+            api_key="k",
+            base_url=sim.base_url,
+            llm_timeout=5,
+            max_attempts=1,
+            retry_base=0.01,
+            retry_max=0.01,
+            structured_output=True,
+        ),
+    ).run()
+
+    assert outcome == "job is not running: nothing to do"
+    assert sim.requests() == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_runner_aborts_calls_in_flight_the_moment_the_job_is_cancelled(user, sim):
+    sim.configure(latency_ms=5000)
+    job = make_job(user, simple_rows(10), max_workers=4)
+    cancelled_at = {}
+
+    def cancel_soon():
+        time.sleep(0.5)
+        cancelled_at["t"] = time.time()
+        try:
+            services.job_cancel(job=ExtractJob.objects.get(pk=job.id))
+        finally:
+            connection.close()  # this thread's own connection
+
+    canceller = threading.Thread(target=cancel_soon)
+    canceller.start()
+    started = time.monotonic()
+    run_chunk(job, sim)
+    elapsed = time.monotonic() - started
+    canceller.join()
+
+    assert elapsed < 2.0
+    requests = sim.requests()
+    assert len(requests) == 4
+    assert {r["outcome"] for r in requests} == {"aborted"}
+    assert max(r["ended_at"] for r in requests) - cancelled_at["t"] < 0.5
+    assert Property.objects.filter(job=job).count() == 0
+    assert ExtractJob.objects.get(pk=job.id).properties_count == 0

@@ -1,0 +1,261 @@
+import pytest
+from django_q.models import OrmQ
+
+from extraction.extract import RowOutcome
+from jobs import services
+from jobs.models import ExtractJob, ExtractRow, JobState, Property, RowStatus
+from tests.factories import done_outcome, make_job, simple_rows
+
+pytestmark = pytest.mark.django_db
+
+
+def start_running(owner, rows=None, **params) -> ExtractJob:
+    job = make_job(owner, rows, **params)
+    services.job_mark_running(job_id=job.id)
+    job.refresh_from_db()
+    return job
+
+
+def test_job_start_stores_rows_in_input_order_with_question_ids(user):
+    rows = simple_rows(3)
+    del rows[1]["question_id"]
+
+    job = make_job(user, rows)
+
+    stored = list(job.rows.order_by("index").values_list("index", "question_id", "status", "data"))
+    assert [(index, status) for index, _, status, _ in stored] == [
+        (0, "pending"),
+        (1, "pending"),
+        (2, "pending"),
+    ]
+    assert stored[0][1] == "q0"
+    assert stored[1][1].startswith("q-")
+    assert stored[2][3] == rows[2]
+    assert (job.state, job.count_total, job.count_done, job.properties_count) == ("queued", 3, 0, 0)
+
+
+def test_job_start_enqueues_one_task_per_chunk_after_commit(
+    user, settings, django_capture_on_commit_callbacks
+):
+    settings.STRINGSIGHT_CHUNK_SIZE = 2
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        make_job(user, simple_rows(5))
+    assert OrmQ.objects.count() == 0  # nothing is enqueued before the job is committed
+
+    for callback in callbacks:
+        callback()
+
+    assert OrmQ.objects.count() == 3
+
+
+def test_claim_rows_takes_lowest_pending_indexes(user):
+    job = start_running(user, simple_rows(5), max_workers=10)
+
+    claim = services.claim_rows(job_id=job.id, worker_id="w1", limit=2)
+
+    assert [row.index for row in claim.rows] == [0, 1]
+    assert (claim.job_running, claim.pending_left) == (True, True)
+    running = job.rows.filter(status=RowStatus.RUNNING)
+    assert sorted(running.values_list("index", flat=True)) == [0, 1]
+    assert set(running.values_list("claimed_by", flat=True)) == {"w1"}
+    assert all(row.lease_expires_at is not None for row in running)
+
+
+def test_claim_rows_keeps_the_job_within_max_workers_across_workers(user):
+    job = start_running(user, simple_rows(10), max_workers=3)
+
+    first = services.claim_rows(job_id=job.id, worker_id="w1", limit=2)
+    second = services.claim_rows(job_id=job.id, worker_id="w2", limit=5)
+    third = services.claim_rows(job_id=job.id, worker_id="w3", limit=5)
+
+    assert [row.index for row in first.rows] == [0, 1]
+    assert [row.index for row in second.rows] == [2]
+    assert third.rows == []
+    assert (third.job_running, third.pending_left) == (True, True)
+
+
+def test_claim_rows_says_when_no_pending_rows_are_left(user):
+    job = start_running(user, simple_rows(2), max_workers=10)
+
+    claim = services.claim_rows(job_id=job.id, worker_id="w1", limit=10)
+
+    assert len(claim.rows) == 2
+    assert claim.pending_left is False
+
+
+@pytest.mark.parametrize("state", ["queued", "cancelled", "done", "error"])
+def test_claim_rows_takes_nothing_unless_the_job_is_running(user, state):
+    job = make_job(user)
+    ExtractJob.objects.filter(pk=job.id).update(state=state)
+
+    claim = services.claim_rows(job_id=job.id, worker_id="w1", limit=5)
+
+    assert (claim.rows, claim.job_running) == ([], False)
+    assert job.rows.filter(status=RowStatus.RUNNING).count() == 0
+
+
+def test_record_row_result_stores_properties_and_counters_together(user):
+    job = start_running(user, simple_rows(3))
+    row = services.claim_rows(job_id=job.id, worker_id="w1", limit=1).rows[0]
+
+    stored = services.record_row_result(
+        job_id=job.id, row_id=row.id, row_index=row.index, worker_id="w1", outcome=done_outcome(2)
+    )
+
+    assert stored is True
+    job.refresh_from_db()
+    assert (job.count_done, job.count_failed, job.properties_count) == (1, 0, 2)
+    assert (job.prompt_tokens, job.completion_tokens) == (100, 40)
+    db_row = ExtractRow.objects.get(pk=row.id)
+    assert (db_row.status, db_row.attempts, db_row.claimed_by, db_row.raw_answer) == ("done", 1, "", "[...]")
+    descriptions = list(
+        Property.objects.filter(row_id=row.id)
+        .order_by("position")
+        .values_list("property_description", flat=True)
+    )
+    assert descriptions == ["Behaviour 0.", "Behaviour 1."]
+
+
+def test_record_row_result_counts_a_failed_row_and_keeps_its_answer(user):
+    job = start_running(user, simple_rows(2))
+    row = services.claim_rows(job_id=job.id, worker_id="w1", limit=1).rows[0]
+    outcome = RowOutcome(
+        raw_answer="no json here",
+        prompt_tokens=10,
+        completion_tokens=5,
+        attempts=1,
+        error="no valid property in the LLM answer: no JSON found",
+    )
+
+    services.record_row_result(
+        job_id=job.id, row_id=row.id, row_index=row.index, worker_id="w1", outcome=outcome
+    )
+
+    job.refresh_from_db()
+    assert (job.count_done, job.count_failed, job.properties_count, job.state) == (0, 1, 0, "running")
+    db_row = ExtractRow.objects.get(pk=row.id)
+    assert (db_row.status, db_row.error, db_row.raw_answer) == (
+        "failed",
+        "no valid property in the LLM answer: no JSON found",
+        "no json here",
+    )
+
+
+def test_last_row_finishes_the_job_as_done_even_with_failures(user):
+    job = start_running(user, simple_rows(2))
+    first, second = services.claim_rows(job_id=job.id, worker_id="w1", limit=2).rows
+
+    services.record_row_result(
+        job_id=job.id, row_id=first.id, row_index=0, worker_id="w1", outcome=RowOutcome(error="bad answer")
+    )
+    services.record_row_result(
+        job_id=job.id, row_id=second.id, row_index=1, worker_id="w1", outcome=done_outcome(3)
+    )
+
+    job.refresh_from_db()
+    assert (job.state, job.count_done, job.count_failed, job.properties_count) == ("done", 1, 1, 3)
+    assert job.finished_at is not None
+    assert job.error == ""
+    assert job.progress == 1.0
+
+
+def test_a_result_arriving_after_cancel_is_discarded(user):
+    job = start_running(user, simple_rows(3))
+    first, second = services.claim_rows(job_id=job.id, worker_id="w1", limit=2).rows
+    services.record_row_result(
+        job_id=job.id, row_id=first.id, row_index=0, worker_id="w1", outcome=done_outcome(2)
+    )
+
+    cancelled = services.job_cancel(job=job)
+    stored = services.record_row_result(
+        job_id=job.id, row_id=second.id, row_index=1, worker_id="w1", outcome=done_outcome(4)
+    )
+
+    assert stored is False
+    assert cancelled.job.properties_count == 2
+    job.refresh_from_db()
+    assert (job.state, job.properties_count, job.count_done) == ("cancelled", 2, 1)
+    assert Property.objects.filter(job=job).count() == 2
+    statuses = dict(job.rows.values_list("index", "status"))
+    assert statuses == {0: "done", 1: "cancelled", 2: "cancelled"}
+
+
+def test_a_result_for_a_row_another_worker_reclaimed_is_discarded(user):
+    job = start_running(user, simple_rows(1))
+    row = services.claim_rows(job_id=job.id, worker_id="w1", limit=1).rows[0]
+    ExtractRow.objects.filter(pk=row.id).update(claimed_by="w2")
+
+    stored = services.record_row_result(
+        job_id=job.id, row_id=row.id, row_index=0, worker_id="w1", outcome=done_outcome(2)
+    )
+
+    assert stored is False
+    job.refresh_from_db()
+    assert (job.count_done, job.properties_count) == (0, 0)
+    assert Property.objects.count() == 0
+
+
+@pytest.mark.parametrize("running", [False, True])
+def test_job_cancel_is_immediate_for_queued_and_running_jobs(user, running):
+    job = start_running(user, simple_rows(3)) if running else make_job(user, simple_rows(3))
+    if running:
+        services.claim_rows(job_id=job.id, worker_id="w1", limit=1)
+
+    outcome = services.job_cancel(job=job)
+
+    assert outcome.cancelled_now is True
+    assert outcome.job.state == "cancelled"
+    assert outcome.job.cancelled_at is not None
+    assert set(job.rows.values_list("status", flat=True)) == {"cancelled"}
+
+
+def test_job_cancel_twice_changes_nothing_the_second_time(user):
+    job = make_job(user)
+    first = services.job_cancel(job=job)
+
+    second = services.job_cancel(job=job)
+
+    assert (first.cancelled_now, second.cancelled_now) == (True, False)
+    assert second.job.cancelled_at == first.job.cancelled_at
+
+
+@pytest.mark.parametrize("state", ["done", "error"])
+def test_job_cancel_leaves_a_finished_job_alone(user, state):
+    job = make_job(user)
+    ExtractJob.objects.filter(pk=job.id).update(state=state)
+    job.refresh_from_db()
+
+    outcome = services.job_cancel(job=job)
+
+    assert (outcome.cancelled_now, outcome.job.state, outcome.job.cancelled_at) == (False, state, None)
+
+
+def test_job_fail_keeps_done_rows_and_closes_the_rest(user):
+    job = start_running(user, simple_rows(3))
+    row = services.claim_rows(job_id=job.id, worker_id="w1", limit=1).rows[0]
+    services.record_row_result(
+        job_id=job.id, row_id=row.id, row_index=0, worker_id="w1", outcome=done_outcome(2)
+    )
+
+    assert services.job_fail(job_id=job.id, error="LLM authentication failed (401): check OPENAI_API_KEY")
+
+    job.refresh_from_db()
+    assert (job.state, job.error, job.properties_count) == (
+        "error",
+        "LLM authentication failed (401): check OPENAI_API_KEY",
+        2,
+    )
+    assert dict(job.rows.values_list("index", "status")) == {0: "done", 1: "cancelled", 2: "cancelled"}
+
+
+def test_jobs_visible_to_users_and_staff(user, other_user, staff_user):
+    mine = make_job(user)
+    theirs = make_job(other_user)
+
+    assert list(services.jobs_visible_to(user)) == [mine]
+    assert set(services.jobs_visible_to(staff_user)) == {mine, theirs}
+
+
+def test_job_state_reads_the_state(user):
+    job = make_job(user)
+    assert services.job_state(job_id=job.id) == JobState.QUEUED
