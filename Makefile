@@ -1,0 +1,35 @@
+# One target per thing a person does. Every target installs what it needs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+POSTGRES_TEST_URL ?= postgres://postgres@127.0.0.1:5432/stringsight
+
+.PHONY: install run test test-sqlite test-postgres lint format bench
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+# The web server, a django-q2 worker and (without OPENAI_API_KEY) the LLM simulator, on SQLite.
+run: install
+	$(PY) manage.py rundev
+
+# The whole suite on SQLite, then again on PostgreSQL.
+test: test-sqlite test-postgres
+
+test-sqlite: install
+	env -u DATABASE_URL $(PY) -m pytest $(PYTEST_ARGS)
+
+test-postgres: install
+	DATABASE_URL=$(POSTGRES_TEST_URL) $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .

@@ -1,0 +1,29 @@
+"""Project hygiene that users rely on: migrations are committed, and every
+setting read from the environment is documented in the README."""
+
+import re
+from io import StringIO
+from pathlib import Path
+
+import pytest
+from django.core.management import call_command
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.django_db
+def test_migrations_are_committed():
+    out = StringIO()
+    call_command("makemigrations", "--check", "--dry-run", stdout=out)
+    assert "No changes detected" in out.getvalue()
+
+
+def test_every_environment_variable_is_in_the_readme_table():
+    settings_source = (ROOT / "stringsight_site" / "settings.py").read_text()
+    runner_source = (ROOT / "jobs" / "runner.py").read_text()
+    read = set(re.findall(r'env(?:bool|int|float|list)\("([A-Z_]+)"', settings_source))
+    read |= set(re.findall(r'os\.environ(?:\.get\(|\[)"([A-Z_]+)"', settings_source + runner_source))
+    table_rows = re.findall(r"^\| `([A-Z_]+)` \|", (ROOT / "README.md").read_text(), flags=re.MULTILINE)
+
+    assert read - set(table_rows) == set()
+    assert "OPENAI_API_KEY" in read
