@@ -357,3 +357,36 @@ def test_result_returns_properties_in_input_order(api, user, state, cancelled):
             "unexpected_behavior",
         }
         uuid.UUID(first["id"])
+
+
+def test_session_writes_need_a_csrf_token(user):
+    client = APIClient(enforce_csrf_checks=True)
+    client.force_login(user)
+
+    response = client.post("/extract/jobs/start", {"rows": simple_rows(1)}, format="json")
+
+    assert response.status_code == 403
+    assert response.json()["detail"].startswith("CSRF Failed")
+    assert ExtractJob.objects.count() == 0
+
+
+def test_a_session_user_reads_their_job_without_a_token(user):
+    client = APIClient()
+    client.force_login(user)
+    job = make_job(user)
+
+    assert client.get("/extract/jobs/status", {"job_id": str(job.id)}).json()["state"] == "queued"
+
+
+def test_drf_create_token_makes_a_working_token(user):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    out = StringIO()
+    call_command("drf_create_token", "alice", stdout=out)
+    key = out.getvalue().split()[2]
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {key}")
+
+    assert client.post("/extract/jobs/start", {"rows": simple_rows(1)}, format="json").status_code == 201
