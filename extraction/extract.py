@@ -1,13 +1,18 @@
-"""One row in, one outcome out: render, call the LLM, parse, validate."""
+"""One row in, one outcome out: render, call the LLM (or reuse a cached
+answer), parse, validate."""
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import openai
 
-from .llm import CallSettings, LLMCallError, complete
+from .llm import CallSettings, Completion, LLMCallError, complete
 from .parse import parse_properties
 from .render import render_row
+
+OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 
 @dataclass(frozen=True)
@@ -21,7 +26,8 @@ class ExtractionSpec:
 @dataclass
 class RowOutcome:
     """What a row's extraction produced. `error` set means the row failed;
-    its raw answer and token usage are kept all the same."""
+    its raw answer and token usage are kept all the same. `cache_key` is set
+    when the answer came from the LLM just now and is worth caching."""
 
     properties: list[dict[str, Any]] = field(default_factory=list)
     raw_answer: str = ""
@@ -30,6 +36,8 @@ class RowOutcome:
     attempts: int = 0
     dropped: int = 0
     error: str | None = None
+    cached: bool = False
+    cache_key: str | None = None
 
 
 def build_messages(row: dict[str, Any], spec: ExtractionSpec) -> list[dict[str, str]]:
@@ -39,18 +47,66 @@ def build_messages(row: dict[str, Any], spec: ExtractionSpec) -> list[dict[str, 
     ]
 
 
+def cache_key(messages: list[dict[str, str]], spec: ExtractionSpec, *, base_url: str | None) -> str:
+    """Identical requests to the same endpoint share a key: the endpoint,
+    model, messages and every sampling parameter."""
+    call = spec.call
+    request = {
+        "endpoint": (base_url or OPENAI_DEFAULT_BASE_URL).rstrip("/"),
+        "model": call.model,
+        "messages": messages,
+        "temperature": call.temperature,
+        "top_p": call.top_p,
+        "max_tokens": call.max_tokens,
+        "response_format": call.response_format,
+    }
+    canonical = json.dumps(request, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def model_names(row: dict[str, Any], method: str) -> tuple[str, ...]:
     if method == "side_by_side":
         return (str(row["model_a"]), str(row["model_b"]))
     return (str(row["model"]),)
 
 
+def outcome_from_answer(
+    text: str,
+    row: dict[str, Any],
+    *,
+    question_id: str,
+    spec: ExtractionSpec,
+    completion: Completion | None = None,
+) -> RowOutcome:
+    """Parse an answer, fresh (`completion` given) or from the cache."""
+    parsed = parse_properties(
+        text, method=spec.method, model_names=model_names(row, spec.method), question_id=question_id
+    )
+    outcome = RowOutcome(properties=parsed.properties, raw_answer=text, dropped=parsed.dropped)
+    if completion is None:
+        outcome.cached = True
+    else:
+        outcome.prompt_tokens = completion.prompt_tokens
+        outcome.completion_tokens = completion.completion_tokens
+        outcome.attempts = completion.attempts
+    if not parsed.properties:
+        reasons = "; ".join(parsed.problems[:5]) or "the answer held no property"
+        outcome.error = f"no valid property in the LLM answer: {reasons}"
+    return outcome
+
+
 async def extract_row(
-    client: openai.AsyncOpenAI, row: dict[str, Any], *, question_id: str, spec: ExtractionSpec
+    client: openai.AsyncOpenAI,
+    row: dict[str, Any],
+    *,
+    question_id: str,
+    spec: ExtractionSpec,
+    messages: list[dict[str, str]] | None = None,
+    key: str | None = None,
 ) -> RowOutcome:
     """Raises LLMCallError only when the failure is fatal for the whole job."""
     try:
-        completion = await complete(client, build_messages(row, spec), spec.call)
+        completion = await complete(client, messages or build_messages(row, spec), spec.call)
     except LLMCallError as exc:
         if exc.fatal_for_job:
             raise
@@ -61,21 +117,11 @@ async def extract_row(
             attempts=exc.attempts,
             error=str(exc),
         )
-    parsed = parse_properties(
-        completion.text,
-        method=spec.method,
-        model_names=model_names(row, spec.method),
-        question_id=question_id,
+    outcome = outcome_from_answer(
+        completion.text, row, question_id=question_id, spec=spec, completion=completion
     )
-    outcome = RowOutcome(
-        properties=parsed.properties,
-        raw_answer=completion.text,
-        prompt_tokens=completion.prompt_tokens,
-        completion_tokens=completion.completion_tokens,
-        attempts=completion.attempts,
-        dropped=parsed.dropped,
-    )
-    if not parsed.properties:
-        reasons = "; ".join(parsed.problems[:5]) or "the answer held no property"
-        outcome.error = f"no valid property in the LLM answer: {reasons}"
+    # Only answers that gave properties are worth reusing: a failed answer
+    # should be asked again next time.
+    if outcome.error is None:
+        outcome.cache_key = key
     return outcome

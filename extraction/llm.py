@@ -10,7 +10,7 @@ import asyncio
 import email.utils
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import openai
@@ -72,11 +72,13 @@ def make_client(*, api_key: str | None, base_url: str | None, timeout: float) ->
 async def complete(
     client: openai.AsyncOpenAI, messages: list[dict[str, Any]], call: CallSettings
 ) -> Completion:
-    for attempt in range(1, call.max_attempts + 1):
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             response = await client.chat.completions.create(**request_arguments(messages, call))
         except RETRYABLE as exc:
-            if attempt == call.max_attempts:
+            if attempt >= call.max_attempts:
                 raise LLMCallError(
                     f"{describe(exc)}; gave up after {attempt} attempts",
                     fatal_for_job=False,
@@ -95,11 +97,17 @@ async def complete(
                 fatal_for_job=True,
                 attempts=attempt,
             ) from None
+        except openai.BadRequestError as exc:
+            if call.response_format is not None and rejects_response_format(exc):
+                # Endpoints without structured outputs say so with a 400; the
+                # parser reads free text, so ask again without it.
+                call = replace(call, response_format=None)
+                continue
+            raise LLMCallError(describe(exc), fatal_for_job=False, attempts=attempt) from None
         except openai.APIStatusError as exc:
             raise LLMCallError(describe(exc), fatal_for_job=False, attempts=attempt) from None
         else:
             return completion_from(response, attempt)
-    raise AssertionError("unreachable: the loop returns or raises")
 
 
 def request_arguments(messages: list[dict[str, Any]], call: CallSettings) -> dict[str, Any]:
@@ -158,6 +166,11 @@ def describe(exc: openai.APIError) -> str:
     message = body.get("message") if isinstance(body, dict) else None
     message = str(message or getattr(exc, "message", "") or exc).strip().rstrip(".")
     return f"LLM error {status}: {message[:300]}"
+
+
+def rejects_response_format(exc: openai.BadRequestError) -> bool:
+    text = f"{getattr(exc, 'message', '')} {exc.body}".lower()
+    return "response_format" in text or "json_schema" in text
 
 
 def retry_after_seconds(exc: Exception) -> float | None:

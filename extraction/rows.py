@@ -1,6 +1,7 @@
 """Input rows: validate them, detect the method, give each one a question id."""
 
 import hashlib
+import random
 
 METHODS = ("single_model", "side_by_side")
 
@@ -220,3 +221,16 @@ def pair_side_by_side(rows: list[dict]) -> list[dict]:
             pair["score_b"] = row_b["score"]
         paired.append(pair)
     return paired
+
+
+DEFAULT_SAMPLE_SEED = 42
+
+
+def sample_rows(rows: list[dict], size: int | None, *, seed: int = DEFAULT_SAMPLE_SEED) -> list[dict]:
+    """A deterministic sample of `size` rows in their input order: the same
+    rows and seed always pick the same rows. No size, or one at least as
+    large as the input, keeps every row."""
+    if size is None or size >= len(rows):
+        return rows
+    picked = sorted(random.Random(seed).sample(range(len(rows)), size))
+    return [rows[index] for index in picked]

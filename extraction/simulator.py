@@ -58,6 +58,9 @@ class SimulatorOptions:
     seed: int = 0
     api_key: str | None = None
     models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
+    # False plays an endpoint without structured outputs: a request with
+    # response_format gets a 400, as such endpoints answer.
+    structured_output: bool = True
 
     def __post_init__(self):
         for name in ("latency_ms", "jitter_ms"):
@@ -73,6 +76,8 @@ class SimulatorOptions:
             raise OptionError("api_key must be a string or null")
         if not isinstance(self.models, list) or not all(isinstance(m, str) for m in self.models):
             raise OptionError("models must be a list of strings")
+        if not isinstance(self.structured_output, bool):
+            raise OptionError("structured_output must be true or false")
 
     def updated(self, changes: dict) -> SimulatorOptions:
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
@@ -199,6 +204,11 @@ class Simulator:
         if request["model"] not in self.options.models:
             message = f"The model `{request['model']}` does not exist or you do not have access to it."
             return error_reply(404, message, "invalid_request_error", "model_not_found")
+        if not self.options.structured_output and request.get("response_format") is not None:
+            message = (
+                "Invalid parameter: 'response_format' of type 'json_schema' is not supported with this model."
+            )
+            return error_reply(400, message, "invalid_request_error", None)
         user = _user_content(request["messages"])
         # Draw from the RNG for every valid request, so a marker does not shift later draws.
         roll = self._rng.random()

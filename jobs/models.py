@@ -50,6 +50,14 @@ class ExtractJob(models.Model):
     max_tokens = models.PositiveIntegerField()
     max_workers = models.PositiveIntegerField()
     include_scores_in_prompt = models.BooleanField(default=False)
+    sample_size = models.PositiveIntegerField(null=True, blank=True)
+    use_cache = models.BooleanField(default=True)
+    max_cost_usd = models.FloatField(null=True, blank=True)
+    max_total_tokens = models.PositiveBigIntegerField(null=True, blank=True)
+    # USD per million tokens, frozen at start so a job's cost never changes
+    # when the price table does. Null: no price known for the model.
+    price_input_per_mtok = models.FloatField(null=True, blank=True)
+    price_output_per_mtok = models.FloatField(null=True, blank=True)
 
     count_total = models.PositiveIntegerField(default=0)
     count_done = models.PositiveIntegerField(default=0)
@@ -57,6 +65,7 @@ class ExtractJob(models.Model):
     properties_count = models.PositiveIntegerField(default=0)
     prompt_tokens = models.PositiveBigIntegerField(default=0)
     completion_tokens = models.PositiveBigIntegerField(default=0)
+    cache_hits = models.PositiveIntegerField(default=0)
 
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -92,6 +101,22 @@ class ExtractJob(models.Model):
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
+    @property
+    def has_prices(self) -> bool:
+        return self.price_input_per_mtok is not None and self.price_output_per_mtok is not None
+
+    def cost_of(self, prompt_tokens: float, completion_tokens: float) -> float | None:
+        if not self.has_prices:
+            return None
+        return (
+            prompt_tokens * self.price_input_per_mtok + completion_tokens * self.price_output_per_mtok
+        ) / 1e6
+
+    @property
+    def cost_usd(self) -> float | None:
+        """Estimated from the tokens used and the prices frozen at start."""
+        return self.cost_of(self.prompt_tokens, self.completion_tokens)
+
 
 class ExtractRow(models.Model):
     job = models.ForeignKey(ExtractJob, on_delete=models.CASCADE, related_name="rows")
@@ -103,6 +128,7 @@ class ExtractRow(models.Model):
     error = models.TextField(blank=True, default="")
     raw_answer = models.TextField(blank=True, default="")
     properties_dropped = models.PositiveIntegerField(default=0)
+    cached = models.BooleanField(default=False, help_text="The answer came from the completion cache.")
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
     claimed_by = models.CharField(max_length=100, blank=True, default="")
@@ -151,3 +177,21 @@ class Property(models.Model):
 
     def __str__(self) -> str:
         return self.property_description[:80]
+
+
+class CompletionCache(models.Model):
+    """LLM answers shared by every worker, keyed by endpoint, model, messages
+    and sampling parameters, so identical rows are never paid for twice."""
+
+    key = models.CharField(max_length=64, primary_key=True)
+    model_name = models.CharField(max_length=200)
+    answer = models.TextField()
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "cached completion"
+
+    def __str__(self) -> str:
+        return f"{self.model_name} {self.key[:12]}"

@@ -21,7 +21,14 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
-from extraction.extract import ExtractionSpec, RowOutcome, extract_row
+from extraction.extract import (
+    ExtractionSpec,
+    RowOutcome,
+    build_messages,
+    cache_key,
+    extract_row,
+    outcome_from_answer,
+)
 from extraction.llm import CallSettings, LLMCallError, make_client
 from extraction.prompts import response_format
 
@@ -118,16 +125,17 @@ class ChunkRunner:
         job = ExtractJob.objects.filter(pk=self.job_id, state=JobState.RUNNING).first()
         if job is None:
             return "job is not running: nothing to do"
-        spec = extraction_spec(job, self.config)
-        loop_thread = _LoopThread()
-        client = make_client(
+        self.job = job
+        self.spec = extraction_spec(job, self.config)
+        self.loop_thread = _LoopThread()
+        self.client = make_client(
             api_key=self.config.api_key, base_url=self.config.base_url, timeout=self.config.llm_timeout
         )
         try:
-            stopped_because = self._work(loop_thread, client, spec, job.max_workers)
+            stopped_because = self._work()
         finally:
             # Cancelling the tasks closes their connections before we return.
-            loop_thread.close(client)
+            self.loop_thread.close(self.client)
         log.info(
             "job %s worker %s recorded %d rows: %s",
             self.job_id,
@@ -137,8 +145,9 @@ class ChunkRunner:
         )
         return f"recorded {self.recorded} rows; {stopped_because}"
 
-    def _work(self, loop_thread: _LoopThread, client, spec: ExtractionSpec, max_workers: int) -> str:
+    def _work(self) -> str:
         poll = self.config.poll_seconds
+        max_workers = self.job.max_workers
         # Claiming costs a transaction, so wait until a few slots are free,
         # but never so many that the job runs well below its concurrency.
         claim_batch = max(1, max_workers // 16)
@@ -155,15 +164,18 @@ class ChunkRunner:
                 last_check = time.monotonic()
                 if not claim.job_running:
                     return "the job stopped running"
-                for row in claim.rows:
-                    self._start(loop_thread, client, spec, row)
                 claimed += len(claim.rows)
                 pending_left = claim.pending_left
+                stop = self._dispatch(claim.rows)
+                if stop:
+                    return stop
                 if not claim.rows and not self.in_flight and pending_left:
                     # Other workers hold all of the job's slots; try again shortly.
                     time.sleep(poll)
                     continue
             if not self.in_flight:
+                if pending_left and quota > 0:
+                    continue  # every claimed row came from the cache: claim more
                 return "no rows left to claim" if not pending_left else "chunk quota reached"
 
             stop = self._record_arrivals(timeout=poll)
@@ -179,12 +191,30 @@ class ChunkRunner:
                 last_lease = now
                 services.renew_leases(job_id=self.job_id, worker_id=self.worker_id)
 
-    def _start(
-        self, loop_thread: _LoopThread, client, spec: ExtractionSpec, row: services.ClaimedRow
-    ) -> None:
-        future = loop_thread.submit(extract_row(client, row.data, question_id=row.question_id, spec=spec))
-        self.in_flight[row.id] = future
-        future.add_done_callback(lambda done, row=row: self.results.put((row, done)))
+    def _dispatch(self, rows: list[services.ClaimedRow]) -> str | None:
+        """Answer rows from the completion cache where it can, and start an
+        LLM call for every other row."""
+        prepared = []
+        for row in rows:
+            messages = build_messages(row.data, self.spec)
+            prepared.append((row, messages, cache_key(messages, self.spec, base_url=self.config.base_url)))
+        hits = services.cached_answers(keys=[key for *_, key in prepared]) if self.job.use_cache else {}
+        for row, messages, key in prepared:
+            if key in hits:
+                outcome = outcome_from_answer(
+                    hits[key], row.data, question_id=row.question_id, spec=self.spec
+                )
+                stop = self._record(row, outcome)
+                if stop:
+                    return stop
+                continue
+            call = extract_row(
+                self.client, row.data, question_id=row.question_id, spec=self.spec, messages=messages, key=key
+            )
+            future = self.loop_thread.submit(call)
+            self.in_flight[row.id] = future
+            future.add_done_callback(lambda done, row=row: self.results.put((row, done)))
+        return None
 
     def _record_arrivals(self, timeout: float) -> str | None:
         """Record every result that has arrived, waiting up to `timeout` for
@@ -202,23 +232,28 @@ class ChunkRunner:
             self.in_flight.pop(row.id, None)
             if future.cancelled():
                 continue
-            stop = self._record(row, future)
+            exc = future.exception()
+            if isinstance(exc, LLMCallError):
+                services.job_fail(job_id=self.job_id, error=str(exc))
+                return f"the job failed: {exc}"
+            if exc is not None:
+                log.error("job %s row %d: extraction crashed", self.job_id, row.index, exc_info=exc)
+                outcome = RowOutcome(error=f"internal error while extracting: {type(exc).__name__}")
+            else:
+                outcome = future.result()
+            stop = self._record(row, outcome)
             if stop:
                 return stop
         return None
 
-    def _record(self, row: services.ClaimedRow, future: Future) -> str | None:
-        exc = future.exception()
-        if isinstance(exc, LLMCallError):
-            services.job_fail(job_id=self.job_id, error=str(exc))
-            return f"the job failed: {exc}"
-        if exc is not None:
-            log.error("job %s row %d: extraction crashed", self.job_id, row.index, exc_info=exc)
-            outcome = RowOutcome(error=f"internal error while extracting: {type(exc).__name__}")
-        else:
-            outcome = future.result()
+    def _record(self, row: services.ClaimedRow, outcome: RowOutcome) -> str | None:
         stored = services.record_row_result(
-            job_id=self.job_id, row_id=row.id, row_index=row.index, worker_id=self.worker_id, outcome=outcome
+            job_id=self.job_id,
+            row_id=row.id,
+            row_index=row.index,
+            worker_id=self.worker_id,
+            outcome=outcome,
+            model_name=self.job.model_name,
         )
         if stored:
             self.recorded += 1

@@ -20,9 +20,10 @@ from django.utils import timezone
 from django_q.tasks import async_task
 
 from extraction.extract import RowOutcome
-from extraction.rows import question_id_for
+from extraction.render import render_row
+from extraction.rows import question_id_for, sample_rows
 
-from .models import ACTIVE_STATES, ExtractJob, ExtractRow, JobState, Property, RowStatus
+from .models import ACTIVE_STATES, CompletionCache, ExtractJob, ExtractRow, JobState, Property, RowStatus
 
 
 @dataclass(frozen=True)
@@ -37,12 +38,29 @@ class JobParams:
     max_tokens: int
     max_workers: int
     include_scores_in_prompt: bool = False
+    sample_size: int | None = None
+    use_cache: bool = True
+    max_cost_usd: float | None = None
+    max_total_tokens: int | None = None
+
+
+def price_for(model_name: str) -> tuple[float, float] | None:
+    """(input, output) USD per million tokens, or None when unknown."""
+    return settings.STRINGSIGHT_PRICES.get(model_name)
 
 
 def job_start(*, owner, rows: list[dict[str, Any]], params: JobParams) -> ExtractJob:
-    """Store the job and its rows in one transaction, then enqueue its work."""
+    """Store the job and its (sampled) rows in one transaction, then enqueue its work."""
+    rows = sample_rows(rows, params.sample_size)
+    price_input, price_output = price_for(params.model_name) or (None, None)
     with transaction.atomic():
-        job = ExtractJob.objects.create(owner=owner, count_total=len(rows), **vars(params))
+        job = ExtractJob.objects.create(
+            owner=owner,
+            count_total=len(rows),
+            price_input_per_mtok=price_input,
+            price_output_per_mtok=price_output,
+            **vars(params),
+        )
         ExtractRow.objects.bulk_create(
             (
                 ExtractRow(job=job, index=index, question_id=question_id_for(row, index), data=row)
@@ -127,31 +145,87 @@ class Claim:
 
 def claim_rows(*, job_id, worker_id: str, limit: int) -> Claim:
     """Take up to `limit` pending rows, lowest index first, keeping the
-    job's calls in flight across all workers within its max_workers."""
+    job's calls in flight across all workers within its max_workers and its
+    budget. A job whose budget cannot pay for another call ends here."""
     now = timezone.now()
     with transaction.atomic():
-        job = ExtractJob.objects.select_for_update().filter(pk=job_id).values("state", "max_workers").first()
-        if job is None or job["state"] != JobState.RUNNING:
+        job = ExtractJob.objects.select_for_update().filter(pk=job_id).first()
+        if job is None or job.state != JobState.RUNNING:
             return Claim(rows=[], job_running=False, pending_left=False)
         job_rows = ExtractRow.objects.filter(job_id=job_id)
-        room = min(limit, job["max_workers"] - job_rows.filter(status=RowStatus.RUNNING).count())
+        running = job_rows.filter(status=RowStatus.RUNNING).count()
+        room = min(limit, job.max_workers - running)
         pending = job_rows.filter(status=RowStatus.PENDING).order_by("index")
         if room <= 0:
             return Claim(rows=[], job_running=True, pending_left=pending.exists())
         picked = list(
             pending.select_for_update(skip_locked=True).values("id", "index", "question_id", "data")[:room]
         )
+        if job.max_total_tokens is not None or job.max_cost_usd is not None:
+            affordable = within_budget(job, picked, running)
+            if picked and not affordable and not running:
+                _end_over_budget(job, now=now)
+                return Claim(rows=[], job_running=False, pending_left=False)
+            pending_left = len(picked) == room or len(affordable) < len(picked)
+            picked = affordable
+        else:
+            pending_left = len(picked) == room
         ExtractRow.objects.filter(pk__in=[row["id"] for row in picked]).update(
             status=RowStatus.RUNNING,
             claimed_by=worker_id,
             lease_expires_at=now + timedelta(seconds=settings.STRINGSIGHT_LEASE_SECONDS),
             started_at=now,
         )
-    return Claim(
-        rows=[ClaimedRow(**row) for row in picked],
-        job_running=True,
-        pending_left=len(picked) == room,
+    return Claim(rows=[ClaimedRow(**row) for row in picked], job_running=True, pending_left=pending_left)
+
+
+def within_budget(job: ExtractJob, rows: list[dict], running: int) -> list[dict]:
+    """The leading rows whose calls the budget can still pay for, counting
+    the calls already in flight. A call's cost is estimated: its prompt from
+    the rendered messages (about four characters a token), its answer from
+    the average so far, or max_tokens before any answer is in."""
+    calls = job.count_done + job.count_failed - job.cache_hits
+    answer_tokens = job.completion_tokens / calls if calls > 0 else job.max_tokens
+    estimates = [(estimate_prompt_tokens(job, row["data"]), answer_tokens) for row in rows]
+    if calls > 0:
+        in_flight = (job.prompt_tokens / calls, answer_tokens)
+    else:
+        in_flight = estimates[0] if estimates else (0, answer_tokens)
+    tokens_left = cost_left = float("inf")
+    if job.max_total_tokens is not None:
+        tokens_left = job.max_total_tokens - job.total_tokens - running * sum(in_flight)
+    if job.max_cost_usd is not None:
+        cost_left = job.max_cost_usd - job.cost_usd - running * job.cost_of(*in_flight)
+    affordable = []
+    for row, (prompt, answer) in zip(rows, estimates, strict=True):
+        tokens_left -= prompt + answer
+        if job.max_cost_usd is not None:
+            cost_left -= job.cost_of(prompt, answer)
+        if tokens_left < 0 or cost_left < 0:
+            break
+        affordable.append(row)
+    return affordable
+
+
+def estimate_prompt_tokens(job: ExtractJob, row: dict[str, Any]) -> int:
+    rendered = render_row(row, job.method, include_scores=job.include_scores_in_prompt)
+    return (len(job.resolved_system_prompt) + len(rendered)) // 4 + 1
+
+
+def _end_over_budget(job: ExtractJob, *, now) -> None:
+    spent = []
+    if job.max_cost_usd is not None:
+        spent.append(f"${job.cost_usd:.4f} of max_cost_usd ${job.max_cost_usd:.4f} spent")
+    if job.max_total_tokens is not None:
+        spent.append(f"{job.total_tokens:,} of max_total_tokens {job.max_total_tokens:,} tokens used")
+    unfinished = job.count_total - job.count_done - job.count_failed
+    ExtractJob.objects.filter(pk=job.pk, state=JobState.RUNNING).update(
+        state=JobState.ERROR,
+        error=f"budget exceeded: {' and '.join(spent)}; the next call would go over it, "
+        f"so {unfinished} rows were not run",
+        finished_at=now,
     )
+    _close_unfinished_rows(job_id=job.pk, status=RowStatus.CANCELLED, now=now)
 
 
 def renew_leases(*, job_id, worker_id: str) -> int:
@@ -164,7 +238,9 @@ class _Discard(Exception):
     """Rolls back a row result that must not be stored."""
 
 
-def record_row_result(*, job_id, row_id: int, row_index: int, worker_id: str, outcome: RowOutcome) -> bool:
+def record_row_result(
+    *, job_id, row_id: int, row_index: int, worker_id: str, outcome: RowOutcome, model_name: str = ""
+) -> bool:
     """Store one row's outcome, its properties and the job's counters in one
     short transaction, only while the job is still running and the row is
     still ours. Returns False when the result was discarded."""
@@ -176,6 +252,8 @@ def record_row_result(*, job_id, row_id: int, row_index: int, worker_id: str, ou
         "prompt_tokens": F("prompt_tokens") + outcome.prompt_tokens,
         "completion_tokens": F("completion_tokens") + outcome.completion_tokens,
     }
+    if outcome.cached:
+        counters["cache_hits"] = F("cache_hits") + 1
     try:
         with transaction.atomic():
             # The job row first: this takes its lock, so a cancel either
@@ -190,6 +268,7 @@ def record_row_result(*, job_id, row_id: int, row_index: int, worker_id: str, ou
                 raw_answer=outcome.raw_answer,
                 attempts=F("attempts") + outcome.attempts,
                 properties_dropped=outcome.dropped,
+                cached=outcome.cached,
                 prompt_tokens=outcome.prompt_tokens,
                 completion_tokens=outcome.completion_tokens,
                 claimed_by="",
@@ -203,12 +282,35 @@ def record_row_result(*, job_id, row_id: int, row_index: int, worker_id: str, ou
                 Property(job_id=job_id, row_id=row_id, row_index=row_index, position=position, **prop)
                 for position, prop in enumerate(outcome.properties)
             )
+            if outcome.cache_key:
+                remember_answer(key=outcome.cache_key, model_name=model_name, outcome=outcome)
             ExtractJob.objects.filter(
                 pk=job_id, state=JobState.RUNNING, count_total=F("count_done") + F("count_failed")
             ).update(state=JobState.DONE, finished_at=now)
     except _Discard:
         return False
     return True
+
+
+def remember_answer(*, key: str, model_name: str, outcome: RowOutcome) -> None:
+    CompletionCache.objects.bulk_create(
+        [
+            CompletionCache(
+                key=key,
+                model_name=model_name,
+                answer=outcome.raw_answer,
+                prompt_tokens=outcome.prompt_tokens,
+                completion_tokens=outcome.completion_tokens,
+            )
+        ],
+        update_conflicts=True,
+        unique_fields=["key"],
+        update_fields=["answer", "prompt_tokens", "completion_tokens", "created_at"],
+    )
+
+
+def cached_answers(*, keys: list[str]) -> dict[str, str]:
+    return dict(CompletionCache.objects.filter(key__in=keys).values_list("key", "answer"))
 
 
 def jobs_visible_to(user):

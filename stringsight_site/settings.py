@@ -4,6 +4,7 @@ Every variable is listed in the README's configuration table. Helpers fail
 loudly on values they cannot read, so a typo never becomes a silent default.
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -48,6 +49,20 @@ def envfloat(name: str, default: float, minimum: float = 0.0) -> float:
     if number < minimum:
         raise ImproperlyConfigured(f"{name}={number} is below its minimum of {minimum}")
     return number
+
+
+def envprices(name: str) -> dict[str, tuple[float, float]]:
+    value = os.environ.get(name)
+    if not value:
+        return {}
+    try:
+        table = json.loads(value)
+        return {str(model): (float(pair[0]), float(pair[1])) for model, pair in table.items()}
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError):
+        raise ImproperlyConfigured(
+            f"{name} must be JSON mapping each model to [input, output] USD per million tokens, "
+            'e.g. {"my-model": [0.5, 1.5]}'
+        ) from None
 
 
 def envlist(name: str, default: str = "") -> list[str]:
@@ -208,6 +223,19 @@ STRINGSIGHT_RETRY_MAX_SECONDS = envfloat("STRINGSIGHT_RETRY_MAX_SECONDS", 60.0)
 # Ask for JSON-schema structured output; turn off for endpoints without it
 # (the parser reads free text either way).
 STRINGSIGHT_STRUCTURED_OUTPUT = envbool("STRINGSIGHT_STRUCTURED_OUTPUT", True)
+
+# Estimated prices in USD per million tokens (input, output), frozen on each
+# job at start. STRINGSIGHT_PRICES (JSON, e.g. '{"my-model": [0.5, 1.5]}')
+# adds models or overrides these list prices.
+STRINGSIGHT_PRICES = {
+    "gpt-4o-mini": (0.15, 0.60),
+    "gpt-4o": (2.50, 10.00),
+    "gpt-4.1": (2.00, 8.00),
+    "gpt-4.1-mini": (0.40, 1.60),
+    "gpt-4.1-nano": (0.10, 0.40),
+    "o4-mini": (1.10, 4.40),
+}
+STRINGSIGHT_PRICES.update(envprices("STRINGSIGHT_PRICES"))
 
 # Orchestration. A task claims at most CHUNK_SIZE rows; the worker re-reads
 # the job row at least every CANCEL_POLL_SECONDS while calls are in flight.

@@ -390,3 +390,57 @@ def test_drf_create_token_makes_a_working_token(user):
     client.credentials(HTTP_AUTHORIZATION=f"Token {key}")
 
     assert client.post("/extract/jobs/start", {"rows": simple_rows(1)}, format="json").status_code == 201
+
+
+def test_start_refuses_a_cost_budget_for_a_model_without_a_price(api):
+    response = api.post(
+        "/extract/jobs/start",
+        {"rows": simple_rows(1), "model_name": "my-local-model", "max_cost_usd": 1.0},
+        format="json",
+    )
+
+    assert response.status_code == 400
+    assert response.json()["detail"] == (
+        "max_cost_usd: no price is known for model 'my-local-model', so a cost budget cannot be kept; "
+        "add it to STRINGSIGHT_PRICES or use max_total_tokens"
+    )
+
+
+def test_start_with_sampling_and_budgets_reports_them_in_the_status(api):
+    body = {
+        "rows": simple_rows(10),
+        "sample_size": 4,
+        "max_total_tokens": 5000,
+        "max_cost_usd": 0.5,
+        "model_name": "gpt-4o",
+        "use_cache": False,
+    }
+
+    started = api.post("/extract/jobs/start", body, format="json").json()
+
+    assert (started["count_total"], started["sample_size"]) == (4, 4)
+    assert started["budget"] == {"max_cost_usd": 0.5, "max_total_tokens": 5000}
+    assert (started["cost_usd"], started["cache_hits"]) == (0.0, 0)
+    assert ExtractJob.objects.get(pk=started["job_id"]).use_cache is False
+
+
+@pytest.mark.parametrize("field", ["sample_size", "max_total_tokens"])
+def test_start_rejects_non_positive_sizes(api, field):
+    response = api.post("/extract/jobs/start", {"rows": simple_rows(1), field: 0}, format="json")
+
+    assert response.status_code == 400
+    assert response.json()["field"] == field
+
+
+def test_prompts_lists_every_named_prompt_for_every_method(client):
+    body = client.get("/extract/prompts", {"task_description": "Book flights for airline customers."}).json()
+
+    assert body["names"] == ["default", "agent"]
+    assert [(p["name"], p["method"]) for p in body["prompts"]] == [
+        ("default", "single_model"),
+        ("default", "side_by_side"),
+        ("agent", "single_model"),
+        ("agent", "side_by_side"),
+    ]
+    assert all("Book flights for airline customers." in p["text"] for p in body["prompts"])
+    assert all("property_description" in p["text"] for p in body["prompts"])

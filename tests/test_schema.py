@@ -18,6 +18,7 @@ PATHS = {
     "/api/jobs/{job_id}/result/": {"get"},
     "/extract/jobs/start": {"post"},
     "/extract/jobs/status": {"get"},
+    "/extract/prompts": {"get"},
     "/extract/jobs/cancel": {"post"},
     "/extract/jobs/result": {"get"},
 }

@@ -39,6 +39,10 @@ def status_payload(job: ExtractJob) -> dict:
             "completion_tokens": job.completion_tokens,
             "total_tokens": job.total_tokens,
         },
+        "cost_usd": job.cost_usd,
+        "cache_hits": job.cache_hits,
+        "sample_size": job.sample_size,
+        "budget": {"max_cost_usd": job.max_cost_usd, "max_total_tokens": job.max_total_tokens},
     }
 
 

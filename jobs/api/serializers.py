@@ -13,7 +13,7 @@ from extraction.prompts import UnknownPromptError, resolve_system_prompt
 from extraction.rows import RowError, validate_rows
 
 from ..models import JobState, Method
-from ..services import JobParams
+from ..services import JobParams, price_for
 
 # Upstream StringSight's frontend sends these; a caller who omits a value
 # (or sends null) gets the same.
@@ -25,6 +25,7 @@ DEFAULTS = {
     "max_tokens": 2048,
     "max_workers": 16,
     "include_scores_in_prompt": False,
+    "use_cache": True,
 }
 
 
@@ -70,6 +71,27 @@ class StartJobSerializer(serializers.Serializer):
     max_tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1)
     max_workers = serializers.IntegerField(required=False, allow_null=True, min_value=1)
     include_scores_in_prompt = serializers.BooleanField(required=False, allow_null=True)
+    sample_size = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        min_value=1,
+        help_text="Run a deterministic (seeded) sample of this many rows instead of all of them.",
+    )
+    use_cache = serializers.BooleanField(
+        required=False, allow_null=True, help_text="Reuse identical earlier answers (default true)."
+    )
+    max_cost_usd = serializers.FloatField(
+        required=False,
+        allow_null=True,
+        min_value=0.0,
+        help_text="Stop (state error) before a call would take the estimated cost over this.",
+    )
+    max_total_tokens = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        min_value=1,
+        help_text="Stop (state error) before a call would take the tokens used over this.",
+    )
     output_dir = serializers.CharField(
         required=False,
         allow_null=True,
@@ -120,17 +142,31 @@ class StartJobSerializer(serializers.Serializer):
         except UnknownPromptError as exc:
             raise serializers.ValidationError({"system_prompt": [str(exc)]}) from None
         system_prompt = attrs.get("custom_system_prompt") or values["system_prompt"]
+        model_name = attrs.get("model_name") or settings.STRINGSIGHT_DEFAULT_MODEL
+        if attrs.get("max_cost_usd") is not None and price_for(model_name) is None:
+            raise serializers.ValidationError(
+                {
+                    "max_cost_usd": [
+                        f"no price is known for model {model_name!r}, so a cost budget cannot be kept; "
+                        "add it to STRINGSIGHT_PRICES or use max_total_tokens"
+                    ]
+                }
+            )
         params = JobParams(
             method=method,
             system_prompt=system_prompt,
             resolved_system_prompt=resolved,
             task_description=values["task_description"],
-            model_name=attrs.get("model_name") or settings.STRINGSIGHT_DEFAULT_MODEL,
+            model_name=model_name,
             temperature=values["temperature"],
             top_p=values["top_p"],
             max_tokens=values["max_tokens"],
             max_workers=values["max_workers"],
             include_scores_in_prompt=values["include_scores_in_prompt"],
+            sample_size=attrs.get("sample_size"),
+            use_cache=values["use_cache"],
+            max_cost_usd=attrs.get("max_cost_usd"),
+            max_total_tokens=attrs.get("max_total_tokens"),
         )
         return {"rows": attrs["rows"], "params": params}
 
@@ -139,6 +175,11 @@ class UsageSerializer(serializers.Serializer):
     prompt_tokens = serializers.IntegerField()
     completion_tokens = serializers.IntegerField()
     total_tokens = serializers.IntegerField()
+
+
+class BudgetSerializer(serializers.Serializer):
+    max_cost_usd = serializers.FloatField(allow_null=True)
+    max_total_tokens = serializers.IntegerField(allow_null=True)
 
 
 class JobStatusSerializer(serializers.Serializer):
@@ -157,6 +198,15 @@ class JobStatusSerializer(serializers.Serializer):
     finished_at = serializers.DateTimeField(allow_null=True)
     cancelled_at = serializers.DateTimeField(allow_null=True)
     usage = UsageSerializer()
+    cost_usd = serializers.FloatField(
+        allow_null=True,
+        help_text="Estimated from the tokens used; null when no price is known for the model.",
+    )
+    cache_hits = serializers.IntegerField(
+        help_text="Rows answered from the completion cache, with no LLM call."
+    )
+    sample_size = serializers.IntegerField(allow_null=True)
+    budget = BudgetSerializer()
 
 
 class CancelRequestSerializer(serializers.Serializer):
@@ -197,3 +247,14 @@ class ErrorSerializer(serializers.Serializer):
     code = serializers.CharField()
     field = serializers.CharField(required=False)
     errors = serializers.DictField(child=serializers.ListField(child=serializers.CharField()), required=False)
+
+
+class PromptSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    method = serializers.ChoiceField(choices=Method.choices)
+    text = serializers.CharField()
+
+
+class PromptListSerializer(serializers.Serializer):
+    names = serializers.ListField(child=serializers.CharField())
+    prompts = PromptSerializer(many=True)

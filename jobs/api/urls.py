@@ -1,6 +1,6 @@
 from django.urls import path
 
-from .views import ExtractJobViewSet
+from .views import ExtractJobViewSet, PromptListView
 
 start = ExtractJobViewSet.as_view({"post": "create"})
 detail = ExtractJobViewSet.as_view({"get": "retrieve"})
@@ -20,6 +20,7 @@ urlpatterns = [
     path(
         "extract/jobs/cancel", ExtractJobViewSet.as_view({"post": "seed_cancel"}), name="extract-jobs-cancel"
     ),
+    path("extract/prompts", PromptListView.as_view(), name="extract-prompts"),
     path(
         "extract/jobs/result", ExtractJobViewSet.as_view({"get": "seed_result"}), name="extract-jobs-result"
     ),

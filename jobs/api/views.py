@@ -7,7 +7,11 @@ import uuid
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status, viewsets
 from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from extraction.prompts import PROMPT_NAMES, list_prompts
 
 from .. import services
 from ..models import ExtractJob, JobState
@@ -18,6 +22,7 @@ from .serializers import (
     CancelResponseSerializer,
     ErrorSerializer,
     JobStatusSerializer,
+    PromptListSerializer,
     ResultSerializer,
     StartJobSerializer,
 )
@@ -149,3 +154,24 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
                 "cancelled or error"
             )
         return Response(result_payload(job))
+
+
+class PromptListView(APIView):
+    """The named system prompts, rendered for each method (public: they are
+    the same for everyone)."""
+
+    permission_classes = [AllowAny]
+
+    @extend_schema(
+        operation_id="extract_prompts",
+        summary="The named system prompts and their text",
+        parameters=[
+            OpenApiParameter(
+                "task_description", str, OpenApiParameter.QUERY, description="Shown inside each prompt."
+            )
+        ],
+        responses={200: PromptListSerializer},
+    )
+    def get(self, request):
+        task_description = request.query_params.get("task_description") or None
+        return Response({"names": list(PROMPT_NAMES), "prompts": list_prompts(task_description)})

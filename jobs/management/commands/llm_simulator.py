@@ -28,6 +28,12 @@ class Command(BaseCommand):
         parser.add_argument(
             "--models", type=_models, default=defaults.models, help="comma-separated model names"
         )
+        parser.add_argument(
+            "--no-structured-output",
+            dest="structured_output",
+            action="store_false",
+            help="answer 400 to response_format, like endpoints without structured outputs",
+        )
 
     def handle(self, *args, host, port, **options):
         try:

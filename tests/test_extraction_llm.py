@@ -1,0 +1,119 @@
+"""The LLM call's retry rules, as plain functions and over HTTP."""
+
+import asyncio
+import email.utils
+import random
+import time
+from types import SimpleNamespace
+
+import openai
+import pytest
+
+from extraction.llm import CallSettings, LLMCallError, backoff_seconds, complete, retry_after_seconds
+
+CALL = CallSettings(
+    model="sim-model", temperature=0.0, top_p=1.0, max_tokens=500, retry_base=1.0, retry_max=8.0
+)
+MESSAGES = [{"role": "system", "content": "List properties."}, {"role": "user", "content": "hello"}]
+
+
+def with_headers(**headers):
+    return SimpleNamespace(
+        response=SimpleNamespace(headers={k.replace("_", "-"): v for k, v in headers.items()})
+    )
+
+
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [
+        ({"retry_after": "3"}, 3.0),
+        ({"retry_after_ms": "250"}, 0.25),
+        ({"retry_after": "soon"}, None),
+        ({}, None),
+    ],
+)
+def test_retry_after_reads_seconds_and_milliseconds(headers, seconds):
+    assert retry_after_seconds(with_headers(**headers)) == seconds
+
+
+def test_retry_after_reads_an_http_date():
+    moment = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 28 <= retry_after_seconds(with_headers(retry_after=moment)) <= 30
+
+
+def test_backoff_is_full_jitter_under_an_exponential_cap():
+    random.seed(7)
+    waits = [backoff_seconds(3, None, CALL) for _ in range(500)]
+    assert 0 <= min(waits) < 0.2
+    assert 3.8 < max(waits) <= 4.0  # base * 2 ** (attempt - 1)
+
+
+def test_backoff_waits_at_least_retry_after_but_never_past_the_cap():
+    assert backoff_seconds(1, 5.0, CALL) >= 5.0
+    assert backoff_seconds(1, 120.0, CALL) == 8.0
+
+
+def call(sim, **overrides):
+    settings = CallSettings(**{**vars(CALL), "retry_base": 0.01, "retry_max": 0.05, **overrides})
+    client = openai.AsyncOpenAI(api_key="k", base_url=sim.base_url, max_retries=0)
+
+    async def go():
+        try:
+            return await complete(client, MESSAGES, settings)
+        finally:
+            await client.close()
+
+    return asyncio.run(go())
+
+
+def test_complete_sends_parameters_exactly_and_reports_usage(sim):
+    completion = call(sim, temperature=0.0, top_p=0.25, max_tokens=777)
+
+    assert completion.attempts == 1
+    assert completion.prompt_tokens > 0
+    assert completion.completion_tokens > 0
+    request = sim.requests()[0]
+    assert (request["temperature"], request["top_p"], request["max_tokens"]) == (0.0, 0.25, 777)
+
+
+def test_complete_retries_rate_limits_until_the_budget_is_spent(sim):
+    sim.configure(rate_429=1.0, retry_after=0)
+
+    with pytest.raises(LLMCallError) as caught:
+        call(sim, max_attempts=3)
+
+    assert caught.value.fatal_for_job is False
+    assert caught.value.attempts == 3
+    assert str(caught.value).startswith("LLM error 429: Rate limit reached")
+    assert len(sim.requests()) == 3
+
+
+@pytest.mark.parametrize(
+    ("configure", "overrides", "message"),
+    [
+        ({"api_key": "other"}, {}, "LLM authentication failed (401): check OPENAI_API_KEY"),
+        (
+            {},
+            {"model": "no-such-model"},
+            "LLM model not found (404): check model_name 'no-such-model' and OPENAI_BASE_URL",
+        ),
+    ],
+)
+def test_complete_fails_the_job_at_once_on_credentials_and_unknown_models(sim, configure, overrides, message):
+    sim.configure(**configure)
+
+    with pytest.raises(LLMCallError) as caught:
+        call(sim, **overrides)
+
+    assert (caught.value.fatal_for_job, caught.value.attempts, str(caught.value)) == (True, 1, message)
+    assert len(sim.requests()) == 1
+
+
+def test_complete_reports_a_refusal_as_a_row_failure(sim):
+    sim.configure(rate_refusal=1.0)
+
+    with pytest.raises(LLMCallError) as caught:
+        call(sim)
+
+    assert caught.value.fatal_for_job is False
+    assert str(caught.value).startswith("the LLM refused: ")
