@@ -71,6 +71,9 @@ class ExtractJob(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     cancelled_at = models.DateTimeField(null=True, blank=True)
+    # When tasks were last enqueued for the job; the sweep re-enqueues only
+    # for a job that has gone a lease period without work or progress.
+    work_enqueued_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
@@ -131,8 +134,13 @@ class ExtractRow(models.Model):
     cached = models.BooleanField(default=False, help_text="The answer came from the completion cache.")
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
-    claimed_by = models.CharField(max_length=100, blank=True, default="")
+    claimed_by = models.CharField(
+        max_length=150, blank=True, default="", help_text="The worker that holds or last held the row."
+    )
     lease_expires_at = models.DateTimeField(null=True, blank=True)
+    lease_expiries = models.PositiveSmallIntegerField(
+        default=0, help_text="Times a worker died (its lease ran out) while extracting this row."
+    )
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
@@ -142,6 +150,10 @@ class ExtractRow(models.Model):
         indexes = [
             # Claims take the lowest pending indexes; the cap counts running rows.
             models.Index(fields=["job", "status", "index"], name="row_job_status_index"),
+            # The sweep looks for running rows whose lease ran out, across all jobs.
+            models.Index(
+                fields=["lease_expires_at"], condition=models.Q(status="running"), name="row_running_lease"
+            ),
         ]
 
     def __str__(self) -> str:

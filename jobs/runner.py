@@ -50,6 +50,7 @@ class RunnerSettings:
     retry_base: float
     retry_max: float
     structured_output: bool
+    worker_name: str = ""
 
     @classmethod
     def from_django(cls) -> "RunnerSettings":
@@ -64,6 +65,7 @@ class RunnerSettings:
             retry_base=settings.STRINGSIGHT_RETRY_BASE_SECONDS,
             retry_max=settings.STRINGSIGHT_RETRY_MAX_SECONDS,
             structured_output=settings.STRINGSIGHT_STRUCTURED_OUTPUT,
+            worker_name=settings.STRINGSIGHT_WORKER_NAME,
         )
 
 
@@ -116,7 +118,8 @@ class ChunkRunner:
     def __init__(self, job_id, config: RunnerSettings):
         self.job_id = job_id
         self.config = config
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        name = config.worker_name or socket.gethostname()
+        self.worker_id = f"{name}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.results: queue.SimpleQueue = queue.SimpleQueue()
         self.in_flight: dict[int, Future] = {}
         self.recorded = 0

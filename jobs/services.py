@@ -15,8 +15,9 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
+from django_q.brokers import get_broker
 from django_q.tasks import async_task
 
 from extraction.extract import RowOutcome
@@ -76,8 +77,9 @@ def enqueue_job_work(*, job_id, row_count: int) -> int:
     """One task per chunk of rows. A task only says "work on this job"; which
     rows it takes is decided by claims against the database."""
     tasks = math.ceil(row_count / settings.STRINGSIGHT_CHUNK_SIZE)
+    ExtractJob.objects.filter(pk=job_id).update(work_enqueued_at=timezone.now())
     for _ in range(tasks):
-        async_task("jobs.tasks.process_job_chunk", str(job_id), group=str(job_id), task_name=None)
+        async_task("jobs.tasks.process_job_chunk", str(job_id), group=str(job_id))
     return tasks
 
 
@@ -124,7 +126,7 @@ def job_fail(*, job_id, error: str) -> bool:
 
 def _close_unfinished_rows(*, job_id, status: str, now) -> None:
     ExtractRow.objects.filter(job_id=job_id, status__in=(RowStatus.PENDING, RowStatus.RUNNING)).update(
-        status=status, finished_at=now, claimed_by="", lease_expires_at=None
+        status=status, finished_at=now, lease_expires_at=None
     )
 
 
@@ -271,7 +273,6 @@ def record_row_result(
                 cached=outcome.cached,
                 prompt_tokens=outcome.prompt_tokens,
                 completion_tokens=outcome.completion_tokens,
-                claimed_by="",
                 lease_expires_at=None,
                 finished_at=now,
             )
@@ -322,3 +323,99 @@ def jobs_visible_to(user):
 
 def job_state(*, job_id) -> str | None:
     return ExtractJob.objects.filter(pk=job_id).values_list("state", flat=True).first()
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    released: int
+    failed: int
+    finished: int
+    requeued_jobs: int
+
+    def __str__(self) -> str:
+        return (
+            f"released {self.released} rows, failed {self.failed} rows, finished {self.finished} jobs, "
+            f"re-enqueued work for {self.requeued_jobs} jobs"
+        )
+
+
+def sweep(*, now=None) -> SweepReport:
+    """Repair what dead workers leave behind. Run periodically (a django-q2
+    schedule) and safe to run anywhere, any number of times at once."""
+    now = now or timezone.now()
+    released, failed = release_expired_leases(now=now)
+    finished = ExtractJob.objects.filter(
+        state=JobState.RUNNING, count_total=F("count_done") + F("count_failed")
+    ).update(state=JobState.DONE, finished_at=now)
+    return SweepReport(released, failed, finished, requeue_stalled_jobs(now=now))
+
+
+def release_expired_leases(*, now) -> tuple[int, int]:
+    """Rows whose worker stopped renewing its lease go back to pending; a row
+    that has outlived STRINGSIGHT_MAX_LEASE_EXPIRIES workers is failed."""
+    released = failed = 0
+    expired_rows = ExtractRow.objects.filter(status=RowStatus.RUNNING, lease_expires_at__lt=now)
+    for job_id in set(expired_rows.values_list("job_id", flat=True)):
+        with transaction.atomic():
+            if not ExtractJob.objects.select_for_update().filter(pk=job_id, state=JobState.RUNNING).exists():
+                continue
+            expired = expired_rows.filter(job_id=job_id)
+            limit = settings.STRINGSIGHT_MAX_LEASE_EXPIRIES
+            poisoned = expired.filter(lease_expiries__gte=limit - 1).update(
+                status=RowStatus.FAILED,
+                error=f"the worker extracting this row stopped responding {limit} times",
+                lease_expires_at=None,
+                lease_expiries=F("lease_expiries") + 1,
+                finished_at=now,
+            )
+            released += expired.update(
+                status=RowStatus.PENDING, lease_expires_at=None, lease_expiries=F("lease_expiries") + 1
+            )
+            if poisoned:
+                failed += poisoned
+                ExtractJob.objects.filter(pk=job_id).update(count_failed=F("count_failed") + poisoned)
+    return released, failed
+
+
+def requeue_stalled_jobs(*, now) -> int:
+    """Enqueue work again for an active job that has pending rows but no
+    worker and no progress for a lease period: its tasks were lost with a
+    dead worker (Redis keeps no receipts) or never enqueued (a crash right
+    after start). While the broker still holds tasks, they may be this job's,
+    so nothing is added."""
+    if get_broker().queue_size():
+        return 0
+    quiet_since = now - timedelta(seconds=settings.STRINGSIGHT_LEASE_SECONDS)
+    stalled = ExtractJob.objects.filter(state__in=ACTIVE_STATES).filter(
+        Q(work_enqueued_at__lt=quiet_since) | Q(work_enqueued_at__isnull=True, created_at__lt=quiet_since)
+    )
+    requeued = 0
+    for job_id in stalled.values_list("id", flat=True):
+        rows = ExtractRow.objects.filter(job_id=job_id)
+        if rows.filter(Q(status=RowStatus.RUNNING) | Q(finished_at__gte=quiet_since)).exists():
+            continue
+        pending = rows.filter(status=RowStatus.PENDING).count()
+        if pending:
+            enqueue_job_work(job_id=job_id, row_count=pending)
+            requeued += 1
+    return requeued
+
+
+SWEEP_SCHEDULE_NAME = "stringsight-sweep"
+
+
+def ensure_sweep_schedule(schedule_model=None) -> None:
+    """The sweep runs every minute on whichever cluster picks it up."""
+    from django_q.models import Schedule
+
+    model = schedule_model or Schedule
+    model.objects.update_or_create(
+        name=SWEEP_SCHEDULE_NAME,
+        defaults={
+            "func": "jobs.tasks.sweep",
+            "schedule_type": Schedule.MINUTES,
+            "minutes": 1,
+            "repeats": -1,
+            "next_run": timezone.now(),
+        },
+    )

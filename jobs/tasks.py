@@ -9,3 +9,7 @@ def process_job_chunk(job_id: str) -> str:
     are claimed in the database, so a second delivery finds nothing to do."""
     services.job_mark_running(job_id=job_id)
     return ChunkRunner(job_id, RunnerSettings.from_django()).run()
+
+
+def sweep() -> str:
+    return str(services.sweep())

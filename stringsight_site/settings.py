@@ -99,6 +99,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "jobs.api.limits.RequestSizeLimitMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -175,7 +176,7 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "jobs.api.errors.exception_handler",
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["jobs.api.parsers.LimitedJSONParser"],
 }
 
 SPECTACULAR_SETTINGS = {
@@ -185,6 +186,8 @@ SPECTACULAR_SETTINGS = {
     # 3.1 schemas are plain JSON Schema, so tests validate responses against them.
     "OAS_VERSION": "3.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # The schema and its docs describe the API; they hold no user data.
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
     "COMPONENT_SPLIT_REQUEST": True,
     # Swagger UI's files are served from this site, so the docs work offline.
     "SWAGGER_UI_DIST": "SIDECAR",
@@ -241,13 +244,20 @@ STRINGSIGHT_PRICES.update(envprices("STRINGSIGHT_PRICES"))
 # the job row at least every CANCEL_POLL_SECONDS while calls are in flight.
 STRINGSIGHT_CHUNK_SIZE = envint("STRINGSIGHT_CHUNK_SIZE", 200, minimum=1)
 STRINGSIGHT_CANCEL_POLL_SECONDS = envfloat("STRINGSIGHT_CANCEL_POLL_SECONDS", 0.1, minimum=0.01)
-STRINGSIGHT_LEASE_SECONDS = envint("STRINGSIGHT_LEASE_SECONDS", 300, minimum=5)
+STRINGSIGHT_LEASE_SECONDS = envint("STRINGSIGHT_LEASE_SECONDS", 300, minimum=2)
+# A row whose worker died this many times is failed instead of retried, so
+# one poisonous row cannot kill workers forever.
+STRINGSIGHT_MAX_LEASE_EXPIRIES = envint("STRINGSIGHT_MAX_LEASE_EXPIRIES", 3, minimum=1)
+# Names this process in rows' claimed_by (default: the host name).
+STRINGSIGHT_WORKER_NAME = os.environ.get("STRINGSIGHT_WORKER_NAME", "")
 
 # Request limits: each breach answers 4xx naming the limit.
 STRINGSIGHT_MAX_ROWS = envint("STRINGSIGHT_MAX_ROWS", 50_000, minimum=1)
 STRINGSIGHT_MAX_WORKERS = envint("STRINGSIGHT_MAX_WORKERS", 256, minimum=1)
 STRINGSIGHT_MAX_TOKENS_CAP = envint("STRINGSIGHT_MAX_TOKENS_CAP", 32_768, minimum=1)
-DATA_UPLOAD_MAX_MEMORY_SIZE = envint("STRINGSIGHT_MAX_REQUEST_BYTES", 100 * 1024 * 1024, minimum=1024)
+STRINGSIGHT_MAX_REQUEST_BYTES = envint("STRINGSIGHT_MAX_REQUEST_BYTES", 100 * 1024 * 1024, minimum=1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = STRINGSIGHT_MAX_REQUEST_BYTES
+STRINGSIGHT_MAX_JSON_DEPTH = envint("STRINGSIGHT_MAX_JSON_DEPTH", 64, minimum=4)
 
 LOGGING = {
     "version": 1,

@@ -7,7 +7,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from tests.fixtures_simulator import llm_simulator, sim  # noqa: F401  (shared fixtures)
-from tests.fixtures_worker import qcluster, worker_process  # noqa: F401  (shared fixtures)
+from tests.fixtures_worker import qcluster, start_worker, worker_process  # noqa: F401  (shared fixtures)
 
 DATA = Path(__file__).parent / "data" / "airline_data_demo.jsonl"
 

@@ -115,3 +115,29 @@ def qcluster(worker_process, request):
     yield worker_process
     if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
         print(f"--- qcluster log ---\n{worker_process.log_tail()}")
+
+
+@pytest.fixture
+def start_worker(worker_process, llm_simulator, tmp_path, request):
+    """Start extra qcluster processes with their own settings; the shared
+    worker is stopped first so that only these work. All are stopped (and
+    their logs printed on failure) at the end of the test."""
+    from django.db import connection
+
+    worker_process.stop()
+    started: list[WorkerProcess] = []
+
+    def start(name: str = "worker", **overrides: str) -> WorkerProcess:
+        env = worker_env(database_url(connection.settings_dict), llm_simulator.base_url, **overrides)
+        env["STRINGSIGHT_WORKER_NAME"] = name
+        process = WorkerProcess(env, tmp_path / f"{name}-{len(started)}.log")
+        process.start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+    if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
+        for process in started:
+            print(f"--- {process.log_path.name} ---\n{process.log_tail()}")

@@ -444,3 +444,56 @@ def test_prompts_lists_every_named_prompt_for_every_method(client):
     ]
     assert all("Book flights for airline customers." in p["text"] for p in body["prompts"])
     assert all("property_description" in p["text"] for p in body["prompts"])
+
+
+def test_an_oversized_body_is_refused_before_it_is_read(api, settings):
+    settings.STRINGSIGHT_MAX_REQUEST_BYTES = 2048
+    body = {"rows": [{"prompt": "p" * 4000, "model": "m", "model_response": "r"}]}
+
+    response = api.post("/extract/jobs/start", body, format="json")
+
+    assert response.status_code == 413
+    assert response.json()["detail"].endswith(
+        "bytes is more than the limit of 2048 bytes (STRINGSIGHT_MAX_REQUEST_BYTES)"
+    )
+    assert ExtractJob.objects.count() == 0
+
+
+@pytest.mark.parametrize("depth", [100, 5000])
+def test_deeply_nested_json_is_refused(api, depth):
+    response_value = "[" * depth + "]" * depth
+    raw = '{"rows": [{"prompt": "p", "model": "m", "model_response": ' + response_value + "}]}"
+
+    response = api.generic("POST", "/extract/jobs/start", raw.encode(), content_type="application/json")
+
+    assert response.status_code == 400
+    assert response.json()["detail"].startswith("JSON parse error - nested deeper than 64 levels")
+    assert ExtractJob.objects.count() == 0
+
+
+def test_non_utf8_bytes_are_refused(api):
+    raw = b'{"rows": [{"prompt": "\xff\xfe caf\xe9", "model": "m", "model_response": "r"}]}'
+
+    response = api.generic("POST", "/extract/jobs/start", raw, content_type="application/json")
+
+    assert response.status_code == 400
+    assert response.json()["detail"].startswith("JSON parse error")
+    assert ExtractJob.objects.count() == 0
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/xml", "multipart/form-data; boundary=x"])
+def test_other_content_types_are_refused(api, content_type):
+    response = api.generic("POST", "/extract/jobs/start", b'{"rows": []}', content_type=content_type)
+
+    assert response.status_code == 415
+    assert response.json()["code"] == "unsupported_media_type"
+    assert ExtractJob.objects.count() == 0
+
+
+def test_a_refused_start_leaves_existing_jobs_untouched(api, user):
+    job = make_job(user, simple_rows(2))
+
+    api.post("/extract/jobs/start", {"rows": [{"prompt": "p"}]}, format="json")
+
+    job.refresh_from_db()
+    assert (ExtractJob.objects.count(), job.rows.count(), job.state) == (1, 2, "queued")

@@ -107,7 +107,13 @@ def test_record_row_result_stores_properties_and_counters_together(user):
     assert (job.count_done, job.count_failed, job.properties_count) == (1, 0, 2)
     assert (job.prompt_tokens, job.completion_tokens) == (100, 40)
     db_row = ExtractRow.objects.get(pk=row.id)
-    assert (db_row.status, db_row.attempts, db_row.claimed_by, db_row.raw_answer) == ("done", 1, "", "[...]")
+    assert (db_row.status, db_row.attempts, db_row.claimed_by, db_row.raw_answer) == (
+        "done",
+        1,
+        "w1",
+        "[...]",
+    )
+    assert db_row.lease_expires_at is None
     descriptions = list(
         Property.objects.filter(row_id=row.id)
         .order_by("position")

@@ -29,13 +29,49 @@ DEFAULTS = {
 }
 
 
+_TEXT = {"type": ["string", "number"], "minLength": 1}
+_RESPONSE = {
+    "description": "A plain string, or a list of chat messages in OpenAI shape.",
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "minItems": 1, "items": {"type": "object"}},
+        {"type": "object", "minProperties": 1},
+    ],
+}
+_SCORE = {
+    "anyOf": [{"type": ["number", "null"]}, {"type": "object", "additionalProperties": {"type": "number"}}]
+}
+_OPTIONAL = {"question_id": {"type": ["string", "number", "null"]}, "winner": {"type": ["string", "null"]}}
+
+
+def _row_schema(
+    title: str, texts: tuple[str, ...], responses: tuple[str, ...], scores: tuple[str, ...]
+) -> dict:
+    properties = {
+        **dict.fromkeys(texts, _TEXT),
+        **dict.fromkeys(responses, _RESPONSE),
+        **dict.fromkeys(scores, _SCORE),
+        **_OPTIONAL,
+    }
+    return {"title": title, "type": "object", "required": [*texts, *responses], "properties": properties}
+
+
 @extend_schema_field(
     {
         "type": "array",
         "minItems": 1,
-        "items": {"type": "object", "additionalProperties": True},
-        "description": "StringSight rows: single_model rows have prompt, model, model_response; "
-        "side_by_side rows have prompt, model_a, model_b, model_a_response, model_b_response.",
+        "description": "StringSight rows, all of one method. Other columns are kept as they are.",
+        "items": {
+            "anyOf": [
+                _row_schema("single_model row", ("prompt", "model"), ("model_response",), ("score",)),
+                _row_schema(
+                    "side_by_side row",
+                    ("prompt", "model_a", "model_b"),
+                    ("model_a_response", "model_b_response"),
+                    ("score_a", "score_b"),
+                ),
+            ]
+        },
     }
 )
 class RowsField(serializers.JSONField):

@@ -1,0 +1,14 @@
+from django.core.management.base import BaseCommand
+
+from jobs import services
+
+
+class Command(BaseCommand):
+    help = (
+        "Return rows of dead workers to pending, finish complete jobs and re-enqueue stalled ones "
+        "(the periodic schedule does this every minute)."
+    )
+
+    def handle(self, *args, **options):
+        services.ensure_sweep_schedule()
+        self.stdout.write(str(services.sweep()))
