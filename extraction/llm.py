@@ -9,6 +9,7 @@ interrupts at once.
 import asyncio
 import email.utils
 import random
+import re
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -80,7 +81,7 @@ async def complete(
         except RETRYABLE as exc:
             if attempt >= call.max_attempts:
                 raise LLMCallError(
-                    f"{describe(exc)}; gave up after {attempt} attempts",
+                    f"{describe(exc, client.api_key)}; gave up after {attempt} attempts",
                     fatal_for_job=False,
                     attempts=attempt,
                 ) from None
@@ -103,9 +104,9 @@ async def complete(
                 # parser reads free text, so ask again without it.
                 call = replace(call, response_format=None)
                 continue
-            raise LLMCallError(describe(exc), fatal_for_job=False, attempts=attempt) from None
+            raise LLMCallError(describe(exc, client.api_key), fatal_for_job=False, attempts=attempt) from None
         except openai.APIStatusError as exc:
-            raise LLMCallError(describe(exc), fatal_for_job=False, attempts=attempt) from None
+            raise LLMCallError(describe(exc, client.api_key), fatal_for_job=False, attempts=attempt) from None
         else:
             return completion_from(response, attempt)
 
@@ -156,7 +157,9 @@ def completion_from(response: Any, attempts: int) -> Completion:
     )
 
 
-def describe(exc: openai.APIError) -> str:
+def describe(exc: openai.APIError, api_key: str | None = None) -> str:
+    """A short reason for a row's error, safe to store and show: the
+    endpoint's own words can quote credentials back, so those are redacted."""
     if isinstance(exc, openai.APITimeoutError):
         return "LLM call timed out"
     if isinstance(exc, openai.APIConnectionError):
@@ -165,7 +168,16 @@ def describe(exc: openai.APIError) -> str:
     body = getattr(exc, "body", None)
     message = body.get("message") if isinstance(body, dict) else None
     message = str(message or getattr(exc, "message", "") or exc).strip().rstrip(".")
-    return f"LLM error {status}: {message[:300]}"
+    return f"LLM error {status}: {redact(message, api_key)[:300]}"
+
+
+_CREDENTIALS = re.compile(r"(?i)\b(?:bearer\s+\S+|sk-[a-z0-9_\-*]{6,})")
+
+
+def redact(text: str, api_key: str | None = None) -> str:
+    if api_key:
+        text = text.replace(api_key, "[redacted]")
+    return _CREDENTIALS.sub("[redacted]", text)
 
 
 def rejects_response_format(exc: openai.BadRequestError) -> bool:

@@ -214,6 +214,9 @@ class Simulator:
         roll = self._rng.random()
         jitter = self._rng.uniform(-1.0, 1.0) * self.options.jitter_ms
         kind, latency_ms = self._fault(user, record["user_sha256"], roll)
+        if kind == "400_echo_auth":
+            # A careless proxy quoting the credentials back in its error.
+            return error_reply(400, f"Bad request for credentials {authorization}", "invalid_request_error")
         delay = max(0.0, (self.options.latency_ms if latency_ms is None else latency_ms) + jitter) / 1000
         reply = self._fault_reply(kind) or self._answer_reply(request, user, kind, record["id"])
         reply.delay = None if kind == "hang" else delay
@@ -294,7 +297,18 @@ class Simulator:
 
 
 _MARKER = re.compile(r"\[\[sim:(\w+?)(?:x(\d+)|=(\d+(?:\.\d+)?))?\]\]")
-_MARKER_KINDS = {"429", "500", "400", "bad_json", "refusal", "truncated", "hang", "empty", "invalid_items"}
+_MARKER_KINDS = {
+    "429",
+    "500",
+    "400",
+    "400_echo_auth",
+    "bad_json",
+    "refusal",
+    "truncated",
+    "hang",
+    "empty",
+    "invalid_items",
+}
 _ANSWER_OUTCOMES = {"bad_json": "bad_json", "refusal": "refusal", "truncated": "truncated"}
 
 

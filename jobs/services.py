@@ -315,10 +315,24 @@ def cached_answers(*, keys: list[str]) -> dict[str, str]:
 
 
 def jobs_visible_to(user):
-    """A user reaches only their own jobs; staff reach all."""
-    if user.is_staff:
+    """A user reaches only their own jobs; staff with the view permission
+    reach everyone's. Anonymous callers (only in anonymous mode) share the
+    jobs that have no owner."""
+    if not user.is_authenticated:
+        return ExtractJob.objects.filter(owner__isnull=True)
+    if user.is_staff and user.has_perm("jobs.view_extractjob"):
         return ExtractJob.objects.all()
     return ExtractJob.objects.filter(owner=user)
+
+
+def may_cancel(user, job: ExtractJob) -> bool:
+    """Owners cancel their own jobs; cancelling someone else's needs staff
+    with the change permission."""
+    if job.owner_id is None and not user.is_authenticated:
+        return True
+    if user.is_authenticated and job.owner_id == user.pk:
+        return True
+    return user.is_staff and user.has_perm("jobs.change_extractjob")
 
 
 def job_state(*, job_id) -> str | None:

@@ -89,6 +89,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "corsheaders",
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",
@@ -99,6 +100,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "corsheaders.middleware.CorsMiddleware",
     "jobs.api.limits.RequestSizeLimitMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -167,6 +169,33 @@ STATIC_ROOT = VAR_DIR / "static"
 
 LOGIN_URL = "/admin/login/"
 
+# Throttle counts live in the database so every web process shares them.
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.db.DatabaseCache",
+        "LOCATION": "stringsight_cache",
+    }
+}
+
+# Anonymous mode, for a single-user local setup whose frontend sends no
+# credentials: anonymous callers then share every job that has no owner.
+STRINGSIGHT_ALLOW_ANONYMOUS = envbool("STRINGSIGHT_ALLOW_ANONYMOUS", False)
+
+# Frontends on other origins (django-cors-headers); none are allowed by default.
+CORS_ALLOWED_ORIGINS = envlist("CORS_ALLOWED_ORIGINS")
+
+# Behind TLS (directly or through a proxy that sets X-Forwarded-Proto).
+STRINGSIGHT_TLS = envbool("STRINGSIGHT_TLS", False)
+if STRINGSIGHT_TLS:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = True
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = envint("STRINGSIGHT_HSTS_SECONDS", 31_536_000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = True
+CSRF_TRUSTED_ORIGINS = envlist("CSRF_TRUSTED_ORIGINS")
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.TokenAuthentication",
@@ -175,6 +204,8 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "jobs.api.errors.exception_handler",
+    "DEFAULT_THROTTLE_CLASSES": ["rest_framework.throttling.ScopedRateThrottle"],
+    "DEFAULT_THROTTLE_RATES": {"job_start": os.environ.get("STRINGSIGHT_START_RATE", "120/min")},
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["jobs.api.parsers.LimitedJSONParser"],
 }
@@ -253,6 +284,7 @@ STRINGSIGHT_WORKER_NAME = os.environ.get("STRINGSIGHT_WORKER_NAME", "")
 
 # Request limits: each breach answers 4xx naming the limit.
 STRINGSIGHT_MAX_ROWS = envint("STRINGSIGHT_MAX_ROWS", 50_000, minimum=1)
+STRINGSIGHT_MAX_ROW_BYTES = envint("STRINGSIGHT_MAX_ROW_BYTES", 2 * 1024 * 1024, minimum=256)
 STRINGSIGHT_MAX_WORKERS = envint("STRINGSIGHT_MAX_WORKERS", 256, minimum=1)
 STRINGSIGHT_MAX_TOKENS_CAP = envint("STRINGSIGHT_MAX_TOKENS_CAP", 32_768, minimum=1)
 STRINGSIGHT_MAX_REQUEST_BYTES = envint("STRINGSIGHT_MAX_REQUEST_BYTES", 100 * 1024 * 1024, minimum=1024)

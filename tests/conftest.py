@@ -26,6 +26,20 @@ def _fast_password_hashing(settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
+@pytest.fixture(autouse=True)
+def _fresh_throttle_counts(request, django_db_blocker):
+    # Throttle counts live in the database cache table, which neither a
+    # test's rollback nor a flush empties.
+    uses_db = request.node.get_closest_marker("django_db") or {"db", "transactional_db"} & set(
+        request.fixturenames
+    )
+    if uses_db:
+        from django.core.cache import cache
+
+        with django_db_blocker.unblock():
+            cache.clear()
+
+
 @pytest.fixture(scope="session")
 def _airline_rows():
     return [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
@@ -47,9 +61,20 @@ def other_user(django_user_model):
     return django_user_model.objects.create_user("bob", password="bob-password")
 
 
+def grant(user, *codenames: str):
+    from django.contrib.auth.models import Permission
+
+    user.user_permissions.add(
+        *Permission.objects.filter(content_type__app_label="jobs", codename__in=codenames)
+    )
+    return type(user).objects.get(pk=user.pk)  # a fresh object: permissions are cached per instance
+
+
 @pytest.fixture
 def staff_user(django_user_model):
-    return django_user_model.objects.create_user("carol", password="carol-password", is_staff=True)
+    """Staff who manage jobs: they may view and cancel everyone's."""
+    staff = django_user_model.objects.create_user("carol", password="carol-password", is_staff=True)
+    return grant(staff, "view_extractjob", "change_extractjob")
 
 
 def token_client(user) -> APIClient:

@@ -5,6 +5,8 @@ serializers here describe them for the OpenAPI schema, and a test checks
 that real responses match it.
 """
 
+import json
+
 from django.conf import settings
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
@@ -157,6 +159,19 @@ class StartJobSerializer(serializers.Serializer):
             raise serializers.ValidationError(
                 f"{len(rows)} rows are more than the limit of {limit} per job (STRINGSIGHT_MAX_ROWS)"
             )
+        if isinstance(rows, list):
+            row_limit = settings.STRINGSIGHT_MAX_ROW_BYTES
+            for index, row in enumerate(rows):
+                size = len(json.dumps(row, ensure_ascii=False).encode())
+                if size > row_limit:
+                    raise serializers.ValidationError(
+                        {
+                            index: [
+                                f"{size} bytes is more than the limit of {row_limit} bytes per row "
+                                "(STRINGSIGHT_MAX_ROW_BYTES)"
+                            ]
+                        }
+                    )
         return rows
 
     def validate(self, attrs):

@@ -6,7 +6,7 @@ import uuid
 
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status, viewsets
-from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.exceptions import NotFound, PermissionDenied, ValidationError
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -17,6 +17,7 @@ from .. import services
 from ..models import ExtractJob, JobState
 from .errors import Conflict
 from .payloads import result_payload, status_payload
+from .permissions import JobAPIPermission
 from .serializers import (
     CancelRequestSerializer,
     CancelResponseSerializer,
@@ -27,7 +28,7 @@ from .serializers import (
     StartJobSerializer,
 )
 
-ERRORS = {code: ErrorSerializer for code in (400, 401, 403, 404)}
+ERRORS = {code: ErrorSerializer for code in (400, 401, 403, 404, 413, 415)}
 JOB_ID_QUERY = OpenApiParameter(
     "job_id", str, OpenApiParameter.QUERY, required=True, description="The job's UUID."
 )
@@ -37,6 +38,12 @@ JOB_ID_PATH = OpenApiParameter("job_id", str, OpenApiParameter.PATH, description
 class ExtractJobViewSet(viewsets.GenericViewSet):
     lookup_url_kwarg = "job_id"
     serializer_class = JobStatusSerializer
+    permission_classes = [JobAPIPermission]
+    throttle_scope = "job_start"
+
+    def get_throttles(self):
+        # Only starting a job is throttled: polling status must never be.
+        return super().get_throttles() if self.action in ("create", "seed_start") else []
 
     def get_queryset(self):
         return services.jobs_visible_to(self.request.user)
@@ -59,19 +66,20 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
         operation_id="jobs_start",
         summary="Start an extraction job",
         request=StartJobSerializer,
-        responses={201: JobStatusSerializer, **ERRORS},
+        responses={201: JobStatusSerializer, 429: ErrorSerializer, **ERRORS},
     )
     def create(self, request):
         serializer = StartJobSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        job = services.job_start(owner=request.user, **serializer.validated_data)
+        owner = request.user if request.user.is_authenticated else None
+        job = services.job_start(owner=owner, **serializer.validated_data)
         return Response(status_payload(job), status=status.HTTP_201_CREATED)
 
     @extend_schema(
         operation_id="extract_jobs_start",
         summary="Start an extraction job (StringSight path)",
         request=StartJobSerializer,
-        responses={201: JobStatusSerializer, **ERRORS},
+        responses={201: JobStatusSerializer, 429: ErrorSerializer, **ERRORS},
     )
     def seed_start(self, request):
         return self.create(request)
@@ -133,6 +141,10 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
         return self.result_response(self.find_job(request.query_params.get("job_id")))
 
     def cancel_response(self, job: ExtractJob) -> Response:
+        if not services.may_cancel(self.request.user, job):
+            raise PermissionDenied(
+                "cancelling another user's job needs the jobs.change_extractjob permission"
+            )
         outcome = services.job_cancel(job=job)
         job = outcome.job
         if job.state != JobState.CANCELLED:
