@@ -207,3 +207,14 @@ class CompletionCache(models.Model):
 
     def __str__(self) -> str:
         return f"{self.model_name} {self.key[:12]}"
+
+
+class Heartbeat(models.Model):
+    """When a worker last ran the periodic sweep: the health endpoint's
+    sign that some worker is alive and not buried under a backlog."""
+
+    name = models.CharField(max_length=50, primary_key=True)
+    at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"{self.name} at {self.at:%Y-%m-%d %H:%M:%S}"

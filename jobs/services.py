@@ -14,7 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 from django_q.brokers import get_broker
@@ -24,7 +24,17 @@ from extraction.extract import RowOutcome
 from extraction.render import render_row
 from extraction.rows import question_id_for, sample_rows
 
-from .models import ACTIVE_STATES, CompletionCache, ExtractJob, ExtractRow, JobState, Property, RowStatus
+from .events import log_event
+from .models import (
+    ACTIVE_STATES,
+    CompletionCache,
+    ExtractJob,
+    ExtractRow,
+    Heartbeat,
+    JobState,
+    Property,
+    RowStatus,
+)
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,7 @@ def job_start(*, owner, rows: list[dict[str, Any]], params: JobParams) -> Extrac
             batch_size=500,
         )
         transaction.on_commit(lambda: enqueue_job_work(job_id=job.id, row_count=len(rows)))
+    log_event("job_started", job_id=job.id, rows=len(rows), model=params.model_name, method=params.method)
     return job
 
 
@@ -84,9 +95,10 @@ def enqueue_job_work(*, job_id, row_count: int) -> int:
 
 
 def job_mark_running(*, job_id) -> None:
-    ExtractJob.objects.filter(pk=job_id, state=JobState.QUEUED).update(
+    if ExtractJob.objects.filter(pk=job_id, state=JobState.QUEUED).update(
         state=JobState.RUNNING, started_at=timezone.now()
-    )
+    ):
+        log_event("job_running", job_id=job_id)
 
 
 @dataclass(frozen=True)
@@ -108,7 +120,94 @@ def job_cancel(*, job: ExtractJob) -> CancelOutcome:
         if won:
             _close_unfinished_rows(job_id=job.pk, status=RowStatus.CANCELLED, now=now)
         job.refresh_from_db()
+    if won:
+        log_event("job_cancelled", job_id=job.pk, properties_count=job.properties_count)
     return CancelOutcome(job=job, cancelled_now=bool(won))
+
+
+class JobNotResumable(Exception):
+    pass
+
+
+def job_resume(
+    *,
+    job: ExtractJob,
+    retry_failed: bool = False,
+    max_cost_usd: float | None = None,
+    max_total_tokens: int | None = None,
+) -> ExtractJob:
+    """Run a cancelled, failed or done job's unfinished rows again (and its
+    failed rows, with retry_failed). Done rows are never sent again. A new
+    budget may be given, since a job stopped by its budget needs a larger one."""
+    resumable = [JobState.CANCELLED, JobState.ERROR] + ([JobState.DONE] if retry_failed else [])
+    statuses = [RowStatus.PENDING, RowStatus.RUNNING, RowStatus.CANCELLED]
+    if retry_failed:
+        statuses.append(RowStatus.FAILED)
+    with transaction.atomic():
+        locked = ExtractJob.objects.select_for_update().filter(pk=job.pk, state__in=resumable).first()
+        if locked is None:
+            raise JobNotResumable(_not_resumable_reason(job, retry_failed))
+        rows = ExtractRow.objects.filter(job_id=job.pk, status__in=statuses)
+        retried_failures = rows.filter(status=RowStatus.FAILED).count() if retry_failed else 0
+        reopened = rows.update(
+            status=RowStatus.PENDING,
+            error="",
+            claimed_by="",
+            lease_expires_at=None,
+            lease_expiries=0,
+            finished_at=None,
+        )
+        if not reopened:
+            raise JobNotResumable(f"job has no rows to run again (state: {locked.state})")
+        changes = {
+            "state": JobState.QUEUED,
+            "error": "",
+            "finished_at": None,
+            "cancelled_at": None,
+            "count_failed": F("count_failed") - retried_failures,
+        }
+        if max_cost_usd is not None:
+            changes["max_cost_usd"] = max_cost_usd
+        if max_total_tokens is not None:
+            changes["max_total_tokens"] = max_total_tokens
+        ExtractJob.objects.filter(pk=job.pk).update(**changes)
+        transaction.on_commit(lambda: enqueue_job_work(job_id=job.pk, row_count=reopened))
+    log_event("job_resumed", job_id=job.pk, rows=reopened, retry_failed=retry_failed)
+    job.refresh_from_db()
+    return job
+
+
+def _not_resumable_reason(job: ExtractJob, retry_failed: bool) -> str:
+    job.refresh_from_db(fields=["state"])
+    if job.state in ACTIVE_STATES:
+        return f"job is still {job.state}; cancel it before resuming"
+    return f"job already finished (state: {job.state}); only retry_failed can run its failed rows again"
+
+
+class JobStillActive(Exception):
+    pass
+
+
+def job_delete(*, job: ExtractJob) -> None:
+    """Delete a finished job with its rows and properties. The bulk deletes
+    skip Django's object-by-object cascade, which would load every row."""
+    with transaction.atomic():
+        if (
+            not ExtractJob.objects.select_for_update()
+            .filter(pk=job.pk)
+            .exclude(state__in=ACTIVE_STATES)
+            .exists()
+        ):
+            raise JobStillActive(f"job is still {job.state}; cancel it before deleting it")
+        Property.objects.filter(job_id=job.pk).delete()
+        job_column = ExtractRow._meta.get_field("job")
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"DELETE FROM {ExtractRow._meta.db_table} WHERE {job_column.column} = %s",
+                [job_column.get_db_prep_value(job.pk, connection)],
+            )
+        ExtractJob.objects.filter(pk=job.pk).delete()
+    log_event("job_deleted", job_id=job.pk)
 
 
 def job_fail(*, job_id, error: str) -> bool:
@@ -121,6 +220,8 @@ def job_fail(*, job_id, error: str) -> bool:
         )
         if won:
             _close_unfinished_rows(job_id=job_id, status=RowStatus.CANCELLED, now=now)
+    if won:
+        log_event("job_failed", job_id=job_id, error=error)
     return bool(won)
 
 
@@ -221,13 +322,15 @@ def _end_over_budget(job: ExtractJob, *, now) -> None:
     if job.max_total_tokens is not None:
         spent.append(f"{job.total_tokens:,} of max_total_tokens {job.max_total_tokens:,} tokens used")
     unfinished = job.count_total - job.count_done - job.count_failed
+    error = (
+        f"budget exceeded: {' and '.join(spent)}; the next call would go over it, "
+        f"so {unfinished} rows were not run"
+    )
     ExtractJob.objects.filter(pk=job.pk, state=JobState.RUNNING).update(
-        state=JobState.ERROR,
-        error=f"budget exceeded: {' and '.join(spent)}; the next call would go over it, "
-        f"so {unfinished} rows were not run",
-        finished_at=now,
+        state=JobState.ERROR, error=error, finished_at=now
     )
     _close_unfinished_rows(job_id=job.pk, status=RowStatus.CANCELLED, now=now)
+    log_event("job_failed", job_id=job.pk, error=error)
 
 
 def renew_leases(*, job_id, worker_id: str) -> int:
@@ -285,11 +388,25 @@ def record_row_result(
             )
             if outcome.cache_key:
                 remember_answer(key=outcome.cache_key, model_name=model_name, outcome=outcome)
-            ExtractJob.objects.filter(
+            finished_job = ExtractJob.objects.filter(
                 pk=job_id, state=JobState.RUNNING, count_total=F("count_done") + F("count_failed")
             ).update(state=JobState.DONE, finished_at=now)
     except _Discard:
         return False
+    log_event(
+        "row_failed" if failed else "row_done",
+        job_id=job_id,
+        row_index=row_index,
+        properties=len(outcome.properties),
+        dropped=outcome.dropped,
+        attempts=outcome.attempts,
+        cached=outcome.cached,
+        prompt_tokens=outcome.prompt_tokens,
+        completion_tokens=outcome.completion_tokens,
+        **({"error": outcome.error} if failed else {}),
+    )
+    if finished_job:
+        log_event("job_done", job_id=job_id)
     return True
 
 
@@ -325,14 +442,20 @@ def jobs_visible_to(user):
     return ExtractJob.objects.filter(owner=user)
 
 
-def may_cancel(user, job: ExtractJob) -> bool:
-    """Owners cancel their own jobs; cancelling someone else's needs staff
-    with the change permission."""
-    if job.owner_id is None and not user.is_authenticated:
-        return True
-    if user.is_authenticated and job.owner_id == user.pk:
-        return True
-    return user.is_staff and user.has_perm("jobs.change_extractjob")
+def _owns(user, job: ExtractJob) -> bool:
+    if not user.is_authenticated:
+        return job.owner_id is None  # anonymous mode: ownerless jobs are shared
+    return job.owner_id == user.pk
+
+
+def may_change(user, job: ExtractJob) -> bool:
+    """Owners cancel and resume their own jobs; doing so to someone else's
+    needs staff with the change permission."""
+    return _owns(user, job) or (user.is_staff and user.has_perm("jobs.change_extractjob"))
+
+
+def may_delete(user, job: ExtractJob) -> bool:
+    return _owns(user, job) or (user.is_staff and user.has_perm("jobs.delete_extractjob"))
 
 
 def job_state(*, job_id) -> str | None:
@@ -361,7 +484,11 @@ def sweep(*, now=None) -> SweepReport:
     finished = ExtractJob.objects.filter(
         state=JobState.RUNNING, count_total=F("count_done") + F("count_failed")
     ).update(state=JobState.DONE, finished_at=now)
-    return SweepReport(released, failed, finished, requeue_stalled_jobs(now=now))
+    report = SweepReport(released, failed, finished, requeue_stalled_jobs(now=now))
+    Heartbeat.objects.update_or_create(name="sweep", defaults={"at": now})
+    if report.released or report.failed or report.finished or report.requeued_jobs:
+        log_event("sweep", **vars(report))
+    return report
 
 
 def release_expired_leases(*, now) -> tuple[int, int]:

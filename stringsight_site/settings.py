@@ -174,7 +174,8 @@ CACHES = {
     "default": {
         "BACKEND": "django.core.cache.backends.db.DatabaseCache",
         "LOCATION": "stringsight_cache",
-    }
+    },
+    "qcluster": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
 }
 
 # Anonymous mode, for a single-user local setup whose frontend sends no
@@ -232,6 +233,9 @@ SPECTACULAR_SETTINGS = {
 Q_TASK_TIMEOUT = envint("Q_TASK_TIMEOUT", 3600, minimum=10)
 Q_CLUSTER = {
     "name": "stringsight",
+    # Cluster statistics are written twice a second; keep them in process
+    # memory rather than in the shared database cache.
+    "cache": "qcluster",
     "orm": "default",
     "workers": envint("Q_WORKERS", 2, minimum=1),
     "timeout": Q_TASK_TIMEOUT,
@@ -294,10 +298,18 @@ STRINGSIGHT_MAX_JSON_DEPTH = envint("STRINGSIGHT_MAX_JSON_DEPTH", 64, minimum=4)
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {"()": "jobs.events.JsonFormatter"},
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "plain"},
+        "events": {"class": "logging.StreamHandler", "formatter": "json"},
+    },
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
     "loggers": {
+        # Job and row events, one JSON line each.
+        "stringsight.events": {"handlers": ["events"], "level": "INFO", "propagate": False},
         # The SDK's HTTP client logs every request at INFO; our own events say more.
         "httpx": {"level": "WARNING"},
         "httpx2": {"level": "WARNING"},

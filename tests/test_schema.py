@@ -12,8 +12,11 @@ from tests.factories import done_outcome, make_job
 pytestmark = pytest.mark.django_db
 
 PATHS = {
-    "/api/jobs/": {"post"},
-    "/api/jobs/{job_id}/": {"get"},
+    "/api/jobs/": {"get", "post"},
+    "/api/jobs/{job_id}/": {"get", "delete"},
+    "/api/jobs/{job_id}/resume/": {"post"},
+    "/api/jobs/{job_id}/rows/": {"get"},
+    "/api/jobs/{job_id}/properties/": {"get"},
     "/api/jobs/{job_id}/cancel/": {"post"},
     "/api/jobs/{job_id}/result/": {"get"},
     "/extract/jobs/start": {"post"},
@@ -69,7 +72,7 @@ def test_responses_match_the_schema(api, user, openapi):
         job_id=job.id, row_id=row.id, row_index=0, worker_id="w", outcome=done_outcome(2)
     )
 
-    assert_matches(openapi, "JobStatus", api.get(f"/api/jobs/{job.id}/").json())
+    assert_matches(openapi, "JobDetail", api.get(f"/api/jobs/{job.id}/").json())
     assert_matches(openapi, "Error", api.get(f"/api/jobs/{job.id}/result/").json())
     assert_matches(openapi, "CancelResponse", api.post(f"/api/jobs/{job.id}/cancel/").json())
     result = api.get(f"/api/jobs/{job.id}/result/").json()

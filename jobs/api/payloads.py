@@ -1,7 +1,9 @@
 """Response bodies as plain dicts: a job's status is one row read, and a
 result is one query over the job's properties in input order."""
 
-from ..models import ExtractJob, JobState
+from django.utils import timezone
+
+from ..models import ExtractJob, JobState, RowStatus
 
 PROPERTY_FIELDS = (
     "id",
@@ -55,3 +57,41 @@ def result_payload(job: ExtractJob) -> dict:
         "count": len(properties),
         "properties": properties,
     }
+
+
+ROW_FIELDS = (
+    "index",
+    "question_id",
+    "status",
+    "attempts",
+    "error",
+    "raw_answer",
+    "properties_dropped",
+    "cached",
+    "prompt_tokens",
+    "completion_tokens",
+    "claimed_by",
+    "started_at",
+    "finished_at",
+)
+
+
+def detail_payload(job: ExtractJob) -> dict:
+    """The status plus a count per row outcome and, while running, the rate
+    and an ETA. Only in-flight rows are counted (at most max_workers of
+    them, from an index); every other count follows from the counters."""
+    running = job.rows.filter(status=RowStatus.RUNNING).count() if job.is_active else 0
+    unfinished = job.count_total - job.count_finished
+    outcomes = {
+        "done": job.count_done,
+        "failed": job.count_failed,
+        "running": running,
+        "pending": unfinished - running if job.is_active else 0,
+        "cancelled": 0 if job.is_active else unfinished,
+    }
+    rate = eta = None
+    if job.state == JobState.RUNNING and job.started_at and job.count_finished:
+        elapsed = (timezone.now() - job.started_at).total_seconds()
+        rate = job.count_finished / elapsed if elapsed > 0 else None
+        eta = unfinished / rate if rate else None
+    return {**status_payload(job), "outcomes": outcomes, "rows_per_second": rate, "eta_seconds": eta}

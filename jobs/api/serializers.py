@@ -14,7 +14,7 @@ from rest_framework import serializers
 from extraction.prompts import UnknownPromptError, resolve_system_prompt
 from extraction.rows import RowError, validate_rows
 
-from ..models import JobState, Method
+from ..models import JobState, Method, RowStatus
 from ..services import JobParams, price_for
 
 # Upstream StringSight's frontend sends these; a caller who omits a value
@@ -309,3 +309,57 @@ class PromptSerializer(serializers.Serializer):
 class PromptListSerializer(serializers.Serializer):
     names = serializers.ListField(child=serializers.CharField())
     prompts = PromptSerializer(many=True)
+
+
+class OutcomesSerializer(serializers.Serializer):
+    done = serializers.IntegerField()
+    failed = serializers.IntegerField()
+    running = serializers.IntegerField()
+    pending = serializers.IntegerField()
+    cancelled = serializers.IntegerField()
+
+
+class JobDetailSerializer(JobStatusSerializer):
+    outcomes = OutcomesSerializer(help_text="Rows per outcome; they add up to count_total.")
+    rows_per_second = serializers.FloatField(
+        allow_null=True, help_text="While running: rows finished per second."
+    )
+    eta_seconds = serializers.FloatField(
+        allow_null=True, help_text="While running: seconds until the last row."
+    )
+
+
+class RowOutcomeSerializer(serializers.Serializer):
+    index = serializers.IntegerField()
+    question_id = serializers.CharField()
+    status = serializers.ChoiceField(choices=RowStatus.choices)
+    attempts = serializers.IntegerField(help_text="LLM calls made for the row.")
+    error = serializers.CharField(allow_blank=True)
+    raw_answer = serializers.CharField(allow_blank=True, help_text="The LLM's answer, kept once per row.")
+    properties_dropped = serializers.IntegerField(help_text="Invalid items in the answer that were dropped.")
+    cached = serializers.BooleanField()
+    prompt_tokens = serializers.IntegerField()
+    completion_tokens = serializers.IntegerField()
+    claimed_by = serializers.CharField(
+        allow_blank=True, help_text="The worker that holds or last held the row."
+    )
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+
+
+class ResumeRequestSerializer(serializers.Serializer):
+    retry_failed = serializers.BooleanField(default=False, help_text="Also run the failed rows again.")
+    max_cost_usd = serializers.FloatField(required=False, allow_null=True, min_value=0.0)
+    max_total_tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1)
+
+
+class JobListQuerySerializer(serializers.Serializer):
+    state = serializers.ChoiceField(choices=JobState.choices, required=False)
+    model = serializers.CharField(required=False, max_length=200)
+    created_after = serializers.DateTimeField(required=False)
+    created_before = serializers.DateTimeField(required=False)
+    page_size = serializers.IntegerField(required=False, min_value=1, max_value=200)
+
+
+class RowQuerySerializer(serializers.Serializer):
+    status = serializers.ChoiceField(choices=RowStatus.choices, required=False)

@@ -2,16 +2,22 @@ from django.urls import path
 
 from .views import ExtractJobViewSet, PromptListView
 
-start = ExtractJobViewSet.as_view({"post": "create"})
-detail = ExtractJobViewSet.as_view({"get": "retrieve"})
+jobs = ExtractJobViewSet.as_view({"get": "list", "post": "create"})
+detail = ExtractJobViewSet.as_view({"get": "retrieve", "delete": "destroy"})
 cancel = ExtractJobViewSet.as_view({"post": "cancel"})
 result = ExtractJobViewSet.as_view({"get": "result"})
+resume = ExtractJobViewSet.as_view({"post": "resume"})
+rows = ExtractJobViewSet.as_view({"get": "rows"})
+properties = ExtractJobViewSet.as_view({"get": "properties"})
 
 urlpatterns = [
-    path("api/jobs/", start, name="jobs-list"),
+    path("api/jobs/", jobs, name="jobs-list"),
     path("api/jobs/<str:job_id>/", detail, name="jobs-detail"),
     path("api/jobs/<str:job_id>/cancel/", cancel, name="jobs-cancel"),
     path("api/jobs/<str:job_id>/result/", result, name="jobs-result"),
+    path("api/jobs/<str:job_id>/resume/", resume, name="jobs-resume"),
+    path("api/jobs/<str:job_id>/rows/", rows, name="jobs-rows"),
+    path("api/jobs/<str:job_id>/properties/", properties, name="jobs-properties"),
     # The StringSight frontend calls these exactly as written.
     path("extract/jobs/start", ExtractJobViewSet.as_view({"post": "seed_start"}), name="extract-jobs-start"),
     path(

@@ -4,27 +4,38 @@ service calls and back."""
 
 import uuid
 
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from django.http import Http404, HttpResponse, StreamingHttpResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status, viewsets
 from rest_framework.exceptions import NotFound, PermissionDenied, ValidationError
+from rest_framework.pagination import CursorPagination
 from rest_framework.permissions import AllowAny
+from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from extraction.prompts import PROMPT_NAMES, list_prompts
 
-from .. import services
+from .. import exports, services
 from ..models import ExtractJob, JobState
 from .errors import Conflict
-from .payloads import result_payload, status_payload
+from .payloads import ROW_FIELDS, detail_payload, result_payload, status_payload
 from .permissions import JobAPIPermission
+from .renderers import DOWNLOAD_FORMATS, CSVRenderer, JSONLRenderer, ParquetRenderer
 from .serializers import (
     CancelRequestSerializer,
     CancelResponseSerializer,
     ErrorSerializer,
+    JobDetailSerializer,
+    JobListQuerySerializer,
     JobStatusSerializer,
     PromptListSerializer,
+    PropertySerializer,
     ResultSerializer,
+    ResumeRequestSerializer,
+    RowOutcomeSerializer,
+    RowQuerySerializer,
     StartJobSerializer,
 )
 
@@ -33,6 +44,27 @@ JOB_ID_QUERY = OpenApiParameter(
     "job_id", str, OpenApiParameter.QUERY, required=True, description="The job's UUID."
 )
 JOB_ID_PATH = OpenApiParameter("job_id", str, OpenApiParameter.PATH, description="The job's UUID.")
+
+
+class JobCursor(CursorPagination):
+    ordering = "-created_at"
+    page_size = 50
+    page_size_query_param = "page_size"
+    max_page_size = 200
+
+
+class RowCursor(CursorPagination):
+    ordering = "index"
+    page_size = 100
+    page_size_query_param = "page_size"
+    max_page_size = 1000
+
+
+class PropertyCursor(CursorPagination):
+    ordering = ("row_index", "position")
+    page_size = 500
+    page_size_query_param = "page_size"
+    max_page_size = 5000
 
 
 class ExtractJobViewSet(viewsets.GenericViewSet):
@@ -85,13 +117,13 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
         return self.create(request)
 
     @extend_schema(
-        operation_id="jobs_status",
-        summary="A job's status",
+        operation_id="jobs_detail",
+        summary="A job's status, with a count per row outcome, its rate and ETA",
         parameters=[JOB_ID_PATH],
-        responses={200: JobStatusSerializer, **ERRORS},
+        responses={200: JobDetailSerializer, **ERRORS},
     )
     def retrieve(self, request, job_id=None):
-        return Response(status_payload(self.find_job(job_id)))
+        return Response(detail_payload(self.find_job(job_id)))
 
     @extend_schema(
         operation_id="jobs_cancel",
@@ -140,11 +172,12 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
     def seed_result(self, request):
         return self.result_response(self.find_job(request.query_params.get("job_id")))
 
+    def require_change(self, job: ExtractJob, verb: str) -> None:
+        if not services.may_change(self.request.user, job):
+            raise PermissionDenied(f"{verb} another user's job needs the jobs.change_extractjob permission")
+
     def cancel_response(self, job: ExtractJob) -> Response:
-        if not services.may_cancel(self.request.user, job):
-            raise PermissionDenied(
-                "cancelling another user's job needs the jobs.change_extractjob permission"
-            )
+        self.require_change(job, "cancelling")
         outcome = services.job_cancel(job=job)
         job = outcome.job
         if job.state != JobState.CANCELLED:
@@ -166,6 +199,139 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
                 "cancelled or error"
             )
         return Response(result_payload(job))
+
+    @extend_schema(
+        operation_id="jobs_list",
+        summary="The caller's jobs, newest first",
+        parameters=[JobListQuerySerializer],
+        responses={200: JobStatusSerializer(many=True), 400: ErrorSerializer, 401: ErrorSerializer},
+    )
+    def list(self, request):
+        query = JobListQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        filters = {
+            "state": query.validated_data.get("state"),
+            "model_name": query.validated_data.get("model"),
+            "created_at__gte": query.validated_data.get("created_after"),
+            "created_at__lt": query.validated_data.get("created_before"),
+        }
+        jobs = self.get_queryset().filter(
+            **{key: value for key, value in filters.items() if value is not None}
+        )
+        paginator = JobCursor()
+        page = paginator.paginate_queryset(jobs, request, view=self)
+        return paginator.get_paginated_response([status_payload(job) for job in page])
+
+    @extend_schema(
+        operation_id="jobs_delete",
+        summary="Delete a finished job with its rows and properties",
+        parameters=[JOB_ID_PATH],
+        responses={204: None, 409: ErrorSerializer, **ERRORS},
+    )
+    def destroy(self, request, job_id=None):
+        job = self.find_job(job_id)
+        if not services.may_delete(request.user, job):
+            raise PermissionDenied("deleting another user's job needs the jobs.delete_extractjob permission")
+        try:
+            services.job_delete(job=job)
+        except services.JobStillActive as exc:
+            raise Conflict(str(exc)) from None
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+    @extend_schema(
+        operation_id="jobs_resume",
+        summary="Run a cancelled or failed job's unfinished rows again",
+        parameters=[JOB_ID_PATH],
+        request=ResumeRequestSerializer,
+        responses={200: JobStatusSerializer, 409: ErrorSerializer, **ERRORS},
+    )
+    def resume(self, request, job_id=None):
+        job = self.find_job(job_id)
+        self.require_change(job, "resuming")
+        body = ResumeRequestSerializer(data=request.data if isinstance(request.data, dict) else {})
+        body.is_valid(raise_exception=True)
+        if body.validated_data.get("max_cost_usd") is not None and not job.has_prices:
+            raise ValidationError({"max_cost_usd": [f"no price is known for model {job.model_name!r}"]})
+        try:
+            job = services.job_resume(job=job, **body.validated_data)
+        except services.JobNotResumable as exc:
+            raise Conflict(str(exc)) from None
+        return Response(status_payload(job))
+
+    @extend_schema(
+        operation_id="jobs_rows",
+        summary="Each row's outcome, with its error and raw answer",
+        parameters=[JOB_ID_PATH, RowQuerySerializer],
+        responses={200: RowOutcomeSerializer(many=True), **ERRORS},
+    )
+    def rows(self, request, job_id=None):
+        job = self.find_job(job_id)
+        query = RowQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        rows = job.rows.only(*ROW_FIELDS)
+        if "status" in query.validated_data:
+            rows = rows.filter(status=query.validated_data["status"])
+        paginator = RowCursor()
+        page = paginator.paginate_queryset(rows, request, view=self)
+        return paginator.get_paginated_response(
+            [{field: getattr(row, field) for field in ROW_FIELDS} for row in page]
+        )
+
+    @extend_schema(
+        operation_id="jobs_properties",
+        summary="A job's properties: pages of JSON, or the whole set as JSONL, CSV or Parquet",
+        parameters=[
+            JOB_ID_PATH,
+            OpenApiParameter(
+                "format",
+                str,
+                OpenApiParameter.QUERY,
+                enum=["json", *DOWNLOAD_FORMATS],
+                description="json (paginated, the default) or a download of every property.",
+            ),
+        ],
+        responses={
+            (200, "application/json"): PropertySerializer(many=True),
+            (200, "application/x-ndjson"): OpenApiResponse(OpenApiTypes.BINARY, description="JSON lines"),
+            (200, "text/csv"): OpenApiResponse(OpenApiTypes.BINARY, description="CSV, evidence as JSON"),
+            (200, "application/vnd.apache.parquet"): OpenApiResponse(OpenApiTypes.BINARY),
+            **ERRORS,
+        },
+    )
+    def properties(self, request, job_id=None):
+        job = self.find_job(job_id)
+        download = request.accepted_renderer.format
+        if download in DOWNLOAD_FORMATS:
+            return self.download(job, download)
+        paginator = PropertyCursor()
+        page = paginator.paginate_queryset(job.properties.all(), request, view=self)
+        fields = PropertySerializer().fields
+        return paginator.get_paginated_response([{name: getattr(p, name) for name in fields} for p in page])
+
+    def get_renderers(self):
+        if self.action == "properties":
+            return [JSONRenderer(), JSONLRenderer(), CSVRenderer(), ParquetRenderer()]
+        return super().get_renderers()
+
+    def perform_content_negotiation(self, request, force=False):
+        try:
+            return super().perform_content_negotiation(request, force)
+        except Http404:
+            raise ValidationError(
+                {"format": [f"unknown format; use one of json, {', '.join(DOWNLOAD_FORMATS)}"]}
+            ) from None
+
+    def download(self, job: ExtractJob, download: str):
+        records = exports.property_records(job.properties.all())
+        if download == "parquet":
+            response = HttpResponse(
+                exports.parquet_bytes(records), content_type=exports.CONTENT_TYPES["parquet"]
+            )
+        else:
+            chunks = exports.jsonl_chunks(records) if download == "jsonl" else exports.csv_chunks(records)
+            response = StreamingHttpResponse(chunks, content_type=exports.CONTENT_TYPES[download])
+        response["Content-Disposition"] = f'attachment; filename="job-{job.id}-properties.{download}"'
+        return response
 
 
 class PromptListView(APIView):

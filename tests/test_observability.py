@@ -1,0 +1,85 @@
+"""Structured logs and the health endpoint."""
+
+import json
+import logging
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from jobs import services
+from jobs.events import JsonFormatter
+from jobs.models import Heartbeat
+from tests.factories import make_job, simple_rows
+from tests.test_runner import run_chunk
+
+pytestmark = pytest.mark.django_db
+
+
+def event_lines(caplog) -> list[dict]:
+    formatter = JsonFormatter()
+    return [
+        json.loads(formatter.format(record))
+        for record in caplog.records
+        if record.name == "stringsight.events"
+    ]
+
+
+def test_each_job_and_row_event_is_one_json_line_with_the_job_id(user, sim, caplog):
+    rows = simple_rows(3)
+    rows[1]["prompt"] += " [[sim:bad_json]]"
+    with caplog.at_level(logging.INFO, logger="stringsight.events"):
+        job = make_job(user, rows)
+        run_chunk(job, sim)
+
+    events = event_lines(caplog)
+
+    assert [event["event"] for event in events] == [
+        "job_started",
+        "job_running",
+        "row_done",
+        "row_failed",
+        "row_done",
+        "job_done",
+    ] or sorted(event["event"] for event in events) == sorted(
+        ["job_started", "job_running", "row_done", "row_failed", "row_done", "job_done"]
+    )
+    assert {event["job_id"] for event in events} == {str(job.id)}
+    failed = next(event for event in events if event["event"] == "row_failed")
+    assert (failed["row_index"], failed["attempts"]) == (1, 1)
+    assert failed["error"].startswith("no valid property in the LLM answer")
+    done = next(event for event in events if event["event"] == "row_done")
+    assert done["properties"] >= 3
+    assert {"ts", "level", "logger"} <= set(done)
+
+
+def test_a_cancel_is_logged_with_the_properties_it_keeps(user, caplog):
+    job = make_job(user)
+    with caplog.at_level(logging.INFO, logger="stringsight.events"):
+        services.job_cancel(job=job)
+
+    assert event_lines(caplog)[-1] | {"ts": None} == {
+        "ts": None,
+        "level": "info",
+        "logger": "stringsight.events",
+        "event": "job_cancelled",
+        "job_id": str(job.id),
+        "properties_count": 0,
+    }
+
+
+def test_health_reports_the_database_and_the_workers_last_sweep(client):
+    never = client.get("/healthz")
+    services.sweep()
+    fresh = client.get("/healthz", {"require_worker": "1"})
+    Heartbeat.objects.filter(name="sweep").update(at=timezone.now() - timedelta(minutes=10))
+    stale = client.get("/healthz", {"require_worker": "1"})
+
+    assert (never.status_code, never.json()["status"], never.json()["worker"]) == (
+        200,
+        "degraded",
+        {"heartbeat_age_seconds": None, "ok": False},
+    )
+    assert (fresh.status_code, fresh.json()["status"], fresh.json()["database"]) == (200, "ok", "ok")
+    assert fresh.json()["worker"]["heartbeat_age_seconds"] < 5
+    assert (stale.status_code, stale.json()["status"]) == (503, "degraded")
