@@ -34,16 +34,10 @@ def test_each_job_and_row_event_is_one_json_line_with_the_job_id(user, sim, capl
 
     events = event_lines(caplog)
 
-    assert [event["event"] for event in events] == [
-        "job_started",
-        "job_running",
-        "row_done",
-        "row_failed",
-        "row_done",
-        "job_done",
-    ] or sorted(event["event"] for event in events) == sorted(
-        ["job_started", "job_running", "row_done", "row_failed", "row_done", "job_done"]
-    )
+    names = [event["event"] for event in events]
+    # Rows finish in any order; the job's own events frame them.
+    assert (names[0], names[1], names[-1]) == ("job_started", "job_running", "job_done")
+    assert sorted(names[2:-1]) == ["row_done", "row_done", "row_failed"]
     assert {event["job_id"] for event in events} == {str(job.id)}
     failed = next(event for event in events if event["event"] == "row_failed")
     assert (failed["row_index"], failed["attempts"]) == (1, 1)
