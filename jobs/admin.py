@@ -1,62 +1,338 @@
-from django.contrib import admin, messages
+"""The staff admin. Nothing here edits a job: the pages are read-only, and a
+cancel goes through `services.job_cancel`, as the API's does. On a job the
+change permission is the right to cancel it."""
 
-from . import services
-from .models import ExtractJob, ExtractRow, Property
+import re
+import uuid
+from datetime import timedelta
+
+from django.contrib import admin, messages
+from django.contrib.admin.options import IncorrectLookupParameters
+from django.contrib.admin.utils import quote, unquote
+from django.contrib.auth import get_permission_codename
+from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
+from django.db.models import F, Q
+from django.http import Http404, HttpResponseRedirect, JsonResponse, StreamingHttpResponse
+from django.urls import path, reverse
+from django.utils import timezone
+from django.utils.decorators import method_decorator
+from django.utils.html import format_html
+from django.views.decorators.http import require_GET, require_POST
+
+from . import exports, services
+from .models import ExtractJob, ExtractRow, JobState, Property
+
+STATE_COLOURS = {
+    JobState.QUEUED: "#6c757d",
+    JobState.RUNNING: "#0d6efd",
+    JobState.DONE: "#198754",
+    JobState.ERROR: "#dc3545",
+    JobState.CANCELLED: "#fd7e14",
+}
+ROWS_PER_PAGE = 50
+ROW_FIELDS = ("index", "question_id", "status", "attempts", "error")
+PROGRESS_FIELDS = ("state", "count_done", "count_failed", "count_total", "properties_count")
+HEX_PREFIX = re.compile(r"[0-9a-f]{4,32}")
+
+
+def state_badge(state: str):
+    return format_html(
+        '<span class="job-state" style="background-color: {}">{}</span>', STATE_COLOURS[state], state
+    )
+
+
+def progress_bar(job: ExtractJob):
+    return format_html(
+        '<div class="job-progress" title="{}%"><div class="job-progress-bar" style="width: {}%"></div></div>'
+        '<span class="job-counts">{} done, {} failed of {}</span>',
+        round(job.progress * 100),
+        f"{job.progress * 100:.1f}",
+        job.count_done,
+        job.count_failed,
+        job.count_total,
+    )
+
+
+def format_duration(elapsed: timedelta) -> str:
+    seconds = max(0, round(elapsed.total_seconds()))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds // 60 % 60:02d} min"
+
+
+def format_cost(cost: float | None) -> str:
+    if cost is None:
+        return "—"
+    # Small jobs cost fractions of a cent; four places would show them as free.
+    return f"${cost:.4f}" if cost >= 0.01 else f"${cost:.6f}"
+
+
+def job_id_search(term: str) -> Q | None:
+    """A whole job id, or the start of one (at least four hex digits, with or
+    without dashes), as a lookup; None when the term cannot be one."""
+    digits = term.strip().lower().replace("-", "")
+    if not HEX_PREFIX.fullmatch(digits):
+        return None
+    if len(digits) == 32:
+        return Q(pk=uuid.UUID(digits))
+    # Dashed as in a UUID's text form: PostgreSQL compares against that text,
+    # and Django strips the dashes again for SQLite's dashless column.
+    groups = [digits[start:end] for start, end in ((0, 8), (8, 12), (12, 16), (16, 20), (20, 32))]
+    return Q(id__startswith="-".join(group for group in groups if group))
+
+
+class JobFilter(admin.SimpleListFilter):
+    """Filters by one job (`?job=<id>`, as the job page links) without
+    listing every job as a choice."""
+
+    title = "job"
+    parameter_name = "job"
+
+    def lookups(self, request, model_admin):
+        job_id = self.value()
+        return [(job_id, job_id[:8])] if job_id else []
+
+    def has_output(self):
+        # A filter without output is not applied, so this one has output while it is in use.
+        return self.value() is not None
+
+    def queryset(self, request, queryset):
+        if self.value() is None:
+            return queryset
+        try:
+            job_id = uuid.UUID(self.value())
+        except ValueError:
+            raise IncorrectLookupParameters(f"{self.value()!r} is not a job id") from None
+        return queryset.filter(job_id=job_id)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
-    """State and counters change only through the services."""
+    """View-only pages: state and counters change only through the services."""
 
     def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
         return False
 
     def has_delete_permission(self, request, obj=None):
         return False
 
-    def get_readonly_fields(self, request, obj=None):
-        return [field.name for field in self.model._meta.fields]
-
 
 @admin.register(ExtractJob)
 class ExtractJobAdmin(ReadOnlyAdmin):
     list_display = (
-        "id",
+        "short_id",
         "owner",
-        "state",
-        "count_done",
-        "count_failed",
-        "count_total",
-        "properties_count",
+        "state_badge",
+        "progress",
+        "properties",
+        "tokens",
+        "cost",
         "model_name",
         "created_at",
+        "duration",
     )
-    list_filter = ("state", "model_name", "created_at")
+    list_filter = ("state", "model_name", ("owner", admin.RelatedOnlyFieldListFilter), "created_at")
     list_select_related = ("owner",)
-    search_fields = ("id", "owner__username")
-    actions = ["cancel_jobs"]
+    search_fields = ("owner__username",)
+    search_help_text = "A job id (or its first digits) or an owner's username."
+    ordering = ("-created_at",)
+    actions = ["cancel_jobs", "export_csv", "export_jsonl"]
+    fieldsets = (
+        ("Job", {"fields": ("id", "owner", "state_badge", "error", "method", "model_name")}),
+        ("Usage", {"fields": ("prompt_tokens", "completion_tokens", "tokens", "cost", "cache_hits")}),
+        (
+            "Parameters",
+            {
+                "fields": (
+                    "system_prompt",
+                    "resolved_system_prompt",
+                    "task_description",
+                    "temperature",
+                    "top_p",
+                    "max_tokens",
+                    "max_workers",
+                    "include_scores_in_prompt",
+                    "sample_size",
+                    "use_cache",
+                    "max_cost_usd",
+                    "max_total_tokens",
+                    "price_input_per_mtok",
+                    "price_output_per_mtok",
+                )
+            },
+        ),
+        ("Timestamps", {"fields": ("created_at", "started_at", "finished_at", "cancelled_at", "duration")}),
+    )
 
-    @admin.action(description="Cancel selected jobs", permissions=["change"])
+    def has_cancel_permission(self, request, obj=None):
+        codename = get_permission_codename("change", self.opts)
+        return request.user.has_perm(f"{self.opts.app_label}.{codename}")
+
+    @admin.display(description="id", ordering="id")
+    def short_id(self, job):
+        # The whole id in the tooltip; its first digits are enough to search by.
+        return format_html('<span class="job-id" title="{}">{}</span>', job.pk, str(job.pk)[:8])
+
+    @admin.display(description="state", ordering="state")
+    def state_badge(self, job):
+        return state_badge(job.state)
+
+    @admin.display(description="progress")
+    def progress(self, job):
+        return progress_bar(job)
+
+    @admin.display(description="properties", ordering="properties_count")
+    def properties(self, job):
+        return format_html('<a href="{}">{}</a>', properties_url(job), job.properties_count)
+
+    @admin.display(description="tokens", ordering=F("prompt_tokens") + F("completion_tokens"))
+    def tokens(self, job):
+        return f"{job.total_tokens:,}"
+
+    @admin.display(description="cost")
+    def cost(self, job):
+        return format_cost(job.cost_usd)
+
+    @admin.display(description="duration")
+    def duration(self, job):
+        if job.started_at is None:
+            return "—"
+        return format_duration((job.finished_at or timezone.now()) - job.started_at)
+
+    def get_search_results(self, request, queryset, search_term):
+        results, may_have_duplicates = super().get_search_results(request, queryset, search_term)
+        by_id = job_id_search(search_term)
+        if by_id is not None:
+            results |= queryset.filter(by_id)
+        return results, may_have_duplicates
+
+    @admin.action(description="Cancel selected jobs", permissions=["cancel"])
     def cancel_jobs(self, request, queryset):
         outcomes = [services.job_cancel(job=job) for job in queryset]
         cancelled = sum(outcome.cancelled_now for outcome in outcomes)
         self.message_user(
             request,
-            f"{cancelled} job(s) cancelled; {len(outcomes) - cancelled} already finished or cancelled.",
-            messages.SUCCESS,
+            f"{cancelled} {'job' if cancelled == 1 else 'jobs'} cancelled; "
+            f"{len(outcomes) - cancelled} already finished.",
+            messages.SUCCESS if cancelled else messages.WARNING,
         )
+
+    @admin.action(description="Export properties as CSV")
+    def export_csv(self, request, queryset):
+        return properties_download(queryset, "csv")
+
+    @admin.action(description="Export properties as JSONL")
+    def export_jsonl(self, request, queryset):
+        return properties_download(queryset, "jsonl")
+
+    def get_urls(self):
+        info = self.opts.app_label, self.opts.model_name
+        return [
+            path(
+                "<path:object_id>/cancel/",
+                self.admin_site.admin_view(self.cancel_view),
+                name="{}_{}_cancel".format(*info),
+            ),
+            path(
+                "<path:object_id>/progress/",
+                self.admin_site.admin_view(self.progress_view),
+                name="{}_{}_progress".format(*info),
+            ),
+            *super().get_urls(),
+        ]
+
+    def find_job(self, request, object_id, *fields: str) -> ExtractJob:
+        jobs = self.get_queryset(request)
+        try:
+            return (jobs.only(*fields) if fields else jobs).get(pk=uuid.UUID(unquote(object_id)))
+        except (ValueError, ExtractJob.DoesNotExist):
+            raise Http404(f"no job {object_id}") from None
+
+    @method_decorator(require_POST)
+    def cancel_view(self, request, object_id):
+        if not self.has_cancel_permission(request):
+            raise PermissionDenied
+        job = self.find_job(request, object_id)
+        outcome = services.job_cancel(job=job)
+        if outcome.cancelled_now:
+            self.message_user(
+                request, f"Job cancelled; {outcome.job.properties_count} properties kept.", messages.SUCCESS
+            )
+        else:
+            self.message_user(
+                request, f"Job already finished (state: {outcome.job.state}).", messages.WARNING
+            )
+        return HttpResponseRedirect(reverse("admin:jobs_extractjob_change", args=[quote(job.pk)]))
+
+    @method_decorator(require_GET)
+    def progress_view(self, request, object_id):
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        job = self.find_job(request, object_id, *PROGRESS_FIELDS)
+        return JsonResponse(
+            {**{field: getattr(job, field) for field in PROGRESS_FIELDS}, "progress": job.progress}
+        )
+
+    def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
+        if obj is not None:
+            context.update(self.job_page_context(request, obj))
+        return super().render_change_form(
+            request, context, add=add, change=change, form_url=form_url, obj=obj
+        )
+
+    def job_page_context(self, request, job: ExtractJob) -> dict:
+        # Only the page's rows, and only their small columns: a job can have
+        # tens of thousands of rows, each with its transcript and raw answer.
+        rows = ExtractRow.objects.filter(job=job).order_by("index").values(*ROW_FIELDS)
+        pk = quote(job.pk)
+        return {
+            "job": job,
+            "state_colour": STATE_COLOURS[job.state],
+            "state_colours": STATE_COLOURS,
+            "progress_percent": f"{job.progress * 100:.1f}",
+            "can_cancel": job.is_active and self.has_cancel_permission(request, job),
+            "cancel_url": reverse("admin:jobs_extractjob_cancel", args=[pk]),
+            "progress_url": reverse("admin:jobs_extractjob_progress", args=[pk]),
+            "properties_url": properties_url(job),
+            "rows_page": Paginator(rows, ROWS_PER_PAGE).get_page(request.GET.get("rows_page")),
+        }
+
+
+def properties_url(job: ExtractJob) -> str:
+    return f"{reverse('admin:jobs_property_changelist')}?job={job.pk}"
+
+
+def properties_download(jobs, export_format: str) -> StreamingHttpResponse:
+    records = exports.property_records(Property.objects.filter(job__in=jobs.values("pk")))
+    writer = exports.csv_chunks if export_format == "csv" else exports.jsonl_chunks
+    response = StreamingHttpResponse(writer(records), content_type=exports.CONTENT_TYPES[export_format])
+    filename = f"properties-{timezone.now():%Y%m%d-%H%M%S}.{export_format}"
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return response
 
 
 @admin.register(ExtractRow)
 class ExtractRowAdmin(ReadOnlyAdmin):
     list_display = ("job", "index", "question_id", "status", "attempts", "error")
-    list_filter = ("status",)
+    list_filter = ("status", JobFilter)
     list_select_related = ("job",)
+    search_fields = ("question_id",)
     exclude = ("data",)
+
+    def get_queryset(self, request):
+        # The transcript and the raw answer can be large; the page loads
+        # raw_answer only when a row is opened.
+        return super().get_queryset(request).defer("data", "raw_answer")
 
 
 @admin.register(Property)
 class PropertyAdmin(ReadOnlyAdmin):
     list_display = ("property_description", "behavior_type", "category", "model", "question_id", "job")
-    list_filter = ("behavior_type", "model")
+    list_filter = ("behavior_type", "category", "model", JobFilter)
     search_fields = ("property_description",)
     list_select_related = ("job",)

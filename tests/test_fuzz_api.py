@@ -2,6 +2,8 @@
 for every documented operation, sends them over HTTP to a live server, and
 checks that none answers 500 and every answer matches the schema."""
 
+import os
+
 import pytest
 import schemathesis
 from drf_spectacular.generators import SchemaGenerator
@@ -20,7 +22,12 @@ def token(user):
 
 
 @schema.parametrize()
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "25")),
+    deadline=None,
+    derandomize=not os.environ.get("FUZZ_EXAMPLES"),
+    suppress_health_check=list(HealthCheck),
+)
 def test_no_operation_answers_500_or_contradicts_the_schema(case, live_server, token):
     # Schema-valid requests may still be refused for reasons a schema cannot
     # state (a method that does not match the rows, a cost budget for a model

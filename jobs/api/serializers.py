@@ -363,3 +363,21 @@ class JobListQuerySerializer(serializers.Serializer):
 
 class RowQuerySerializer(serializers.Serializer):
     status = serializers.ChoiceField(choices=RowStatus.choices, required=False)
+
+
+def page_of(item_serializer, name: str):
+    """The documented shape of a cursor-paginated list."""
+    return type(
+        name,
+        (serializers.Serializer,),
+        {
+            "next": serializers.URLField(allow_null=True, help_text="The next page, or null on the last."),
+            "previous": serializers.URLField(allow_null=True),
+            "results": item_serializer(many=True),
+        },
+    )
+
+
+JobPageSerializer = page_of(JobStatusSerializer, "JobPageSerializer")
+RowPageSerializer = page_of(RowOutcomeSerializer, "RowPageSerializer")
+PropertyPageSerializer = page_of(PropertySerializer, "PropertyPageSerializer")

@@ -2,7 +2,7 @@ from django.urls import path
 
 from .views import ExtractJobViewSet, PromptListView
 
-jobs = ExtractJobViewSet.as_view({"get": "list", "post": "create"})
+jobs = ExtractJobViewSet.as_view({"get": "list_jobs", "post": "create"})
 detail = ExtractJobViewSet.as_view({"get": "retrieve", "delete": "destroy"})
 cancel = ExtractJobViewSet.as_view({"post": "cancel"})
 result = ExtractJobViewSet.as_view({"get": "result"})

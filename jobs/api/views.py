@@ -29,12 +29,14 @@ from .serializers import (
     ErrorSerializer,
     JobDetailSerializer,
     JobListQuerySerializer,
+    JobPageSerializer,
     JobStatusSerializer,
     PromptListSerializer,
+    PropertyPageSerializer,
     PropertySerializer,
     ResultSerializer,
     ResumeRequestSerializer,
-    RowOutcomeSerializer,
+    RowPageSerializer,
     RowQuerySerializer,
     StartJobSerializer,
 )
@@ -204,10 +206,10 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
         operation_id="jobs_list",
         summary="The caller's jobs, newest first",
         parameters=[JobListQuerySerializer],
-        responses={200: JobStatusSerializer(many=True), 400: ErrorSerializer, 401: ErrorSerializer},
+        responses={200: JobPageSerializer, 400: ErrorSerializer, 401: ErrorSerializer},
     )
-    def list(self, request):
-        query = JobListQuerySerializer(data=request.query_params)
+    def list_jobs(self, request):
+        query = JobListQuerySerializer(data=request.query_params.dict())
         query.is_valid(raise_exception=True)
         filters = {
             "state": query.validated_data.get("state"),
@@ -262,11 +264,11 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
         operation_id="jobs_rows",
         summary="Each row's outcome, with its error and raw answer",
         parameters=[JOB_ID_PATH, RowQuerySerializer],
-        responses={200: RowOutcomeSerializer(many=True), **ERRORS},
+        responses={200: RowPageSerializer, **ERRORS},
     )
     def rows(self, request, job_id=None):
         job = self.find_job(job_id)
-        query = RowQuerySerializer(data=request.query_params)
+        query = RowQuerySerializer(data=request.query_params.dict())
         query.is_valid(raise_exception=True)
         rows = job.rows.only(*ROW_FIELDS)
         if "status" in query.validated_data:
@@ -291,7 +293,7 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
             ),
         ],
         responses={
-            (200, "application/json"): PropertySerializer(many=True),
+            (200, "application/json"): PropertyPageSerializer,
             (200, "application/x-ndjson"): OpenApiResponse(OpenApiTypes.BINARY, description="JSON lines"),
             (200, "text/csv"): OpenApiResponse(OpenApiTypes.BINARY, description="CSV, evidence as JSON"),
             (200, "application/vnd.apache.parquet"): OpenApiResponse(OpenApiTypes.BINARY),
@@ -314,6 +316,8 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
         return super().get_renderers()
 
     def perform_content_negotiation(self, request, force=False):
+        # Only the properties download has formats; elsewhere ?format= is ignored.
+        force = force or self.action != "properties"
         try:
             return super().perform_content_negotiation(request, force)
         except Http404:
