@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 POSTGRES_TEST_URL ?= postgres://postgres@127.0.0.1:5432/stringsight
 
-.PHONY: install run test test-sqlite test-postgres lint format bench
+.PHONY: install run test test-sqlite test-postgres lint format screenshots
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,3 +33,7 @@ lint: install
 format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+# Re-take docs/admin-job-list.png and docs/admin-job-page.png in a real browser.
+screenshots: install
+	STRINGSIGHT_SCREENSHOTS=1 $(PY) -m pytest tests/test_admin_browser.py
