@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 POSTGRES_TEST_URL ?= postgres://postgres@127.0.0.1:5432/stringsight
 
-.PHONY: install run test test-sqlite test-postgres lint format screenshots
+.PHONY: install run test test-sqlite test-postgres lint format screenshots bench
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,3 +37,7 @@ format: install
 # Re-take docs/admin-job-list.png and docs/admin-job-page.png in a real browser.
 screenshots: install
 	STRINGSIGHT_SCREENSHOTS=1 $(PY) -m pytest tests/test_admin_browser.py
+
+# The benchmarks of issue 7 on SQLite and PostgreSQL (BENCHMARKS.md); e.g. BENCH_ARGS="--only 1,2"
+bench: install
+	$(PY) bench/run_all.py --db both $(BENCH_ARGS)
