@@ -47,21 +47,32 @@ def build_messages(row: dict[str, Any], spec: ExtractionSpec) -> list[dict[str, 
     ]
 
 
-def cache_key(messages: list[dict[str, str]], spec: ExtractionSpec, *, base_url: str | None) -> str:
+class CacheKeys:
     """Identical requests to the same endpoint share a key: the endpoint,
-    model, messages and every sampling parameter."""
-    call = spec.call
-    request = {
-        "endpoint": (base_url or OPENAI_DEFAULT_BASE_URL).rstrip("/"),
-        "model": call.model,
-        "messages": messages,
-        "temperature": call.temperature,
-        "top_p": call.top_p,
-        "max_tokens": call.max_tokens,
-        "response_format": call.response_format,
-    }
-    canonical = json.dumps(request, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    model, every sampling parameter and the messages. The fixed part is
+    hashed once per job; each row adds only its messages."""
+
+    def __init__(self, spec: ExtractionSpec, *, base_url: str | None):
+        call = spec.call
+        fixed = {
+            "endpoint": (base_url or OPENAI_DEFAULT_BASE_URL).rstrip("/"),
+            "model": call.model,
+            "temperature": call.temperature,
+            "top_p": call.top_p,
+            "max_tokens": call.max_tokens,
+            "response_format": call.response_format,
+        }
+        self._fixed = hashlib.sha256(json.dumps(fixed, sort_keys=True, separators=(",", ":")).encode())
+
+    def key(self, messages: list[dict[str, str]]) -> str:
+        digest = self._fixed.copy()
+        for message in messages:
+            # Lengths delimit the parts, so no two message lists hash alike.
+            for part in (message["role"], message["content"]):
+                encoded = part.encode()
+                digest.update(len(encoded).to_bytes(8, "big"))
+                digest.update(encoded)
+        return digest.hexdigest()
 
 
 def model_names(row: dict[str, Any], method: str) -> tuple[str, ...]:

@@ -145,7 +145,7 @@ class ExtractRow(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
-        ordering = ["job", "index"]
+        ordering = ["job_id", "index"]
         constraints = [models.UniqueConstraint(fields=["job", "index"], name="row_unique_job_index")]
         indexes = [
             # Claims take the lowest pending indexes; the cap counts running rows.
@@ -180,7 +180,7 @@ class Property(models.Model):
 
     class Meta:
         verbose_name_plural = "properties"
-        ordering = ["job", "row_index", "position"]
+        ordering = ["job_id", "row_index", "position"]
         constraints = [
             # A row's properties are stored once, however often its answer arrives.
             models.UniqueConstraint(fields=["row", "position"], name="property_unique_row_position"),

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from django.conf import settings
 
 from extraction.extract import (
+    CacheKeys,
     ExtractionSpec,
     RowOutcome,
     build_messages,
-    cache_key,
     extract_row,
     outcome_from_answer,
 )
@@ -51,6 +51,8 @@ class RunnerSettings:
     retry_max: float
     structured_output: bool
     worker_name: str = ""
+    # Stop claiming after this long, so a task ends well within django-q2's timeout.
+    claim_seconds: float = 1800.0
 
     @classmethod
     def from_django(cls) -> "RunnerSettings":
@@ -66,6 +68,7 @@ class RunnerSettings:
             retry_max=settings.STRINGSIGHT_RETRY_MAX_SECONDS,
             structured_output=settings.STRINGSIGHT_STRUCTURED_OUTPUT,
             worker_name=settings.STRINGSIGHT_WORKER_NAME,
+            claim_seconds=settings.Q_TASK_TIMEOUT / 2,
         )
 
 
@@ -130,6 +133,7 @@ class ChunkRunner:
             return "job is not running: nothing to do"
         self.job = job
         self.spec = extraction_spec(job, self.config)
+        self.cache_keys = CacheKeys(self.spec, base_url=self.config.base_url)
         self.loop_thread = _LoopThread()
         self.client = make_client(
             api_key=self.config.api_key, base_url=self.config.base_url, timeout=self.config.llm_timeout
@@ -156,10 +160,12 @@ class ChunkRunner:
         claim_batch = max(1, max_workers // 16)
         claimed = 0
         pending_left = True
-        last_check = last_lease = time.monotonic()
+        last_check = last_lease = started = time.monotonic()
         while True:
             free = max_workers - len(self.in_flight)
             quota = self.config.chunk_size - claimed
+            if time.monotonic() - started > self.config.claim_seconds:
+                quota = 0  # the rest is left to the job's other tasks (or the sweep)
             if pending_left and quota > 0 and free > 0 and (free >= claim_batch or not self.in_flight):
                 claim = services.claim_rows(
                     job_id=self.job_id, worker_id=self.worker_id, limit=min(free, quota)
@@ -197,19 +203,17 @@ class ChunkRunner:
     def _dispatch(self, rows: list[services.ClaimedRow]) -> str | None:
         """Answer rows from the completion cache where it can, and start an
         LLM call for every other row."""
-        prepared = []
-        for row in rows:
-            messages = build_messages(row.data, self.spec)
-            prepared.append((row, messages, cache_key(messages, self.spec, base_url=self.config.base_url)))
-        hits = services.cached_answers(keys=[key for *_, key in prepared]) if self.job.use_cache else {}
-        for row, messages, key in prepared:
+        prepared = [(row, build_messages(row.data, self.spec)) for row in rows]
+        keys = {row.id: self.cache_keys.key(messages) for row, messages in prepared}
+        hits = services.cached_answers(keys=list(keys.values())) if self.job.use_cache else {}
+        answered = []
+        for row, messages in prepared:
+            key = keys[row.id]
             if key in hits:
                 outcome = outcome_from_answer(
                     hits[key], row.data, question_id=row.question_id, spec=self.spec
                 )
-                stop = self._record(row, outcome)
-                if stop:
-                    return stop
+                answered.append((row, outcome))
                 continue
             call = extract_row(
                 self.client, row.data, question_id=row.question_id, spec=self.spec, messages=messages, key=key
@@ -217,7 +221,7 @@ class ChunkRunner:
             future = self.loop_thread.submit(call)
             self.in_flight[row.id] = future
             future.add_done_callback(lambda done, row=row: self.results.put((row, done)))
-        return None
+        return self._record(answered) if answered else None
 
     def _record_arrivals(self, timeout: float) -> str | None:
         """Record every result that has arrived, waiting up to `timeout` for
@@ -231,35 +235,34 @@ class ChunkRunner:
                 arrivals.append(self.results.get_nowait())
             except queue.Empty:
                 break
+        results = []
         for row, future in arrivals:
             self.in_flight.pop(row.id, None)
             if future.cancelled():
                 continue
             exc = future.exception()
             if isinstance(exc, LLMCallError):
+                # Fatal for the job (bad credentials, unknown model): keep
+                # what arrived with it, then end the job.
+                self._record(results)
                 services.job_fail(job_id=self.job_id, error=str(exc))
                 return f"the job failed: {exc}"
             if exc is not None:
                 log.error("job %s row %d: extraction crashed", self.job_id, row.index, exc_info=exc)
-                outcome = RowOutcome(error=f"internal error while extracting: {type(exc).__name__}")
+                results.append(
+                    (row, RowOutcome(error=f"internal error while extracting: {type(exc).__name__}"))
+                )
             else:
-                outcome = future.result()
-            stop = self._record(row, outcome)
-            if stop:
-                return stop
-        return None
+                results.append((row, future.result()))
+        return self._record(results) if results else None
 
-    def _record(self, row: services.ClaimedRow, outcome: RowOutcome) -> str | None:
-        stored = services.record_row_result(
-            job_id=self.job_id,
-            row_id=row.id,
-            row_index=row.index,
-            worker_id=self.worker_id,
-            outcome=outcome,
-            model_name=self.job.model_name,
-        )
-        if stored:
-            self.recorded += 1
+    def _record(self, results: list[tuple[services.ClaimedRow, RowOutcome]]) -> str | None:
+        if not results:
             return None
-        state = services.job_state(job_id=self.job_id)
-        return None if state == JobState.RUNNING else f"the job is {state}"
+        recorded = services.record_row_results(
+            job_id=self.job_id, worker_id=self.worker_id, results=results, model_name=self.job.model_name
+        )
+        self.recorded += recorded.stored
+        if recorded.job_running:
+            return None
+        return f"the job is {services.job_state(job_id=self.job_id)}"

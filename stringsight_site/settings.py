@@ -282,9 +282,11 @@ STRINGSIGHT_PRICES = {
 }
 STRINGSIGHT_PRICES.update(envprices("STRINGSIGHT_PRICES"))
 
-# Orchestration. A task claims at most CHUNK_SIZE rows; the worker re-reads
-# the job row at least every CANCEL_POLL_SECONDS while calls are in flight.
-STRINGSIGHT_CHUNK_SIZE = envint("STRINGSIGHT_CHUNK_SIZE", 200, minimum=1)
+# Orchestration. A task claims at most CHUNK_SIZE rows (and stops claiming
+# after half of Q_TASK_TIMEOUT); the worker re-reads the job row at least
+# every CANCEL_POLL_SECONDS while calls are in flight. Memory is bounded by
+# the calls in flight, not by the chunk: rows are claimed as slots free up.
+STRINGSIGHT_CHUNK_SIZE = envint("STRINGSIGHT_CHUNK_SIZE", 1000, minimum=1)
 STRINGSIGHT_CANCEL_POLL_SECONDS = envfloat("STRINGSIGHT_CANCEL_POLL_SECONDS", 0.1, minimum=0.01)
 STRINGSIGHT_LEASE_SECONDS = envint("STRINGSIGHT_LEASE_SECONDS", 300, minimum=2)
 # A row whose worker died this many times is failed instead of retried, so
