@@ -2,9 +2,7 @@
 cancel goes through `services.job_cancel`, as the API's does. On a job the
 change permission is the right to cancel it."""
 
-import re
 import uuid
-from datetime import timedelta
 
 from django.contrib import admin, messages
 from django.contrib.admin.options import IncorrectLookupParameters
@@ -12,7 +10,7 @@ from django.contrib.admin.utils import quote, unquote
 from django.contrib.auth import get_permission_codename
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
-from django.db.models import F, Q
+from django.db.models import F
 from django.http import Http404, HttpResponseRedirect, JsonResponse, StreamingHttpResponse
 from django.urls import path, reverse
 from django.utils import timezone
@@ -21,6 +19,7 @@ from django.utils.html import format_html
 from django.views.decorators.http import require_GET, require_POST
 
 from . import exports, services
+from .formatting import format_cost, format_duration, job_id_search
 from .models import ExtractJob, ExtractRow, JobState, Property
 
 STATE_COLOURS = {
@@ -33,7 +32,6 @@ STATE_COLOURS = {
 ROWS_PER_PAGE = 50
 ROW_FIELDS = ("index", "question_id", "status", "attempts", "error")
 PROGRESS_FIELDS = ("state", "count_done", "count_failed", "count_total", "properties_count")
-HEX_PREFIX = re.compile(r"[0-9a-f]{4,32}")
 
 
 def state_badge(state: str):
@@ -52,36 +50,6 @@ def progress_bar(job: ExtractJob):
         job.count_failed,
         job.count_total,
     )
-
-
-def format_duration(elapsed: timedelta) -> str:
-    seconds = max(0, round(elapsed.total_seconds()))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds // 60 % 60:02d} min"
-
-
-def format_cost(cost: float | None) -> str:
-    if cost is None:
-        return "—"
-    # Small jobs cost fractions of a cent; four places would show them as free.
-    return f"${cost:.4f}" if cost >= 0.01 else f"${cost:.6f}"
-
-
-def job_id_search(term: str) -> Q | None:
-    """A whole job id, or the start of one (at least four hex digits, with or
-    without dashes), as a lookup; None when the term cannot be one."""
-    digits = term.strip().lower().replace("-", "")
-    if not HEX_PREFIX.fullmatch(digits):
-        return None
-    if len(digits) == 32:
-        return Q(pk=uuid.UUID(digits))
-    # Dashed as in a UUID's text form: PostgreSQL compares against that text,
-    # and Django strips the dashes again for SQLite's dashless column.
-    groups = [digits[start:end] for start, end in ((0, 8), (8, 12), (12, 16), (16, 20), (20, 32))]
-    return Q(id__startswith="-".join(group for group in groups if group))
 
 
 class JobFilter(admin.SimpleListFilter):

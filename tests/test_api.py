@@ -497,3 +497,14 @@ def test_a_refused_start_leaves_existing_jobs_untouched(api, user):
 
     job.refresh_from_db()
     assert (ExtractJob.objects.count(), job.rows.count(), job.state) == (1, 2, "queued")
+
+
+def test_a_row_error_names_its_row_once(api):
+    response = api.post(
+        "/extract/jobs/start", {"rows": simple_rows(2) + [{"prompt": "p", "model": "m"}]}, format="json"
+    )
+
+    body = response.json()
+    assert body["detail"].startswith("rows[2]: missing column 'model_response'")
+    assert body["detail"].count("rows[2]") == 1
+    assert body["field"].startswith("rows[2]")

@@ -299,3 +299,16 @@ def test_property_fields_match_the_documented_ones(api, user):
         "contains_errors",
         "unexpected_behavior",
     }
+
+
+def test_a_cursor_the_api_did_not_give_out_is_a_400_naming_it(api):
+    response = api.get("/api/jobs/", {"cursor": "bogus"})
+    assert response.status_code == 400
+    assert response.json()["field"] == "cursor"
+
+
+def test_errors_of_a_download_answer_in_json(api):
+    response = api.get("/api/jobs/00000000-0000-0000-0000-000000000000/properties/", {"format": "csv"})
+    assert response.status_code == 404
+    assert response["Content-Type"] == "application/json"
+    assert response.json()["detail"] == "job_id: no job 00000000-0000-0000-0000-000000000000"

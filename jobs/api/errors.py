@@ -24,12 +24,20 @@ def exception_handler(exc, context):
     if isinstance(exc, ValidationError):
         errors = flatten_errors(exc.detail)
         field, messages = next(iter(errors.items()), ("", ["invalid input"]))
-        detail = messages[0] if field in ("", "non_field_errors") else f"{field}: {messages[0]}"
+        detail = messages[0] if field in ("", "non_field_errors") else with_field(field, messages[0])
         response.data = {"detail": detail, "code": "invalid", "field": field, "errors": errors}
     else:
         detail = exc.detail if isinstance(exc, APIException) else str(exc)
         response.data = {"detail": str(detail), "code": getattr(detail, "code", "error")}
     return response
+
+
+def with_field(field: str, message: str) -> str:
+    """ "rows[3]: ..." as it is; "may not be blank" as "title: may not be blank"."""
+    head = field.split(".")[0]
+    if message.startswith((f"{field}:", f"{head}:", f"{head}.", f"{head}[")):
+        return message
+    return f"{field}: {message}"
 
 
 def flatten_errors(detail, prefix: str = "") -> dict[str, list[str]]:

@@ -55,7 +55,13 @@ def _row_schema(
         **dict.fromkeys(scores, _SCORE),
         **_OPTIONAL,
     }
-    return {"title": title, "type": "object", "required": [*texts, *responses], "properties": properties}
+    return {
+        "title": title,
+        "type": "object",
+        "required": [*texts, *responses],
+        "properties": properties,
+        "additionalProperties": True,
+    }
 
 
 @extend_schema_field(

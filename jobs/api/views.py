@@ -48,24 +48,40 @@ JOB_ID_QUERY = OpenApiParameter(
 JOB_ID_PATH = OpenApiParameter("job_id", str, OpenApiParameter.PATH, description="The job's UUID.")
 
 
-class JobCursor(CursorPagination):
+class _Cursor(CursorPagination):
+    page_size_query_param = "page_size"
+    invalid_cursor_message = "cursor: not a cursor this API gave out; follow the next and previous links"
+
+    def decode_cursor(self, request):
+        try:
+            return super().decode_cursor(request)
+        except NotFound:
+            raise ValidationError({"cursor": [self.invalid_cursor_message]}) from None
+
+
+PAGE_PARAMETERS = [
+    OpenApiParameter(
+        "cursor", str, OpenApiParameter.QUERY, description="From a page's next or previous link."
+    ),
+    OpenApiParameter("page_size", int, OpenApiParameter.QUERY, description="Items per page."),
+]
+
+
+class JobCursor(_Cursor):
     ordering = "-created_at"
     page_size = 50
-    page_size_query_param = "page_size"
     max_page_size = 200
 
 
-class RowCursor(CursorPagination):
+class RowCursor(_Cursor):
     ordering = "index"
     page_size = 100
-    page_size_query_param = "page_size"
     max_page_size = 1000
 
 
-class PropertyCursor(CursorPagination):
+class PropertyCursor(_Cursor):
     ordering = ("row_index", "position")
     page_size = 500
-    page_size_query_param = "page_size"
     max_page_size = 5000
 
 
@@ -205,7 +221,7 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
     @extend_schema(
         operation_id="jobs_list",
         summary="The caller's jobs, newest first",
-        parameters=[JobListQuerySerializer],
+        parameters=[JobListQuerySerializer, PAGE_PARAMETERS[0]],
         responses={200: JobPageSerializer, 400: ErrorSerializer, 401: ErrorSerializer},
     )
     def list_jobs(self, request):
@@ -263,7 +279,7 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
     @extend_schema(
         operation_id="jobs_rows",
         summary="Each row's outcome, with its error and raw answer",
-        parameters=[JOB_ID_PATH, RowQuerySerializer],
+        parameters=[JOB_ID_PATH, RowQuerySerializer, *PAGE_PARAMETERS],
         responses={200: RowPageSerializer, **ERRORS},
     )
     def rows(self, request, job_id=None):
@@ -284,6 +300,7 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
         summary="A job's properties: pages of JSON, or the whole set as JSONL, CSV or Parquet",
         parameters=[
             JOB_ID_PATH,
+            *PAGE_PARAMETERS,
             OpenApiParameter(
                 "format",
                 str,
@@ -314,6 +331,13 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
         if self.action == "properties":
             return [JSONRenderer(), JSONLRenderer(), CSVRenderer(), ParquetRenderer()]
         return super().get_renderers()
+
+    def handle_exception(self, exc):
+        # An error answers in JSON even where a download format was asked for.
+        if getattr(self.request, "accepted_renderer", None) is not None and self.action == "properties":
+            self.request.accepted_renderer = JSONRenderer()
+            self.request.accepted_media_type = JSONRenderer.media_type
+        return super().handle_exception(exc)
 
     def perform_content_negotiation(self, request, force=False):
         # Only the properties download has formats; elsewhere ?format= is ignored.

@@ -1,0 +1,318 @@
+/**
+ * A small client for the StringSight Jobs API, with no dependency beyond the
+ * platform's `fetch`. Request and response types come from the generated
+ * `schema.ts`; `extractJobStart|Status|Result|Cancel` keep the StringSight
+ * frontend's own names, paths and shapes.
+ */
+import type { components, paths } from "./schema.js";
+
+export type { components, operations, paths } from "./schema.js";
+
+type Schemas = components["schemas"];
+export type JobState = Schemas["StateEnum"];
+export type JobStatus = Schemas["JobStatus"];
+export type Property = Schemas["Property"];
+export type ErrorBody = Schemas["Error"];
+
+type JsonContent<T> = T extends { content: { "application/json": infer Body } } ? Body : never;
+type Ok<Operation> = Operation extends { responses: infer R }
+  ? R extends { 200: infer Answer }
+    ? JsonContent<Answer>
+    : R extends { 201: infer Answer }
+      ? JsonContent<Answer>
+      : never
+  : never;
+type RequestJson<Operation> = Operation extends { requestBody?: infer Body }
+  ? JsonContent<NonNullable<Body>>
+  : never;
+type Query<Operation> = Operation extends { parameters: { query?: infer Q } } ? NonNullable<Q> : never;
+
+type StartOperation = paths["/extract/jobs/start"]["post"];
+type StartRequest = RequestJson<StartOperation>;
+type ListOperation = paths["/api/jobs/"]["get"];
+type PropertiesOperation = paths["/api/jobs/{job_id}/properties/"]["get"];
+type ResumeOperation = paths["/api/jobs/{job_id}/resume/"]["post"];
+
+/** The body of `extractJobStart`: the schema's request, with rows as loose
+ * as the StringSight frontend holds them (the server validates each row). */
+export type StartJobBody = Omit<StartRequest, "rows"> & {
+  rows: StartRequest["rows"] | Record<string, unknown>[];
+  /** Sent by the StringSight frontend; the server ignores it. */
+  chunk_size?: number;
+  /** Sent by the StringSight frontend; the server ignores it. */
+  use_wandb?: boolean;
+};
+export type StartJobResponse = Ok<StartOperation>;
+export type StatusResponse = Ok<paths["/extract/jobs/status"]["get"]>;
+export type ResultResponse = Ok<paths["/extract/jobs/result"]["get"]>;
+export type CancelJobResponse = Ok<paths["/extract/jobs/cancel"]["post"]>;
+export type JobPage = Ok<ListOperation>;
+export type JobDetail = Ok<paths["/api/jobs/{job_id}/"]["get"]>;
+export type ResumeResponse = Ok<ResumeOperation>;
+export type PropertyPage = Ok<PropertiesOperation>;
+
+type ListQuery = Query<ListOperation>;
+export type JobFilters = Omit<ListQuery, "created_after" | "created_before"> & {
+  created_after?: string | Date;
+  created_before?: string | Date;
+  /** Where a page starts: `cursorOf(page.next)`. */
+  cursor?: string;
+};
+export type DownloadFormat = Exclude<Query<PropertiesOperation>["format"], "json" | undefined>;
+
+export interface ResumeOptions {
+  /** Also run the rows that failed (a done job can only be resumed with it). */
+  retryFailed?: boolean;
+  /** A new cost budget in USD. */
+  maxCostUsd?: number | null;
+  /** A new token budget. */
+  maxTotalTokens?: number | null;
+}
+
+export interface PageOptions {
+  pageSize?: number;
+  cursor?: string;
+}
+
+type Items<T> = AsyncGenerator<T, void, undefined>;
+
+export interface ClientOptions {
+  /** Prefix of every path, e.g. `http://127.0.0.1:8000` or `/api` behind a
+   * proxy. Default `""`: the page's own origin. */
+  baseUrl?: string;
+  /** A DRF token, sent as `Authorization: Token …`. Omit it for a session
+   * cookie or the server's anonymous mode. */
+  token?: string | null;
+  /** Replaces the platform's `fetch` (tests, retries, instrumentation). */
+  fetch?: typeof globalThis.fetch;
+  /** Sent with every request, e.g. `{"X-CSRFToken": …}` for session writes. */
+  headers?: Record<string, string>;
+}
+
+/** A non-2xx answer, read from the API's one error shape
+ * `{"detail", "code", "field"?, "errors"?}`. */
+export class ApiError extends Error {
+  override readonly name = "ApiError";
+  readonly status: number;
+  readonly code: string;
+  readonly detail: string;
+  /** The failing input, e.g. `rows[0]`, on a validation error. */
+  readonly field: string | undefined;
+  /** Every failing field with its messages, on a validation error. */
+  readonly errors: Record<string, string[]> | undefined;
+  /** The parsed error, or the raw text of a body that was not one (a proxy's page). */
+  readonly body: ErrorBody | string;
+
+  constructor(status: number, error: ErrorBody, body: ErrorBody | string = error) {
+    super(error.detail);
+    this.status = status;
+    this.code = error.code;
+    this.detail = error.detail;
+    this.field = error.field;
+    this.errors = error.errors;
+    this.body = body;
+  }
+}
+
+async function apiError(response: Response): Promise<ApiError> {
+  const text = await response.text();
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(text);
+  } catch {
+    parsed = undefined;
+  }
+  if (isErrorBody(parsed)) return new ApiError(response.status, parsed);
+  const detail = `HTTP ${response.status}${response.statusText ? ` ${response.statusText}` : ""}`;
+  return new ApiError(response.status, { detail, code: "error" }, text);
+}
+
+function isErrorBody(value: unknown): value is ErrorBody {
+  return (
+    typeof value === "object" &&
+    value !== null &&
+    typeof (value as ErrorBody).detail === "string" &&
+    typeof (value as ErrorBody).code === "string"
+  );
+}
+
+type QueryValue = string | number | boolean | Date | null | undefined;
+
+interface SendOptions {
+  query?: Record<string, QueryValue>;
+  json?: unknown;
+  accept?: string;
+}
+
+function queryString(query: Record<string, QueryValue> = {}): string {
+  const params = new URLSearchParams();
+  for (const [name, value] of Object.entries(query)) {
+    if (value === undefined || value === null) continue;
+    params.set(name, value instanceof Date ? value.toISOString() : String(value));
+  }
+  const text = params.toString();
+  return text ? `?${text}` : "";
+}
+
+/** The `cursor` of a page's `next` (or `previous`) link, or null on the last page. */
+export function cursorOf(link: string | null | undefined): string | null {
+  if (!link) return null;
+  return new URL(link, "http://relative.invalid").searchParams.get("cursor");
+}
+
+// Each page is asked of our own base URL with the cursor taken from `next`,
+// not by following `next` itself: behind a proxy the server's idea of its
+// own address is not one the caller can reach.
+async function* eachItem<T>(
+  fetchPage: (cursor: string | undefined) => Promise<{ next: string | null; results: T[] }>,
+): Items<T> {
+  let cursor: string | undefined;
+  do {
+    const page = await fetchPage(cursor);
+    yield* page.results;
+    cursor = cursorOf(page.next) ?? undefined;
+  } while (cursor);
+}
+
+function jobPath(jobId: string, rest = ""): string {
+  return `/api/jobs/${encodeURIComponent(jobId)}/${rest}`;
+}
+
+export interface Client {
+  /** `POST /extract/jobs/start`: start a job; answers its status (state `queued`). */
+  extractJobStart(body: StartJobBody): Promise<StartJobResponse>;
+  /** `GET /extract/jobs/status?job_id=`: state, progress and counters. */
+  extractJobStatus(jobId: string): Promise<StatusResponse>;
+  /** `GET /extract/jobs/result?job_id=`: every property once the job is done,
+   * cancelled or error; a 409 ApiError while it is queued or running. */
+  extractJobResult(jobId: string): Promise<ResultResponse>;
+  /** `POST /extract/jobs/cancel`: cancel at once; `properties_count` is final. */
+  extractJobCancel(jobId: string): Promise<CancelJobResponse>;
+  /** `GET /api/jobs/`: one page of the caller's jobs, newest first. */
+  listJobs(filters?: JobFilters): Promise<JobPage>;
+  /** Every job matching the filters, page after page. */
+  iterateJobs(filters?: Omit<JobFilters, "cursor">): Items<JobStatus>;
+  /** `GET /api/jobs/{id}/`: the status with row outcomes, rate and ETA. */
+  getJob(jobId: string): Promise<JobDetail>;
+  /** `DELETE /api/jobs/{id}/`: delete a finished job (409 while it runs). */
+  deleteJob(jobId: string): Promise<void>;
+  /** `POST /api/jobs/{id}/resume/`: run a cancelled or failed job's unfinished rows again. */
+  resumeJob(jobId: string, options?: ResumeOptions): Promise<ResumeResponse>;
+  /** `GET /api/jobs/{id}/properties/`: one page of a job's properties. */
+  jobPropertiesPage(jobId: string, options?: PageOptions): Promise<PropertyPage>;
+  /** Every property of a job, in input order, page after page. */
+  jobProperties(jobId: string, options?: Omit<PageOptions, "cursor">): Items<Property>;
+  /** `GET /api/jobs/{id}/properties/?format=`: every property as one file.
+   * Read it with `.blob()`, `.arrayBuffer()`, `.text()` or `.body`. */
+  downloadProperties(jobId: string, format: DownloadFormat): Promise<Response>;
+}
+
+export function createClient(options: ClientOptions = {}): Client {
+  const baseUrl = (options.baseUrl ?? "").replace(/\/+$/, "");
+  // Looked up at call time and called unbound: some browsers refuse a
+  // `fetch` called as a method of another object.
+  const fetchImpl = options.fetch ?? ((input, init) => globalThis.fetch(input, init));
+
+  async function send(method: string, path: string, request: SendOptions = {}): Promise<Response> {
+    const { query, json, accept = "application/json" } = request;
+    const headers: Record<string, string> = { Accept: accept, ...options.headers };
+    if (options.token) headers.Authorization = `Token ${options.token}`;
+    if (json !== undefined) headers["Content-Type"] = "application/json";
+    const response = await fetchImpl(baseUrl + path + queryString(query), {
+      method,
+      headers,
+      body: json === undefined ? undefined : JSON.stringify(json),
+    });
+    if (!response.ok) throw await apiError(response);
+    return response;
+  }
+
+  async function call<T>(...args: Parameters<typeof send>): Promise<T> {
+    const response = await send(...args);
+    return (await response.json()) as T;
+  }
+
+  const client: Client = {
+    extractJobStart: (body) => call("POST", "/extract/jobs/start", { json: body }),
+    extractJobStatus: (jobId) => call("GET", "/extract/jobs/status", { query: { job_id: jobId } }),
+    extractJobResult: (jobId) => call("GET", "/extract/jobs/result", { query: { job_id: jobId } }),
+    extractJobCancel: (jobId) => call("POST", "/extract/jobs/cancel", { json: { job_id: jobId } }),
+
+    listJobs: (filters = {}) => call("GET", "/api/jobs/", { query: { ...filters } }),
+    iterateJobs: (filters = {}) => eachItem((cursor) => client.listJobs({ ...filters, cursor })),
+    getJob: (jobId) => call("GET", jobPath(jobId)),
+    async deleteJob(jobId) {
+      await send("DELETE", jobPath(jobId));
+    },
+    resumeJob(jobId, { retryFailed, maxCostUsd, maxTotalTokens } = {}) {
+      const body: RequestJson<ResumeOperation> = {
+        retry_failed: retryFailed,
+        max_cost_usd: maxCostUsd,
+        max_total_tokens: maxTotalTokens,
+      };
+      return call("POST", jobPath(jobId, "resume/"), { json: body });
+    },
+    jobPropertiesPage: (jobId, { pageSize, cursor } = {}) =>
+      call("GET", jobPath(jobId, "properties/"), { query: { page_size: pageSize, cursor } }),
+    jobProperties: (jobId, { pageSize } = {}) =>
+      eachItem((cursor) => client.jobPropertiesPage(jobId, { pageSize, cursor })),
+    downloadProperties: (jobId, format) =>
+      send("GET", jobPath(jobId, "properties/"), { query: { format }, accept: "*/*" }),
+  };
+  return client;
+}
+
+let defaultClient = createClient();
+
+/** Sets the base URL, token and `fetch` of the module-level functions. */
+export function configure(options: ClientOptions): void {
+  defaultClient = createClient(options);
+}
+
+export function extractJobStart(body: StartJobBody): Promise<StartJobResponse> {
+  return defaultClient.extractJobStart(body);
+}
+
+export function extractJobStatus(jobId: string): Promise<StatusResponse> {
+  return defaultClient.extractJobStatus(jobId);
+}
+
+export function extractJobResult(jobId: string): Promise<ResultResponse> {
+  return defaultClient.extractJobResult(jobId);
+}
+
+export function extractJobCancel(jobId: string): Promise<CancelJobResponse> {
+  return defaultClient.extractJobCancel(jobId);
+}
+
+export function listJobs(filters?: JobFilters): Promise<JobPage> {
+  return defaultClient.listJobs(filters);
+}
+
+export function iterateJobs(filters?: Omit<JobFilters, "cursor">): Items<JobStatus> {
+  return defaultClient.iterateJobs(filters);
+}
+
+export function getJob(jobId: string): Promise<JobDetail> {
+  return defaultClient.getJob(jobId);
+}
+
+export function deleteJob(jobId: string): Promise<void> {
+  return defaultClient.deleteJob(jobId);
+}
+
+export function resumeJob(jobId: string, options?: ResumeOptions): Promise<ResumeResponse> {
+  return defaultClient.resumeJob(jobId, options);
+}
+
+export function jobPropertiesPage(jobId: string, options?: PageOptions): Promise<PropertyPage> {
+  return defaultClient.jobPropertiesPage(jobId, options);
+}
+
+export function jobProperties(jobId: string, options?: Omit<PageOptions, "cursor">): Items<Property> {
+  return defaultClient.jobProperties(jobId, options);
+}
+
+export function downloadProperties(jobId: string, format: DownloadFormat): Promise<Response> {
+  return defaultClient.downloadProperties(jobId, format);
+}

@@ -1,0 +1,319 @@
+"""What the `extract` and `jobs` commands share: rows read from a file, a
+job found by its id or the start of it, a job's properties written to a
+file, the inline runner and the progress line."""
+
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from django.contrib.auth import get_user_model
+from django.contrib.auth.hashers import make_password
+from django.core.management.base import CommandError
+from django.db import connection
+
+from . import exports, services
+from .formatting import format_cost, job_id_search
+from .models import ExtractJob, ExtractRow, JobState, Property, RowStatus
+from .runner import ChunkRunner, RunnerSettings
+
+log = logging.getLogger(__name__)
+
+INPUT_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+OUTPUT_FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+RESPONSE_COLUMNS = ("model_response", "model_a_response", "model_b_response")
+# Read as text from CSV, so that a question id "007" or a model named "4" stays as written.
+TEXT_COLUMNS = ("prompt", "model", "model_a", "model_b", "question_id", "winner", *RESPONSE_COLUMNS)
+MIN_ID_PREFIX = 6
+
+
+def read_rows(path: Path) -> list:
+    """The rows of a JSONL, JSON, CSV or Parquet file, as the API would receive them."""
+    kind = INPUT_FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise CommandError(
+            f"{path}: unknown input format {path.suffix or '(no extension)'!r}; "
+            "use .jsonl, .json, .csv or .parquet"
+        )
+    if not path.is_file():
+        raise CommandError(f"{path}: no such file")
+    try:
+        if kind == "jsonl":
+            return _read_jsonl(path)
+        if kind == "json":
+            return _read_json(path)
+        if kind == "csv":
+            frame = pd.read_csv(
+                path, dtype=dict.fromkeys(TEXT_COLUMNS, str), keep_default_na=False, na_values=[""]
+            )
+        else:
+            frame = pd.read_parquet(path)
+    except (ValueError, OSError) as exc:
+        raise CommandError(f"{path}: cannot read it as {kind}: {exc}") from None
+    return [_table_row(record) for record in frame.to_dict(orient="records")]
+
+
+def _read_jsonl(path: Path) -> list:
+    # json rather than pandas: pandas would turn a column's ints into floats
+    # wherever another row lacks it, and that changes the prompt.
+    rows = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError as exc:
+                raise ValueError(f"line {number}: {exc}") from None
+    return rows
+
+
+def _read_json(path: Path):
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data["rows"] if isinstance(data, dict) and "rows" in data else data
+
+
+def _table_row(record: dict) -> dict:
+    """A CSV or Parquet record as a JSON row: missing cells are absent, and a
+    response column holding a JSON list of chat messages is that list."""
+    row = {}
+    for column, cell in record.items():
+        value = _plain(cell)
+        if not isinstance(value, list | dict) and pd.isna(value):
+            continue
+        if column in RESPONSE_COLUMNS and isinstance(value, str):
+            value = _chat_messages(value)
+        row[str(column)] = value
+    return row
+
+
+def _plain(value):
+    """numpy and pandas values as the JSON-able Python values they stand for."""
+    if isinstance(value, np.ndarray | list | tuple):
+        return [_nested(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _nested(item) for key, item in value.items()}
+    if isinstance(value, pd.Timestamp):
+        return value.isoformat()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _nested(value):
+    value = _plain(value)
+    if isinstance(value, float) and math.isnan(value):
+        return None  # JSON has no NaN
+    return value
+
+
+def _chat_messages(text: str):
+    if not text.lstrip().startswith("["):
+        return text
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return text
+    return parsed if isinstance(parsed, list) else text
+
+
+def output_format(path: Path) -> str:
+    kind = OUTPUT_FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise CommandError(
+            f"{path}: unknown output format {path.suffix or '(no extension)'!r}; use .jsonl, .csv or .parquet"
+        )
+    if not path.parent.is_dir():
+        raise CommandError(f"{path}: the directory {path.parent} does not exist")
+    return kind
+
+
+def write_properties(job: ExtractJob, path: Path) -> int:
+    """Write every property of the job to `path` (format by extension) and
+    return how many. A partial file is written first and renamed, so an
+    interrupted write never leaves a file that looks complete."""
+    kind = output_format(path)
+    written = 0
+
+    def counted():
+        nonlocal written
+        for record in exports.property_records(Property.objects.filter(job_id=job.pk)):
+            written += 1
+            yield record
+
+    partial = path.with_name(path.name + ".partial")
+    try:
+        if kind == "parquet":
+            partial.write_bytes(exports.parquet_bytes(counted()))
+        else:
+            chunks = exports.jsonl_chunks if kind == "jsonl" else exports.csv_chunks
+            with partial.open("w", encoding="utf-8", newline="") as out:
+                for chunk in chunks(counted()):
+                    out.write(chunk)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return written
+
+
+def user_named(name: str | None):
+    """The named user; by default the first superuser, else a user `cli`."""
+    users = get_user_model().objects
+    if name:
+        user = users.filter(username=name).first()
+        if user is None:
+            raise CommandError(f"no user named {name!r}")
+        return user
+    return (
+        users.filter(is_superuser=True).order_by("pk").first()
+        or users.get_or_create(username="cli", defaults={"password": make_password(None)})[0]
+    )
+
+
+def find_job(text: str) -> ExtractJob:
+    """A job by its id or a unique start of it (at least six hex digits)."""
+    lookup = job_id_search(text)
+    if lookup is None or len(text.strip().replace("-", "")) < MIN_ID_PREFIX:
+        raise CommandError(
+            f"{text!r} is not a job id (give the id or at least its first {MIN_ID_PREFIX} digits)"
+        )
+    matches = list(ExtractJob.objects.select_related("owner").filter(lookup)[:2])
+    if not matches:
+        raise CommandError(f"no job {text}")
+    if len(matches) > 1:
+        raise CommandError(f"{text!r} is the start of more than one job id; give more of it")
+    return matches[0]
+
+
+class InlineRunner(threading.Thread):
+    """Works on the job in this process, a chunk at a time, until it has no
+    pending rows or stops running. Rows are claimed in the database, so a
+    worker that picks up the job's queued tasks only helps."""
+
+    def __init__(self, job_id):
+        super().__init__(name="inline-runner", daemon=True)
+        self.job_id = job_id
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            services.job_mark_running(job_id=self.job_id)
+            config = RunnerSettings.from_django()
+            while self._work_left():
+                ChunkRunner(self.job_id, config).run()
+        except Exception as exc:
+            log.exception("job %s: the inline runner crashed", self.job_id)
+            self.error = exc
+        finally:
+            connection.close()  # this thread's own connection
+
+    def _work_left(self) -> bool:
+        return (
+            services.job_state(job_id=self.job_id) == JobState.RUNNING
+            and ExtractRow.objects.filter(job_id=self.job_id, status=RowStatus.PENDING).exists()
+        )
+
+
+@contextmanager
+def ctrl_c_flag():
+    """While inside, Ctrl-C (SIGINT) sets the yielded event instead of
+    raising KeyboardInterrupt, so it never lands in the middle of a database
+    call. Outside the main thread signals cannot be handled; the event then
+    stays unset."""
+    pressed = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield pressed
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.set())
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def quiet_logs(names=("stringsight.events", "django-q", "jobs")):
+    """Keep the job's INFO logs off the terminal that shows the progress line."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _unstyled(text: str) -> str:
+    return text
+
+
+class ProgressLine:
+    """A job's progress on one line of stderr, redrawn in place on a
+    terminal; elsewhere (a log file, CI) a new line every few seconds."""
+
+    BAR_WIDTH = 24
+    LOG_EVERY_SECONDS = 5.0
+
+    def __init__(self, out):
+        self.out = out
+        self.tty = out.isatty()
+        self.drawn = False
+        self.last_logged = -math.inf
+        self.last_line = ""
+
+    def show(self, detail: dict, *, final: bool = False) -> None:
+        line = progress_text(detail)
+        if self.tty:
+            self._write(f"\r{line}\x1b[K")
+            self.drawn = True
+        elif final or time.monotonic() - self.last_logged >= self.LOG_EVERY_SECONDS:
+            if line != self.last_line:
+                self._write(line + "\n")
+            self.last_logged = time.monotonic()
+        self.last_line = line
+
+    def note(self, text: str) -> None:
+        """A message on its own line, leaving the progress line below it."""
+        self.end()
+        self._write(text + "\n")
+
+    def end(self) -> None:
+        if self.drawn:
+            self._write("\n")
+            self.drawn = False
+
+    def _write(self, text: str) -> None:
+        self.out.write(text, style_func=_unstyled, ending="")
+        self.out.flush()
+
+
+def progress_text(detail: dict) -> str:
+    total = detail["count_total"]
+    finished = detail["count_done"] + detail["count_failed"]
+    filled = round(ProgressLine.BAR_WIDTH * finished / total) if total else 0
+    bar = "#" * filled + "." * (ProgressLine.BAR_WIDTH - filled)
+    rate = detail["rows_per_second"]
+    eta = detail["eta_seconds"]
+    return (
+        f"{detail['state']:<9} [{bar}] {detail['count_done']}/{total} done, {detail['count_failed']} failed"
+        f" | {f'{rate:.1f} rows/s' if rate else '— rows/s'}"
+        f" | ETA {format_seconds(eta) if eta is not None else '—'}"
+        f" | {detail['usage']['total_tokens']:,} tokens | {format_cost(detail['cost_usd'])}"
+    )
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"

@@ -1,0 +1,194 @@
+"""Extract properties from a file of rows and write them to a file, with a
+live progress line. Ctrl-C cancels the job and still writes what was
+extracted before it."""
+
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+from django.core.management.base import BaseCommand, CommandError
+
+from jobs import services
+from jobs.api.errors import flatten_errors
+from jobs.api.payloads import detail_payload
+from jobs.api.serializers import StartJobSerializer
+from jobs.cli import (
+    InlineRunner,
+    ProgressLine,
+    ctrl_c_flag,
+    output_format,
+    quiet_logs,
+    read_rows,
+    user_named,
+    write_properties,
+)
+from jobs.formatting import format_cost
+from jobs.models import ExtractJob, JobState
+
+QUEUED_HINT_SECONDS = 10.0
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report it
+NO_WORKER_HINT = (
+    f"The job is still queued after {QUEUED_HINT_SECONDS:.0f} s: no worker seems to be running. "
+    "Start one with `python manage.py qcluster`, or run this command with --inline."
+)
+# Options that go to the start request as they are, by their API names.
+START_OPTIONS = {
+    "method": "method",
+    "model": "model_name",
+    "system_prompt": "system_prompt",
+    "task_description": "task_description",
+    "sample_size": "sample_size",
+    "max_workers": "max_workers",
+}
+
+
+class Command(BaseCommand):
+    help = (
+        "Extract properties from a JSONL, JSON, CSV or Parquet file of rows and write them to "
+        "OUTPUT (.jsonl, .csv or .parquet). Ctrl-C cancels the job and keeps what was extracted."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("input", help="rows: .jsonl, .json (a list or {'rows': [...]}), .csv or .parquet")
+        parser.add_argument("--method", help="single_model or side_by_side (detected from the columns)")
+        parser.add_argument("--model", help="the LLM to ask (default: STRINGSIGHT_DEFAULT_MODEL)")
+        parser.add_argument("--system-prompt", help="a prompt name (default, agent) or literal prompt text")
+        parser.add_argument("--task-description")
+        parser.add_argument("--sample-size", type=int, help="run a seeded sample of this many rows")
+        parser.add_argument("--max-workers", type=int, help="concurrent LLM calls (default 16)")
+        parser.add_argument(
+            "--out", metavar="OUTPUT", help="default: <input stem>.properties.jsonl next to the input"
+        )
+        parser.add_argument("--user", help="the job's owner (default: the first superuser, else 'cli')")
+        parser.add_argument(
+            "--inline", action="store_true", help="run the job in this process instead of on a qcluster"
+        )
+        parser.add_argument(
+            "--poll",
+            type=float,
+            default=0.5,
+            metavar="SECONDS",
+            help="seconds between progress updates (default 0.5)",
+        )
+
+    def handle(self, *args, verbosity, **options):
+        # -v 2 shows the job's event log lines as well.
+        with quiet_logs() if verbosity < 2 else nullcontext():
+            self.extract(**options)
+
+    def extract(self, *, input, out, user, inline, poll, **options):
+        source = Path(input)
+        output = Path(out) if out else source.with_name(f"{source.stem}.properties.jsonl")
+        output_format(output)  # a bad output path fails before any work is done
+        job = start_job(source, user, options)
+        self.stdout.write(
+            f"Job {job.id}: {job.count_total} rows ({job.method}, model {job.model_name}), "
+            f"{'running here' if inline else 'queued for a worker'}"
+        )
+
+        runner = InlineRunner(job.id) if inline else None
+        if runner:
+            runner.start()
+        with ctrl_c_flag() as interrupted:
+            self.wait(job, runner, interrupted, poll=max(poll, 0.05))
+            if interrupted.is_set():
+                # Still under the flag handler: a second Ctrl-C cannot undo the cancel.
+                self.announce_cancel(services.job_cancel(job=job))
+        if runner and runner.error and not interrupted.is_set():
+            raise CommandError(
+                f"the inline runner failed ({runner.error!r}); job {job.id} is still {job.state}: "
+                f"a worker (python manage.py qcluster) can finish it, or cancel it with "
+                f"python manage.py jobs cancel {job.id}"
+            )
+        try:
+            if runner:
+                # It sees a cancel within its poll interval and aborts its calls.
+                runner.join(timeout=30)
+            written = write_properties(job, output)
+        except KeyboardInterrupt:
+            self.stderr.write(f"Interrupted again: {output} was not written.")
+            raise SystemExit(INTERRUPTED_EXIT_CODE) from None
+        self.finish(job, written, output, interrupted=interrupted.is_set())
+
+    def wait(self, job: ExtractJob, runner: InlineRunner | None, interrupted, *, poll: float) -> None:
+        """Show progress until the job ends or Ctrl-C is pressed."""
+        progress = ProgressLine(self.stderr)
+        started = time.monotonic()
+        hinted = False
+        try:
+            while not interrupted.is_set():
+                job.refresh_from_db()
+                ended = self.ended(job, runner)
+                progress.show(detail_payload(job), final=ended)
+                if ended:
+                    return
+                waited = time.monotonic() - started
+                if not (runner or hinted) and job.state == JobState.QUEUED and waited > QUEUED_HINT_SECONDS:
+                    hinted = True
+                    progress.note(NO_WORKER_HINT)
+                # Short sleeps, so that a Ctrl-C is acted on at once.
+                deadline = time.monotonic() + poll
+                while not interrupted.is_set() and time.monotonic() < deadline:
+                    time.sleep(0.02)
+        finally:
+            progress.end()
+
+    @staticmethod
+    def ended(job: ExtractJob, runner: InlineRunner | None) -> bool:
+        if runner is None:
+            return not job.is_active
+        # A worker may hold some of the job's rows when the runner is done.
+        return not runner.is_alive() and (runner.error is not None or not job.is_active)
+
+    def announce_cancel(self, outcome: services.CancelOutcome) -> None:
+        if outcome.cancelled_now:
+            self.stderr.write(
+                f"Ctrl-C: cancelled job {outcome.job.id}; {outcome.job.properties_count} properties are "
+                "kept. Writing them (Ctrl-C again to abort)."
+            )
+
+    def finish(self, job: ExtractJob, written: int, output: Path, *, interrupted: bool) -> None:
+        job.refresh_from_db()
+        self.stdout.write(summary(job, written, output))
+        if interrupted:
+            self.stdout.write(f"Interrupted: kept {written} properties in {output}")
+            raise SystemExit(INTERRUPTED_EXIT_CODE)
+        if job.state == JobState.ERROR:
+            raise CommandError(f"job {job.id} failed: {job.error}")
+        if job.state == JobState.CANCELLED:
+            raise CommandError(f"job {job.id} was cancelled elsewhere (the API, the admin or `jobs cancel`)")
+
+
+def start_job(source: Path, username: str | None, options: dict) -> ExtractJob:
+    """Validate the file's rows exactly as the API does, then start the job."""
+    request = {"rows": read_rows(source)}
+    request.update(
+        {field: options[option] for option, field in START_OPTIONS.items() if options[option] is not None}
+    )
+    serializer = StartJobSerializer(data=request)
+    if not serializer.is_valid():
+        raise CommandError(validation_message(serializer.errors))
+    return services.job_start(owner=user_named(username), **serializer.validated_data)
+
+
+def validation_message(errors) -> str:
+    """The API's error messages, one a line, each naming its field."""
+    lines = []
+    for field, messages in flatten_errors(errors).items():
+        for message in messages:
+            # Row errors name their row already: "rows[3]: missing column ...".
+            lines.append(message if message.startswith(field.split(".")[0]) else f"{field}: {message}")
+    return "\n".join(lines)
+
+
+def summary(job: ExtractJob, written: int, output: Path) -> str:
+    return "\n".join(
+        [
+            f"Job {job.id}: {job.state}",
+            f"  rows:        {job.count_done} done, {job.count_failed} failed of {job.count_total}",
+            f"  properties:  {written}",
+            f"  tokens:      {job.total_tokens:,}",
+            f"  cost:        {format_cost(job.cost_usd)}",
+            f"  output:      {output}",
+        ]
+    )
