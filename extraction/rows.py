@@ -1,6 +1,7 @@
 """Input rows: validate them, detect the method, give each one a question id."""
 
 import hashlib
+import json
 import random
 
 METHODS = ("single_model", "side_by_side")
@@ -226,11 +227,19 @@ def pair_side_by_side(rows: list[dict]) -> list[dict]:
 DEFAULT_SAMPLE_SEED = 42
 
 
+def sample_indexes(count: int, size: int | None, *, seed: int = DEFAULT_SAMPLE_SEED) -> list[int]:
+    """A deterministic sample of `size` of `count` row positions, in input
+    order: the same rows and seed always pick the same rows. No size, or one
+    at least as large as the input, keeps every row."""
+    if size is None or size >= count:
+        return list(range(count))
+    return sorted(random.Random(seed).sample(range(count), size))
+
+
 def sample_rows(rows: list[dict], size: int | None, *, seed: int = DEFAULT_SAMPLE_SEED) -> list[dict]:
-    """A deterministic sample of `size` rows in their input order: the same
-    rows and seed always pick the same rows. No size, or one at least as
-    large as the input, keeps every row."""
-    if size is None or size >= len(rows):
-        return rows
-    picked = sorted(random.Random(seed).sample(range(len(rows)), size))
-    return [rows[index] for index in picked]
+    return [rows[index] for index in sample_indexes(len(rows), size, seed=seed)]
+
+
+def encode_row(row: dict) -> str:
+    """A row as the JSON text it is stored as (and measured by)."""
+    return json.dumps(row, ensure_ascii=False, separators=(",", ":"))

@@ -501,7 +501,7 @@ def test_a_refused_start_leaves_existing_jobs_untouched(api, user):
 
 def test_a_row_error_names_its_row_once(api):
     response = api.post(
-        "/extract/jobs/start", {"rows": simple_rows(2) + [{"prompt": "p", "model": "m"}]}, format="json"
+        "/extract/jobs/start", {"rows": [*simple_rows(2), {"prompt": "p", "model": "m"}]}, format="json"
     )
 
     body = response.json()

@@ -22,11 +22,13 @@ class LimitedJSONParser(JSONParser):
 
 
 def nested_deeper_than(value, limit: int) -> bool:
-    stack = [(value, 1)] if isinstance(value, dict | list) else []
-    while stack:
-        item, depth = stack.pop()
-        if depth > limit:
+    """Whether containers nest more than `limit` deep. Recursion is safe
+    here: it stops one level past the limit."""
+    if not isinstance(value, dict | list):
+        return False
+    if limit < 1:
+        return True
+    for child in value.values() if isinstance(value, dict) else value:
+        if isinstance(child, dict | list) and nested_deeper_than(child, limit - 1):
             return True
-        children = item.values() if isinstance(item, dict) else item
-        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
     return False

@@ -5,14 +5,12 @@ serializers here describe them for the OpenAPI schema, and a test checks
 that real responses match it.
 """
 
-import json
-
 from django.conf import settings
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from extraction.prompts import UnknownPromptError, resolve_system_prompt
-from extraction.rows import RowError, validate_rows
+from extraction.rows import RowError, encode_row, validate_rows
 
 from ..models import JobState, Method, RowStatus
 from ..services import JobParams, price_for
@@ -83,7 +81,9 @@ def _row_schema(
     }
 )
 class RowsField(serializers.JSONField):
-    pass
+    def to_internal_value(self, data):
+        # The JSON parser made it, so it is JSON: skip DRF's re-encoding test.
+        return data
 
 
 class StartJobSerializer(serializers.Serializer):
@@ -167,8 +167,10 @@ class StartJobSerializer(serializers.Serializer):
             )
         if isinstance(rows, list):
             row_limit = settings.STRINGSIGHT_MAX_ROW_BYTES
-            for index, row in enumerate(rows):
-                size = len(json.dumps(row, ensure_ascii=False).encode())
+            # Encoded once: the size check's text is what the rows are stored as.
+            self.encoded_rows = [encode_row(row) for row in rows]
+            for index, encoded in enumerate(self.encoded_rows):
+                size = len(encoded.encode())
                 if size > row_limit:
                     raise serializers.ValidationError(
                         {
@@ -225,7 +227,7 @@ class StartJobSerializer(serializers.Serializer):
             max_cost_usd=attrs.get("max_cost_usd"),
             max_total_tokens=attrs.get("max_total_tokens"),
         )
-        return {"rows": attrs["rows"], "params": params}
+        return {"rows": attrs["rows"], "params": params, "encoded_rows": getattr(self, "encoded_rows", None)}
 
 
 class UsageSerializer(serializers.Serializer):
