@@ -143,7 +143,8 @@ def write_properties(job: ExtractJob, path: Path) -> int:
 
     def counted():
         nonlocal written
-        for record in exports.property_records(Property.objects.filter(job_id=job.pk)):
+        properties = Property.objects.filter(job_id=job.pk)
+        for record in exports.property_records(properties, evidence_as_json=kind != "parquet"):
             written += 1
             yield record
 

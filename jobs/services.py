@@ -279,11 +279,11 @@ class Claim:
     pending_left: bool
 
 
-def _lock_if_running(job_id) -> bool:
+def _lock_if_running(job_id) -> dict | None:
     """Lock the job row (PostgreSQL; SQLite's IMMEDIATE transaction already
-    holds the database) and say whether the job is running."""
+    holds the database) and read its counters, or None if it is not running."""
     running = ExtractJob.objects.select_for_update().filter(pk=job_id, state=JobState.RUNNING).order_by()
-    return bool(list(running.values_list("pk", flat=True)))
+    return running.values("count_total", "count_done", "count_failed").first()
 
 
 # What a claim reads of the job: its state, its cap and what its budget needs.
@@ -321,25 +321,64 @@ def claim_rows(*, job_id, worker_id: str, limit: int) -> Claim:
         pending = job_rows.filter(status=RowStatus.PENDING).order_by("index")
         if room <= 0:
             return Claim(rows=[], job_running=True, pending_left=pending.exists())
+        if job.max_total_tokens is None and job.max_cost_usd is None:
+            picked = _take_pending(job_id, worker_id=worker_id, limit=room, now=now)
+            return Claim(rows=picked, job_running=True, pending_left=len(picked) == room)
+        # With a budget the rows are read first: whether each is affordable
+        # depends on its size.
         picked = list(
             pending.select_for_update(skip_locked=True).values("id", "index", "question_id", "data")[:room]
         )
-        if job.max_total_tokens is not None or job.max_cost_usd is not None:
-            affordable = within_budget(job, picked, running)
-            if picked and not affordable and not running:
-                _end_over_budget(job, now=now)
-                return Claim(rows=[], job_running=False, pending_left=False)
-            pending_left = len(picked) == room or len(affordable) < len(picked)
-            picked = affordable
-        else:
-            pending_left = len(picked) == room
-        ExtractRow.objects.filter(pk__in=[row["id"] for row in picked]).update(
+        affordable = within_budget(job, picked, running)
+        if picked and not affordable and not running:
+            _end_over_budget(job, now=now)
+            return Claim(rows=[], job_running=False, pending_left=False)
+        ExtractRow.objects.filter(pk__in=[row["id"] for row in affordable]).update(
             status=RowStatus.RUNNING,
             claimed_by=worker_id,
             lease_expires_at=now + timedelta(seconds=settings.STRINGSIGHT_LEASE_SECONDS),
             started_at=now,
         )
-    return Claim(rows=[ClaimedRow(**row) for row in picked], job_running=True, pending_left=pending_left)
+    pending_left = len(picked) == room or len(affordable) < len(picked)
+    return Claim(rows=[ClaimedRow(**row) for row in affordable], job_running=True, pending_left=pending_left)
+
+
+def _take_pending(job_id, *, worker_id: str, limit: int, now) -> list[ClaimedRow]:
+    """Claim the lowest pending rows and read them back in one statement
+    (UPDATE ... RETURNING, on PostgreSQL and SQLite alike)."""
+    quote = connection.ops.quote_name
+    table = quote(ExtractRow._meta.db_table)
+    skip_locked = " FOR UPDATE SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
+    data_field = ExtractRow._meta.get_field("data")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {table} SET status = %s, claimed_by = %s, lease_expires_at = %s, started_at = %s "
+            f"WHERE id IN (SELECT id FROM {table} WHERE job_id = %s AND status = %s "
+            f"ORDER BY {quote('index')} LIMIT %s{skip_locked}) "
+            f"RETURNING id, {quote('index')}, question_id, data",
+            [
+                RowStatus.RUNNING,
+                worker_id,
+                connection.ops.adapt_datetimefield_value(
+                    now + timedelta(seconds=settings.STRINGSIGHT_LEASE_SECONDS)
+                ),
+                connection.ops.adapt_datetimefield_value(now),
+                ExtractRow._meta.get_field("job").get_db_prep_value(job_id, connection),
+                RowStatus.PENDING,
+                limit,
+            ],
+        )
+        returned = cursor.fetchall()
+    rows = [
+        ClaimedRow(id=row_id, index=index, question_id=question_id, data=_json_value(data_field, data))
+        for row_id, index, question_id, data in returned
+    ]
+    return sorted(rows, key=lambda row: row.index)
+
+
+def _json_value(field, value):
+    """A JSON column's value as Python, whichever form the driver returned."""
+    return field.from_db_value(value, None, connection) if isinstance(value, str | bytes) else value
 
 
 def within_budget(job: ExtractJob, rows: list[dict], running: int) -> list[dict]:
@@ -411,29 +450,23 @@ def record_row_results(
     """Store the outcomes that have arrived, their properties and the job's
     counters in one short transaction, only while the job is still running
     and only for rows that are still ours. Results that arrive together
-    commit together: one transaction, not one per row, at high throughput."""
+    commit together, in four statements whatever their number: one
+    transaction per row, and one round trip per statement, were what bounded
+    a worker at high throughput."""
     now = timezone.now()
     with transaction.atomic():
         # The job row first: this takes its lock, so a cancel (or a claim, or
         # the sweep) either waits for this commit or has already happened.
-        if not _lock_if_running(job_id):
+        job = _lock_if_running(job_id)
+        if job is None:
             return Recorded(stored=0, job_running=False)
-        ours = set(
-            ExtractRow.objects.filter(
-                pk__in=[row.id for row, _ in results], status=RowStatus.RUNNING, claimed_by=worker_id
-            ).values_list("id", flat=True)
-        )
-        # A row another worker took after our lease ran out is not ours to record.
-        mine = [(row, outcome) for row, outcome in results if row.id in ours]
+        mine = _finish_rows(results, worker_id=worker_id, now=now)
         if not mine:
             return Recorded(stored=0, job_running=True)
-        _finish_rows(mine, now=now)
         _insert_properties(job_id, mine)
-        remember_answers(
-            model_name=model_name, outcomes=[outcome for _, outcome in mine if outcome.cache_key]
-        )
         outcomes = [outcome for _, outcome in mine]
         failed = sum(outcome.error is not None for outcome in outcomes)
+        finished_job = job["count_done"] + job["count_failed"] + len(outcomes) >= job["count_total"]
         ExtractJob.objects.filter(pk=job_id).update(
             count_done=F("count_done") + len(outcomes) - failed,
             count_failed=F("count_failed") + failed,
@@ -441,10 +474,10 @@ def record_row_results(
             prompt_tokens=F("prompt_tokens") + sum(outcome.prompt_tokens for outcome in outcomes),
             completion_tokens=F("completion_tokens") + sum(outcome.completion_tokens for outcome in outcomes),
             cache_hits=F("cache_hits") + sum(outcome.cached for outcome in outcomes),
+            **({"state": JobState.DONE, "finished_at": now} if finished_job else {}),
         )
-        finished_job = ExtractJob.objects.filter(
-            pk=job_id, state=JobState.RUNNING, count_total=F("count_done") + F("count_failed")
-        ).update(state=JobState.DONE, finished_at=now)
+    # The cache needs no lock: it is written after the commit.
+    remember_answers(model_name=model_name, outcomes=[outcome for outcome in outcomes if outcome.cache_key])
     for row, outcome in mine:
         log_row_event(job_id, row.index, outcome)
     if finished_job:
@@ -452,15 +485,20 @@ def record_row_results(
     return Recorded(stored=len(mine), job_running=True)
 
 
-def _finish_rows(results: list[tuple[ClaimedRow, RowOutcome]], *, now) -> None:
-    """One UPDATE per row, sent as one executemany: the hottest statement of
-    a job, where Django's bulk_update (a CASE per field per row) cost more
-    than the LLM call's client side."""
+def _finish_rows(
+    results: list[tuple[ClaimedRow, RowOutcome]], *, worker_id: str, now
+) -> list[tuple[ClaimedRow, RowOutcome]]:
+    """Mark the rows done or failed, one UPDATE per row sent as one
+    executemany, each only if the row is still running and still ours (a
+    row another worker took after our lease ran out is not ours to record).
+    Returns the results that were ours: all of them, unless the count says
+    otherwise."""
     quote = connection.ops.quote_name
     sql = (
         f"UPDATE {quote(ExtractRow._meta.db_table)} SET status = %s, error = %s, raw_answer = %s, "
         "attempts = attempts + %s, properties_dropped = %s, cached = %s, prompt_tokens = %s, "
-        "completion_tokens = %s, lease_expires_at = NULL, finished_at = %s WHERE id = %s"
+        "completion_tokens = %s, lease_expires_at = NULL, finished_at = %s "
+        "WHERE id = %s AND status = %s AND claimed_by = %s"
     )
     finished_at = connection.ops.adapt_datetimefield_value(now)
     with connection.cursor() as cursor:
@@ -478,10 +516,21 @@ def _finish_rows(results: list[tuple[ClaimedRow, RowOutcome]], *, now) -> None:
                     outcome.completion_tokens,
                     finished_at,
                     row.id,
+                    RowStatus.RUNNING,
+                    worker_id,
                 )
                 for row, outcome in results
             ],
         )
+        changed = cursor.rowcount
+    if changed == len(results):
+        return results
+    ours = set(
+        ExtractRow.objects.filter(
+            pk__in=[row.id for row, _ in results], claimed_by=worker_id, finished_at=now
+        ).values_list("id", flat=True)
+    )
+    return [(row, outcome) for row, outcome in results if row.id in ours]
 
 
 PROPERTY_COLUMNS = (

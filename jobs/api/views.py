@@ -350,7 +350,7 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
             ) from None
 
     def download(self, job: ExtractJob, download: str):
-        records = exports.property_records(job.properties.all())
+        records = exports.property_records(job.properties.all(), evidence_as_json=download != "parquet")
         if download == "parquet":
             response = HttpResponse(
                 exports.parquet_bytes(records), content_type=exports.CONTENT_TYPES["parquet"]
