@@ -74,6 +74,10 @@ class ExtractJob(models.Model):
     # When tasks were last enqueued for the job; the sweep re-enqueues only
     # for a job that has gone a lease period without work or progress.
     work_enqueued_at = models.DateTimeField(null=True, blank=True)
+    # A worker that found every slot of the job taken; the others then leave
+    # it a fair share as their calls finish (see services.claim_rows).
+    claim_waiter = models.CharField(max_length=150, blank=True, default="")
+    claim_waiting_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]

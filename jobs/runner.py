@@ -179,8 +179,9 @@ class ChunkRunner:
                 if stop:
                     return stop
                 if not claim.rows and not self.in_flight and pending_left:
-                    # Other workers hold all of the job's slots; try again shortly.
-                    time.sleep(poll)
+                    # Other workers hold all of the job's slots; they make
+                    # room as their calls finish, so ask again soon.
+                    time.sleep(min(poll, 0.02))
                     continue
             if not self.in_flight:
                 if pending_left and quota > 0:

@@ -16,7 +16,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import F, Q
+from django.db.models import Count, F, Q
 from django.utils import timezone
 from django_q.brokers import get_broker
 from django_q.tasks import async_task
@@ -303,6 +303,8 @@ CLAIM_FIELDS = (
     "cache_hits",
     "method",
     "include_scores_in_prompt",
+    "claim_waiter",
+    "claim_waiting_at",
 )
 
 
@@ -316,11 +318,22 @@ def claim_rows(*, job_id, worker_id: str, limit: int) -> Claim:
         if job is None or job.state != JobState.RUNNING:
             return Claim(rows=[], job_running=False, pending_left=False)
         job_rows = ExtractRow.objects.filter(job_id=job_id)
-        running = job_rows.filter(status=RowStatus.RUNNING).count()
-        room = min(limit, job.max_workers - running)
+        holders = dict(
+            job_rows.filter(status=RowStatus.RUNNING)
+            .values_list("claimed_by")
+            .annotate(held=Count("id"))
+            .order_by()
+        )
+        running = sum(holders.values())
+        room = min(limit, job.max_workers - running, _fair_share(job, holders, worker_id, now=now))
         pending = job_rows.filter(status=RowStatus.PENDING).order_by("index")
         if room <= 0:
+            if not holders.get(worker_id):
+                # Every slot is taken: say so, and the holders make room.
+                ExtractJob.objects.filter(pk=job_id).update(claim_waiter=worker_id, claim_waiting_at=now)
             return Claim(rows=[], job_running=True, pending_left=pending.exists())
+        if job.claim_waiter == worker_id:
+            ExtractJob.objects.filter(pk=job_id).update(claim_waiter="", claim_waiting_at=None)
         if job.max_total_tokens is None and job.max_cost_usd is None:
             picked = _take_pending(job_id, worker_id=worker_id, limit=room, now=now)
             return Claim(rows=picked, job_running=True, pending_left=len(picked) == room)
@@ -341,6 +354,24 @@ def claim_rows(*, job_id, worker_id: str, limit: int) -> Claim:
         )
     pending_left = len(picked) == room or len(affordable) < len(picked)
     return Claim(rows=[ClaimedRow(**row) for row in affordable], job_running=True, pending_left=pending_left)
+
+
+WAITER_SECONDS = 2
+
+
+def _fair_share(job: ExtractJob, holders: dict[str, int], worker_id: str, *, now) -> int:
+    """How many more rows this worker may hold: an equal part of the job's
+    max_workers among the workers holding its rows and one that recently
+    found no free slot. Without this the first worker on a job kept every
+    slot, and a second one (another process, another core) stayed idle."""
+    workers = set(holders) | {worker_id}
+    if (
+        job.claim_waiter
+        and job.claim_waiting_at
+        and now - job.claim_waiting_at < timedelta(seconds=WAITER_SECONDS)
+    ):
+        workers.add(job.claim_waiter)
+    return math.ceil(job.max_workers / len(workers)) - holders.get(worker_id, 0)
 
 
 def _take_pending(job_id, *, worker_id: str, limit: int, now) -> list[ClaimedRow]:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from django.test import Client
 from rest_framework.test import APIClient
 from rest_framework.throttling import ScopedRateThrottle
 
@@ -31,20 +32,25 @@ ROLES = [
 
 
 @pytest.fixture
-def clients(user, django_user_model):
+def people(user, django_user_model):
     def staff(name, *codenames):
         member = django_user_model.objects.create_user(name, password="x", is_staff=True)
         return grant(member, *codenames) if codenames else member
 
     return {
-        "anonymous": APIClient(),
-        "owner": token_client(user),
-        "other_user": token_client(django_user_model.objects.create_user("dave", password="x")),
-        "staff_without_permission": token_client(staff("erin")),
-        "staff_view_only": token_client(staff("frank", "view_extractjob")),
-        "staff_manager": token_client(staff("grace", "view_extractjob", "change_extractjob")),
-        "superuser": token_client(django_user_model.objects.create_superuser("root", "r@x", "x")),
+        "anonymous": None,
+        "owner": user,
+        "other_user": django_user_model.objects.create_user("dave", password="x"),
+        "staff_without_permission": staff("erin"),
+        "staff_view_only": staff("frank", "view_extractjob"),
+        "staff_manager": staff("grace", "view_extractjob", "change_extractjob"),
+        "superuser": django_user_model.objects.create_superuser("root", "r@x", "x"),
     }
+
+
+@pytest.fixture
+def clients(people):
+    return {role: token_client(person) if person else APIClient() for role, person in people.items()}
 
 
 EXPECTED = {
@@ -77,6 +83,36 @@ def test_the_permission_matrix_of_the_api(clients, user, role):
     assert answers == EXPECTED[role]
     job.refresh_from_db()
     assert job.state == ("cancelled" if EXPECTED[role][2] == 200 else "running")
+
+
+ADMIN_LIST = "/admin/jobs/extractjob/"
+EXPECTED_IN_ADMIN = {
+    #                           list  cancel action takes effect
+    "anonymous": (302, False),
+    "owner": (302, False),
+    "other_user": (302, False),
+    "staff_without_permission": (403, False),
+    "staff_view_only": (200, False),
+    "staff_manager": (200, True),
+    "superuser": (200, True),
+}
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_the_permission_matrix_of_the_admin(people, user, role):
+    client = Client()
+    if people[role] is not None:
+        client.force_login(people[role])
+    job = make_job(user)
+    ExtractJob.objects.filter(pk=job.id).update(state="running")
+
+    listed = client.get(ADMIN_LIST)
+    client.post(ADMIN_LIST, {"action": "cancel_jobs", "_selected_action": [str(job.id)]})
+
+    job.refresh_from_db()
+    assert (listed.status_code, job.state == "cancelled") == EXPECTED_IN_ADMIN[role]
+    if listed.status_code == 302:
+        assert listed["Location"].startswith("/admin/login/")
 
 
 def test_anonymous_mode_shares_ownerless_jobs_among_anonymous_callers(settings, api):
