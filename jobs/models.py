@@ -1,7 +1,10 @@
+import json
 import uuid
 
 from django.conf import settings
 from django.db import models
+
+from extraction.rows import encode_row
 
 
 class JobState(models.TextChoices):
@@ -125,11 +128,26 @@ class ExtractJob(models.Model):
         return self.cost_of(self.prompt_tokens, self.completion_tokens)
 
 
+class OrderedJSONField(models.TextField):
+    """JSON kept as the text it arrived as. PostgreSQL's jsonb reorders an
+    object's keys, and a transcript must reach the LLM (and the completion
+    cache) exactly as the user sent it, on either database."""
+
+    def from_db_value(self, value, expression, connection):
+        return None if value is None else json.loads(value)
+
+    def to_python(self, value):
+        return json.loads(value) if isinstance(value, str) else value
+
+    def get_prep_value(self, value):
+        return None if value is None else encode_row(value)
+
+
 class ExtractRow(models.Model):
     job = models.ForeignKey(ExtractJob, on_delete=models.CASCADE, related_name="rows")
     index = models.PositiveIntegerField()
     question_id = models.CharField(max_length=200)
-    data = models.JSONField()
+    data = OrderedJSONField()
     status = models.CharField(max_length=16, choices=RowStatus.choices, default=RowStatus.PENDING)
     attempts = models.PositiveIntegerField(default=0, help_text="LLM calls made for this row.")
     error = models.TextField(blank=True, default="")

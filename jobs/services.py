@@ -98,13 +98,12 @@ def _insert_rows(job: ExtractJob, rows: list[tuple[int, str, str]]) -> None:
     spent more time in bulk_create's per-field Python and a second JSON
     encoding than in the database."""
     quote = connection.ops.quote_name
-    data = "CAST(%s AS jsonb)" if connection.vendor == "postgresql" else "%s"
     job_value = ExtractRow._meta.get_field("job").get_db_prep_value(job.pk, connection)
     sql = (
         f"INSERT INTO {quote(ExtractRow._meta.db_table)} "
         f"(job_id, {quote('index')}, question_id, data, status, "
         "attempts, error, raw_answer, properties_dropped, cached, prompt_tokens, completion_tokens, "
-        f"claimed_by, lease_expiries) VALUES (%s, %s, %s, {data}, %s, 0, '', '', 0, %s, 0, 0, '', 0)"
+        "claimed_by, lease_expiries) VALUES (%s, %s, %s, %s, %s, 0, '', '', 0, %s, 0, 0, '', 0)"
     )
     with connection.cursor() as cursor:
         for start in range(0, len(rows), 1000):
@@ -401,15 +400,10 @@ def _take_pending(job_id, *, worker_id: str, limit: int, now) -> list[ClaimedRow
         )
         returned = cursor.fetchall()
     rows = [
-        ClaimedRow(id=row_id, index=index, question_id=question_id, data=_json_value(data_field, data))
+        ClaimedRow(id=row_id, index=index, question_id=question_id, data=data_field.to_python(data))
         for row_id, index, question_id, data in returned
     ]
     return sorted(rows, key=lambda row: row.index)
-
-
-def _json_value(field, value):
-    """A JSON column's value as Python, whichever form the driver returned."""
-    return field.from_db_value(value, None, connection) if isinstance(value, str | bytes) else value
 
 
 def within_budget(job: ExtractJob, rows: list[dict], running: int) -> list[dict]:

@@ -265,3 +265,28 @@ def test_jobs_visible_to_users_and_staff(user, other_user, staff_user):
 def test_job_state_reads_the_state(user):
     job = make_job(user)
     assert services.job_state(job_id=job.id) == JobState.QUEUED
+
+
+def test_rows_reach_the_worker_with_their_keys_in_the_order_sent(user):
+    """PostgreSQL's jsonb would sort an object's keys; the transcript the LLM
+    sees (and the cache key) must follow the user's order on any database."""
+    row = {
+        "prompt": "Book it",
+        "model_response": [
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"name": "book", "arguments": {"zeta": 1, "alpha": 2}}],
+            }
+        ],
+        "model": "m",
+        "zz_extra": {"b": 1, "a": 2},
+    }
+    job = start_running(user, [row])
+
+    claimed = services.claim_rows(job_id=job.id, worker_id="w1", limit=1).rows[0]
+
+    assert list(claimed.data) == ["prompt", "model_response", "model", "zz_extra"]
+    assert list(claimed.data["model_response"][0]["tool_calls"][0]["arguments"]) == ["zeta", "alpha"]
+    assert claimed.data == row
+    assert list(ExtractRow.objects.get(pk=claimed.id).data["zz_extra"]) == ["b", "a"]
