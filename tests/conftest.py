@@ -7,7 +7,12 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from tests.fixtures_simulator import llm_simulator, sim  # noqa: F401  (shared fixtures)
-from tests.fixtures_worker import qcluster, start_worker, worker_process  # noqa: F401  (shared fixtures)
+from tests.fixtures_worker import (  # noqa: F401  (shared fixtures)
+    no_background_worker,
+    qcluster,
+    start_worker,
+    worker_process,
+)
 
 DATA = Path(__file__).parent / "data" / "airline_data_demo.jsonl"
 

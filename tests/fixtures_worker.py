@@ -141,3 +141,11 @@ def start_worker(worker_process, llm_simulator, tmp_path, request):
     if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
         for process in started:
             print(f"--- {process.log_path.name} ---\n{process.log_tail()}")
+
+
+@pytest.fixture
+def no_background_worker(worker_process):
+    """For transactional tests that run the worker loop themselves: the
+    session's qcluster, if an earlier test started it, would pick up the
+    tasks their jobs enqueue and take a share of the rows."""
+    worker_process.stop()

@@ -114,6 +114,7 @@ def run_extract(*arguments: str) -> tuple[str, str]:
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("no_background_worker")
 def test_extract_inline_writes_every_property_of_the_airline_rows(sim, airline_rows, tmp_path):
     rows = airline_rows[:12]
     source, output = tmp_path / "airline.jsonl", tmp_path / "out.jsonl"
@@ -136,6 +137,7 @@ def test_extract_inline_writes_every_property_of_the_airline_rows(sim, airline_r
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("no_background_worker")
 @pytest.mark.parametrize(("source_name", "output_name"), [("in.json", "out.csv"), ("in.csv", "out.parquet")])
 def test_extract_reads_and_writes_each_file_format(
     sim_env, user, airline_rows, tmp_path, settings, source_name, output_name
@@ -161,6 +163,7 @@ def test_extract_reads_and_writes_each_file_format(
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("no_background_worker")
 def test_extract_default_output_is_next_to_the_parquet_input(
     sim_env, django_user_model, airline_rows, tmp_path
 ):
@@ -177,6 +180,7 @@ def test_extract_default_output_is_next_to_the_parquet_input(
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("no_background_worker")
 def test_ctrl_c_cancels_the_job_and_keeps_what_was_extracted(sim, airline_rows, tmp_path):
     sim.configure(latency_ms=400)
     source, output = tmp_path / "airline.jsonl", tmp_path / "out.jsonl"
@@ -206,6 +210,7 @@ def test_ctrl_c_cancels_the_job_and_keeps_what_was_extracted(sim, airline_rows, 
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("no_background_worker")
 def test_extract_without_inline_says_when_no_worker_runs(worker_process, monkeypatch, tmp_path):
     worker_process.stop()  # another test may have started the session's worker
     monkeypatch.setattr(extract, "QUEUED_HINT_SECONDS", 0.2)

@@ -94,7 +94,7 @@ def test_an_unknown_model_fails_the_job_at_once(user, sim):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_cancel_during_a_backoff_sleep_is_honoured_at_once(user, sim):
+def test_a_cancel_during_a_backoff_sleep_is_honoured_at_once(user, sim, no_background_worker):
     sim.configure(retry_after=30)
     job = make_job(user, rows_with({0: "[[sim:429]]"}, count=1))
     cancelled = {}
@@ -121,7 +121,7 @@ def test_a_cancel_during_a_backoff_sleep_is_honoured_at_once(user, sim):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_chunk_task_delivered_twice_does_no_duplicate_work(user, sim):
+def test_a_chunk_task_delivered_twice_does_no_duplicate_work(user, sim, no_background_worker):
     sim.configure(latency_ms=30)
     job = make_job(user, simple_rows(40), max_workers=6)
     services.job_mark_running(job_id=job.id)

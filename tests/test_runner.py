@@ -153,7 +153,7 @@ def test_runner_makes_no_call_for_a_cancelled_job(user, sim):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_runner_aborts_calls_in_flight_the_moment_the_job_is_cancelled(user, sim):
+def test_runner_aborts_calls_in_flight_the_moment_the_job_is_cancelled(user, sim, no_background_worker):
     sim.configure(latency_ms=5000)
     job = make_job(user, simple_rows(10), max_workers=4)
     cancelled_at = {}

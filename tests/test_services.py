@@ -290,3 +290,21 @@ def test_rows_reach_the_worker_with_their_keys_in_the_order_sent(user):
     assert list(claimed.data["model_response"][0]["tool_calls"][0]["arguments"]) == ["zeta", "alpha"]
     assert claimed.data == row
     assert list(ExtractRow.objects.get(pk=claimed.id).data["zz_extra"]) == ["b", "a"]
+
+
+def test_a_batch_stores_the_rows_still_ours_when_one_was_taken_over(user):
+    job = start_running(user, simple_rows(3))
+    first, second = services.claim_rows(job_id=job.id, worker_id="w1", limit=2).rows
+    ExtractRow.objects.filter(pk=second.id).update(claimed_by="w2")
+
+    recorded = services.record_row_results(
+        job_id=job.id, worker_id="w1", results=[(first, done_outcome(2)), (second, done_outcome(3))]
+    )
+
+    job.refresh_from_db()
+    assert (recorded.stored, recorded.job_running) == (1, True)
+    assert (job.count_done, job.properties_count) == (1, 2)
+    assert ExtractRow.objects.get(pk=first.id).status == "done"
+    assert ExtractRow.objects.get(pk=second.id).status == "running"
+    assert Property.objects.filter(row_id=first.id).count() == 2
+    assert Property.objects.filter(row_id=second.id).count() == 0
