@@ -2,6 +2,7 @@
 with an API token, the web server, a django-q2 worker, and the LLM
 simulator when no OPENAI_API_KEY is set."""
 
+import contextlib
 import os
 import secrets
 import signal
@@ -64,7 +65,14 @@ class Command(BaseCommand):
         return secret_file.read_text().strip() if secret_file.exists() else None
 
     def spawn(self, command, *arguments, env=None):
-        return subprocess.Popen([sys.executable, MANAGE, command, *arguments], env=env or os.environ.copy())
+        # Each child in its own session: a terminal's Ctrl-C reaches only this
+        # command, which then stops each child exactly once (a qcluster that
+        # gets SIGINT twice can hang halfway through stopping).
+        return subprocess.Popen(
+            [sys.executable, MANAGE, command, *arguments],
+            env=env or os.environ.copy(),
+            start_new_session=True,
+        )
 
     def banner(self, *, port, password, token, simulated, env):
         base = f"http://127.0.0.1:{port}"
@@ -113,12 +121,14 @@ class Command(BaseCommand):
         for child in children:
             if child.poll() is None:
                 child.send_signal(signal.SIGINT)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 15
         for child in children:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 child.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.kill()
+            # Whatever is left of the child's group (a cluster's workers) goes too.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
         failed = [child.args[2] for child in children if child.returncode not in (0, -2, -15, None)]
         if failed:
             self.stderr.write(f"stopped: {', '.join(failed)} exited with an error")
