@@ -14,20 +14,9 @@ import pandas as pd
 from django.db.models import TextField
 from django.db.models.functions import Cast
 
-EXPORT_FIELDS = (
-    "id",
-    "job_id",
-    "row_index",
-    "question_id",
-    "model",
-    "property_description",
-    "category",
-    "reason",
-    "behavior_type",
-    "contains_errors",
-    "unexpected_behavior",
-    "evidence",
-)
+from .models import PROPERTY_CONTENT
+
+EXPORT_FIELDS = ("id", "job_id", "row_index", *PROPERTY_CONTENT)
 CHUNK = 2000
 
 CONTENT_TYPES = {

@@ -182,6 +182,21 @@ class ExtractRow(models.Model):
         return f"row {self.index} of job {self.job_id} ({self.status})"
 
 
+# What an extracted property says (facts §2), in the order every output
+# (API, exports) lists it; evidence last, as exports append it as JSON text.
+PROPERTY_CONTENT = (
+    "question_id",
+    "model",
+    "property_description",
+    "category",
+    "reason",
+    "behavior_type",
+    "contains_errors",
+    "unexpected_behavior",
+    "evidence",
+)
+
+
 class Property(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     job = models.ForeignKey(ExtractJob, on_delete=models.CASCADE, related_name="properties")

@@ -28,6 +28,7 @@ from extraction.rows import encode_row, question_id_for, sample_indexes
 from .events import log_event
 from .models import (
     ACTIVE_STATES,
+    PROPERTY_CONTENT,
     CompletionCache,
     ExtractJob,
     ExtractRow,
@@ -558,22 +559,7 @@ def _finish_rows(
     return [(row, outcome) for row, outcome in results if row.id in ours]
 
 
-PROPERTY_COLUMNS = (
-    "id",
-    "job_id",
-    "row_id",
-    "row_index",
-    "position",
-    "question_id",
-    "model",
-    "property_description",
-    "category",
-    "reason",
-    "evidence",
-    "behavior_type",
-    "contains_errors",
-    "unexpected_behavior",
-)
+PROPERTY_COLUMNS = ("id", "job_id", "row_id", "row_index", "position", *PROPERTY_CONTENT)
 
 
 def _insert_properties(job_id, results: list[tuple[ClaimedRow, RowOutcome]]) -> None:
@@ -594,15 +580,8 @@ def _insert_properties(job_id, results: list[tuple[ClaimedRow, RowOutcome]]) -> 
                     row.id,
                     row.index,
                     position,
-                    prop["question_id"],
-                    prop["model"],
-                    prop["property_description"],
-                    prop["category"],
-                    prop["reason"],
+                    *(prop[name] for name in PROPERTY_CONTENT[:-1]),
                     fields["evidence"].get_db_prep_value(prop["evidence"], connection),
-                    prop["behavior_type"],
-                    prop["contains_errors"],
-                    prop["unexpected_behavior"],
                 )
             )
     if not values:

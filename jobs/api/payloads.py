@@ -3,21 +3,9 @@ result is one query over the job's properties in input order."""
 
 from django.utils import timezone
 
-from ..models import ExtractJob, JobState, RowStatus
+from ..models import PROPERTY_CONTENT, ExtractJob, JobState, RowStatus
 
-PROPERTY_FIELDS = (
-    "id",
-    "question_id",
-    "row_index",
-    "model",
-    "property_description",
-    "category",
-    "reason",
-    "evidence",
-    "behavior_type",
-    "contains_errors",
-    "unexpected_behavior",
-)
+PROPERTY_FIELDS = ("id", "row_index", *PROPERTY_CONTENT)
 
 
 def status_payload(job: ExtractJob) -> dict:
