@@ -44,7 +44,17 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_rundev_starts_everything_says_how_to_log_in_and_stops_on_ctrl_c(tmp_path):
+@pytest.mark.parametrize(
+    "sigint",
+    [
+        signal.SIG_DFL,
+        # What a shell without job control does to a background command
+        # (`make run &` in a script); the children inherit it.
+        signal.SIG_IGN,
+    ],
+    ids=["terminal", "started-with-sigint-ignored"],
+)
+def test_rundev_starts_everything_says_how_to_log_in_and_stops_on_ctrl_c(tmp_path, sigint):
     port, simulator_port = free_port(), free_port()
     env = {key: value for key, value in os.environ.items() if key not in ("OPENAI_API_KEY", "DATABASE_URL")}
     env.update({"STRINGSIGHT_VAR_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1"})
@@ -65,6 +75,7 @@ def test_rundev_starts_everything_says_how_to_log_in_and_stops_on_ctrl_c(tmp_pat
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, sigint),
         )
     try:
         deadline = time.monotonic() + 60
@@ -101,6 +112,8 @@ def test_rundev_starts_everything_says_how_to_log_in_and_stops_on_ctrl_c(tmp_pat
         os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
         assert process.wait(timeout=30) == 0
         assert [pid for pid in children if alive(pid)] == []
+        # Every child stopped on the signal, none had to be killed.
+        assert "exited with an error" not in log.read_text()
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)

@@ -32,6 +32,10 @@ class Command(BaseCommand):
         password = self.ensure_admin()
         token = Token.objects.get_or_create(user=get_user_model().objects.get(username="admin"))[0].key
 
+        # A shell without job control starts background commands with SIGINT
+        # ignored, and children inherit that: restore it, or the web server
+        # would ignore the stop signal and be killed after the grace period.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         env = dict(os.environ)
         simulated = not env.get("OPENAI_API_KEY")
         children = []
