@@ -54,8 +54,6 @@ try {
   const source = schemaSource(scratch);
   const types = await generate(source.url);
   if (check) {
-    const fresh = join(scratch, "schema.ts");
-    writeFileSync(fresh, types);
     const committed = existsSync(TARGET) ? readFileSync(TARGET, "utf8") : "";
     if (committed !== types) {
       const ours = committed.split("\n");

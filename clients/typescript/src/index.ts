@@ -269,50 +269,17 @@ export function configure(options: ClientOptions): void {
   defaultClient = createClient(options);
 }
 
-export function extractJobStart(body: StartJobBody): Promise<StartJobResponse> {
-  return defaultClient.extractJobStart(body);
-}
-
-export function extractJobStatus(jobId: string): Promise<StatusResponse> {
-  return defaultClient.extractJobStatus(jobId);
-}
-
-export function extractJobResult(jobId: string): Promise<ResultResponse> {
-  return defaultClient.extractJobResult(jobId);
-}
-
-export function extractJobCancel(jobId: string): Promise<CancelJobResponse> {
-  return defaultClient.extractJobCancel(jobId);
-}
-
-export function listJobs(filters?: JobFilters): Promise<JobPage> {
-  return defaultClient.listJobs(filters);
-}
-
-export function iterateJobs(filters?: Omit<JobFilters, "cursor">): Items<JobStatus> {
-  return defaultClient.iterateJobs(filters);
-}
-
-export function getJob(jobId: string): Promise<JobDetail> {
-  return defaultClient.getJob(jobId);
-}
-
-export function deleteJob(jobId: string): Promise<void> {
-  return defaultClient.deleteJob(jobId);
-}
-
-export function resumeJob(jobId: string, options?: ResumeOptions): Promise<ResumeResponse> {
-  return defaultClient.resumeJob(jobId, options);
-}
-
-export function jobPropertiesPage(jobId: string, options?: PageOptions): Promise<PropertyPage> {
-  return defaultClient.jobPropertiesPage(jobId, options);
-}
-
-export function jobProperties(jobId: string, options?: Omit<PageOptions, "cursor">): Items<Property> {
-  return defaultClient.jobProperties(jobId, options);
-}
-
-export function downloadProperties(jobId: string, format: DownloadFormat): Promise<Response> {
-  return defaultClient.downloadProperties(jobId, format);
-}
+// The module-level functions: each is the default client's method, typed by
+// the Client interface so the two cannot drift apart.
+export const extractJobStart: Client["extractJobStart"] = (...args) => defaultClient.extractJobStart(...args);
+export const extractJobStatus: Client["extractJobStatus"] = (...args) => defaultClient.extractJobStatus(...args);
+export const extractJobResult: Client["extractJobResult"] = (...args) => defaultClient.extractJobResult(...args);
+export const extractJobCancel: Client["extractJobCancel"] = (...args) => defaultClient.extractJobCancel(...args);
+export const listJobs: Client["listJobs"] = (...args) => defaultClient.listJobs(...args);
+export const iterateJobs: Client["iterateJobs"] = (...args) => defaultClient.iterateJobs(...args);
+export const getJob: Client["getJob"] = (...args) => defaultClient.getJob(...args);
+export const deleteJob: Client["deleteJob"] = (...args) => defaultClient.deleteJob(...args);
+export const resumeJob: Client["resumeJob"] = (...args) => defaultClient.resumeJob(...args);
+export const jobPropertiesPage: Client["jobPropertiesPage"] = (...args) => defaultClient.jobPropertiesPage(...args);
+export const jobProperties: Client["jobProperties"] = (...args) => defaultClient.jobProperties(...args);
+export const downloadProperties: Client["downloadProperties"] = (...args) => defaultClient.downloadProperties(...args);
