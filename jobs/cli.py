@@ -2,6 +2,8 @@
 job found by its id or the start of it, a job's properties written to a
 file, the inline runner and the progress line."""
 
+import datetime
+import decimal
 import json
 import logging
 import math
@@ -99,8 +101,10 @@ def _plain(value):
         return [_nested(item) for item in value]
     if isinstance(value, dict):
         return {str(key): _nested(item) for key, item in value.items()}
-    if isinstance(value, pd.Timestamp):
+    if isinstance(value, datetime.date | datetime.time):  # pandas' Timestamp is a datetime too
         return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return float(value)
     if isinstance(value, np.generic):
         return value.item()
     return value

@@ -50,7 +50,13 @@ def property_records(properties, *, evidence_as_json: bool = False) -> Iterator[
         record["id"] = _dashed(record["id"])
         record["job_id"] = _dashed(record["job_id"])
         evidence = record["evidence"]
-        record["evidence"] = JSONText(evidence) if evidence_as_json else json.loads(evidence)
+        if not evidence_as_json:
+            record["evidence"] = json.loads(evidence)
+        elif "\\u" in evidence:
+            # SQLite stores JSON with non-ASCII escaped; a spreadsheet should show "ü".
+            record["evidence"] = JSONText(json.dumps(json.loads(evidence), ensure_ascii=False))
+        else:
+            record["evidence"] = JSONText(evidence)
         yield record
 
 

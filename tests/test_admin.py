@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from extraction.extract import RowOutcome
 from jobs import exports, services
-from jobs.admin import format_duration
+from jobs.formatting import format_duration
 from jobs.models import ExtractJob, ExtractRow, JobState, Property, RowStatus
 from tests.factories import done_outcome, make_job, property_dict, simple_rows
 

@@ -10,7 +10,8 @@ import sys
 import threading
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
+from decimal import Decimal
 
 import numpy as np
 import pandas as pd
@@ -21,8 +22,8 @@ from django.db import connection
 
 from extraction.extract import RowOutcome
 from jobs import exports, services
-from jobs.admin import format_cost
 from jobs.cli import read_rows
+from jobs.formatting import format_cost
 from jobs.management.commands import extract
 from jobs.models import ExtractJob
 from tests.factories import done_outcome, job_params, make_job, simple_rows
@@ -307,6 +308,36 @@ def test_read_rows_gives_the_rows_as_the_api_would_receive_them(tmp_path, name):
     write_rows(tmp_path / name, rows)
 
     assert read_rows(tmp_path / name) == rows
+
+
+def test_read_rows_makes_parquet_native_types_json(tmp_path):
+    # Columns typed by pandas or pyarrow rather than stored as JSON text.
+    pd.DataFrame(
+        {
+            "prompt": ["2+2?"],
+            "model": ["m"],
+            "model_response": [[{"role": "assistant", "content": "4"}]],
+            "asked_on": [date(2025, 1, 2)],
+            "asked_at": [pd.Timestamp("2025-01-02T03:04:05")],
+            "price": [Decimal("1.25")],
+            "tags": [["a", "b"]],
+        }
+    ).to_parquet(tmp_path / "rows.parquet", index=False)
+
+    rows = read_rows(tmp_path / "rows.parquet")
+
+    assert rows == [
+        {
+            "prompt": "2+2?",
+            "model": "m",
+            "model_response": [{"role": "assistant", "content": "4"}],
+            "asked_on": "2025-01-02",
+            "asked_at": "2025-01-02T03:04:05",
+            "price": 1.25,
+            "tags": ["a", "b"],
+        }
+    ]
+    json.dumps(rows)  # what the API stores: plain JSON
 
 
 def test_read_rows_takes_a_json_list_too(tmp_path):

@@ -29,16 +29,40 @@ def stored(user):
 
 
 def export(job, export_format) -> bytes:
-    records = exports.property_records(Property.objects.filter(job=job))
+    # As the API, the admin and the CLI call it: JSON text evidence for the text formats.
+    records = exports.property_records(
+        Property.objects.filter(job=job), evidence_as_json=export_format != "parquet"
+    )
     if export_format == "parquet":
         return exports.parquet_bytes(records)
     writer = exports.jsonl_chunks if export_format == "jsonl" else exports.csv_chunks
     return "".join(writer(records)).encode()
 
 
+def from_the_orm(job) -> list[dict]:
+    """What an export must hold, read through Django's own fields."""
+    return [
+        {
+            "id": str(prop.id),
+            "job_id": str(prop.job_id),
+            "row_index": prop.row_index,
+            **{
+                name: getattr(prop, name)
+                for name in exports.EXPORT_FIELDS
+                if name not in ("id", "job_id", "row_index")
+            },
+        }
+        for prop in Property.objects.filter(job=job).order_by("row_index", "position")
+    ]
+
+
+def test_records_are_the_stored_properties_in_input_order(stored):
+    assert list(exports.property_records(Property.objects.filter(job=stored))) == from_the_orm(stored)
+
+
 @pytest.mark.parametrize("export_format", ["jsonl", "csv", "parquet"])
 def test_every_format_round_trips_through_pandas(stored, export_format):
-    expected = list(exports.property_records(Property.objects.filter(job=stored)))
+    expected = from_the_orm(stored)
 
     frame = exports.read_export(export(stored, export_format), export_format)
 
@@ -51,6 +75,14 @@ def test_every_format_round_trips_through_pandas(stored, export_format):
     assert read_back == expected
     assert len(expected) == 6
     assert expected[0]["question_id"] == "007"
+
+
+@pytest.mark.parametrize("export_format", ["jsonl", "csv"])
+def test_text_exports_write_non_ascii_evidence_as_it_is(stored, export_format):
+    # SQLite stores JSON with "\u00fc" escapes; a spreadsheet must show "ü".
+    text = export(stored, export_format).decode()
+    assert "ünïcödé" in text
+    assert "\\u00" not in text
 
 
 def test_an_empty_export_still_has_its_header(user):

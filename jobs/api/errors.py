@@ -35,7 +35,7 @@ def exception_handler(exc, context):
 def with_field(field: str, message: str) -> str:
     """ "rows[3]: ..." as it is; "may not be blank" as "title: may not be blank"."""
     head = field.split(".")[0]
-    if message.startswith((f"{field}:", f"{head}:", f"{head}.", f"{head}[")):
+    if message.startswith((f"{head}:", f"{head}.", f"{head}[")):
         return message
     return f"{field}: {message}"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError
 
 from jobs import services
-from jobs.api.errors import flatten_errors
+from jobs.api.errors import flatten_errors, with_field
 from jobs.api.payloads import detail_payload
 from jobs.api.serializers import StartJobSerializer
 from jobs.cli import (
@@ -177,7 +177,7 @@ def validation_message(errors) -> str:
     for field, messages in flatten_errors(errors).items():
         for message in messages:
             # Row errors name their row already: "rows[3]: missing column ...".
-            lines.append(message if message.startswith(field.split(".")[0]) else f"{field}: {message}")
+            lines.append(with_field(field, message))
     return "\n".join(lines)
 
 
