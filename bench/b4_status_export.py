@@ -188,7 +188,8 @@ def export_in_process(job_id: str) -> dict:
     rss_before = psutil.Process().memory_info().rss
     started = time.perf_counter()
     size = lines = 0
-    for chunk in exports.jsonl_chunks(exports.property_records(Property.objects.filter(job_id=job_id))):
+    records = exports.export_records(Property.objects.filter(job_id=job_id), "jsonl")
+    for chunk in exports.TEXT_WRITERS["jsonl"](records):
         data = chunk.encode()
         size += len(data)
         lines += data.count(b"\n")
@@ -242,7 +243,7 @@ def export(session: harness.Session, api: Api, sampler, job_id: str) -> dict:
     out, _ = process.communicate()
     result = json.loads(out.splitlines()[-1])
     reason = f"the endpoint answered {streamed['status']}"
-    return {**result, "path": f"in-process jobs.exports.jsonl_chunks in a fresh process ({reason})"}
+    return {**result, "path": f"in-process jobs.exports JSONL writer in a fresh process ({reason})"}
 
 
 @contextlib.contextmanager

@@ -276,11 +276,10 @@ def properties_url(job: ExtractJob) -> str:
 
 
 def properties_download(jobs, export_format: str) -> StreamingHttpResponse:
-    records = exports.property_records(
-        Property.objects.filter(job__in=jobs.values("pk")), evidence_as_json=True
+    records = exports.export_records(Property.objects.filter(job__in=jobs.values("pk")), export_format)
+    response = StreamingHttpResponse(
+        exports.TEXT_WRITERS[export_format](records), content_type=exports.CONTENT_TYPES[export_format]
     )
-    writer = exports.csv_chunks if export_format == "csv" else exports.jsonl_chunks
-    response = StreamingHttpResponse(writer(records), content_type=exports.CONTENT_TYPES[export_format])
     filename = f"properties-{timezone.now():%Y%m%d-%H%M%S}.{export_format}"
     response["Content-Disposition"] = f'attachment; filename="{filename}"'
     return response

@@ -148,7 +148,7 @@ def write_properties(job: ExtractJob, path: Path) -> int:
     def counted():
         nonlocal written
         properties = Property.objects.filter(job_id=job.pk)
-        for record in exports.property_records(properties, evidence_as_json=kind != "parquet"):
+        for record in exports.export_records(properties, kind):
             written += 1
             yield record
 
@@ -157,9 +157,8 @@ def write_properties(job: ExtractJob, path: Path) -> int:
         if kind == "parquet":
             partial.write_bytes(exports.parquet_bytes(counted()))
         else:
-            chunks = exports.jsonl_chunks if kind == "jsonl" else exports.csv_chunks
             with partial.open("w", encoding="utf-8", newline="") as out:
-                for chunk in chunks(counted()):
+                for chunk in exports.TEXT_WRITERS[kind](counted()):
                     out.write(chunk)
         partial.replace(path)
     finally:

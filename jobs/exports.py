@@ -98,6 +98,16 @@ def csv_chunks(records: Iterable[dict]) -> Iterator[str]:
         yield ",".join(EXPORT_FIELDS) + "\n"
 
 
+# The streamed formats, by name; parquet is written whole (parquet_bytes).
+TEXT_WRITERS = {"jsonl": jsonl_chunks, "csv": csv_chunks}
+
+
+def export_records(properties, export_format: str) -> Iterator[dict]:
+    """property_records in the form `export_format`'s writer takes: the
+    text formats write the evidence's stored JSON text as it is."""
+    return property_records(properties, evidence_as_json=export_format in TEXT_WRITERS)
+
+
 def parquet_bytes(records: Iterable[dict]) -> bytes:
     frame = pd.DataFrame.from_records(list(records), columns=list(EXPORT_FIELDS))
     buffer = io.BytesIO()

@@ -29,14 +29,11 @@ def stored(user):
 
 
 def export(job, export_format) -> bytes:
-    # As the API, the admin and the CLI call it: JSON text evidence for the text formats.
-    records = exports.property_records(
-        Property.objects.filter(job=job), evidence_as_json=export_format != "parquet"
-    )
+    # As the API, the admin and the CLI call it.
+    records = exports.export_records(Property.objects.filter(job=job), export_format)
     if export_format == "parquet":
         return exports.parquet_bytes(records)
-    writer = exports.jsonl_chunks if export_format == "jsonl" else exports.csv_chunks
-    return "".join(writer(records)).encode()
+    return "".join(exports.TEXT_WRITERS[export_format](records)).encode()
 
 
 def from_the_orm(job) -> list[dict]:

@@ -350,14 +350,15 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
             ) from None
 
     def download(self, job: ExtractJob, download: str):
-        records = exports.property_records(job.properties.all(), evidence_as_json=download != "parquet")
+        records = exports.export_records(job.properties.all(), download)
         if download == "parquet":
             response = HttpResponse(
                 exports.parquet_bytes(records), content_type=exports.CONTENT_TYPES["parquet"]
             )
         else:
-            chunks = exports.jsonl_chunks(records) if download == "jsonl" else exports.csv_chunks(records)
-            response = StreamingHttpResponse(chunks, content_type=exports.CONTENT_TYPES[download])
+            response = StreamingHttpResponse(
+                exports.TEXT_WRITERS[download](records), content_type=exports.CONTENT_TYPES[download]
+            )
         response["Content-Disposition"] = f'attachment; filename="job-{job.id}-properties.{download}"'
         return response
 
