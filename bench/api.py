@@ -120,7 +120,6 @@ class JobRun:
     final: dict
     start_seconds: float
     e2e_seconds: float
-    running_seconds: float
     window: Window
 
     @property
@@ -130,6 +129,10 @@ class JobRun:
     @property
     def finished_at(self) -> float:
         return timestamp(self.final["finished_at"])
+
+    @property
+    def running_seconds(self) -> float:
+        return self.finished_at - self.started_at
 
     @property
     def finished_rows(self) -> int:
@@ -154,7 +157,6 @@ def run_job(api: Api, sampler: Sampler, body: bytes, *, poll_interval: float = 0
         final=final,
         start_seconds=started.seconds,
         e2e_seconds=finished - sent,
-        running_seconds=finished - timestamp(final["started_at"]),
         window=window,
     )
 

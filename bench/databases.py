@@ -25,7 +25,6 @@ class BenchDatabase:
     def __init__(self, kind: str, *, name: str, work_dir: Path, postgres_url: str):
         self.kind = kind
         self.name = name
-        self.work_dir = work_dir
         self.postgres_url = postgres_url
         if kind == "sqlite":
             self.path = work_dir / f"{name}.sqlite3"

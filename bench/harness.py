@@ -246,8 +246,9 @@ class Session:
         user = get_user_model().objects.create_user("bench", password=None)
         self.token = Token.objects.create(user=user).key
 
-    def simulate(self, *, latency_ms: float, jitter_ms: float = 0.0) -> None:
-        self.simulator.configure(latency_ms=latency_ms, jitter_ms=jitter_ms)
+    def simulate(self, *, latency_ms: float, jitter_ms: float = 0.0, **faults) -> None:
+        """Set the simulator's latency (and any fault rates) and clear its log."""
+        self.simulator.configure(latency_ms=latency_ms, jitter_ms=jitter_ms, **faults)
         self.simulator.reset()
 
     @contextlib.contextmanager

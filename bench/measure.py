@@ -60,9 +60,6 @@ class Window:
         """CPU seconds per wall second: 1.0 is one core kept busy."""
         return self.cpu.get(group, 0.0) / self.wall if self.wall else 0.0
 
-    def peak_rss_of(self, group: str) -> int:
-        return max((rss for (name, _), rss in self.peak_rss.items() if name == group), default=0)
-
     def rss_growth_of(self, group: str) -> int:
         """The largest rise of any one process's RSS above where it started."""
         return max(
@@ -155,9 +152,6 @@ class Sampler:
             end = self.cpu_totals()
             window.cpu = {group: end[group] - window.cpu_start.get(group, 0.0) for group in end}
         return window
-
-    def live_pids(self, group: str) -> list[int]:
-        return list(self.groups[group]())
 
 
 def percentile(values: Iterable[float], p: float) -> float:

@@ -136,9 +136,35 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class WebServer:
+class _Process:
+    """A Service that knows when it is ready to use (`_ready`, on its log)."""
+
+    service: Service
+
+    @property
+    def pid(self) -> int:
+        return self.service.pid
+
+    def spawn(self) -> None:
+        self.service.spawn()
+
+    def wait_ready(self) -> None:
+        self.service.wait_ready(self._ready)
+
+    def _ready(self, log_text: str) -> bool:
+        raise NotImplementedError
+
+    def request_stop(self) -> None:
+        # SIGINT: a quick shutdown for gunicorn too (its graceful one, on
+        # SIGTERM, waits on kept-alive connections).
+        self.service.request_stop(signal.SIGINT)
+
+    def wait_stopped(self) -> None:
+        self.service.wait_stopped()
+
+
+class WebServer(_Process):
     def __init__(self, server: str, env: dict[str, str], log_path: Path, *, workers: int):
-        self.server = server
         self.base_url = ""
         if server == "gunicorn":
             argv = [
@@ -174,16 +200,6 @@ class WebServer:
             ]
         self.service = Service(server, argv, env, log_path)
 
-    @property
-    def pid(self) -> int:
-        return self.service.pid
-
-    def spawn(self) -> None:
-        self.service.spawn()
-
-    def wait_ready(self) -> None:
-        self.service.wait_ready(self._ready)
-
     def _ready(self, log_text: str) -> bool:
         if not self.base_url:
             match = GUNICORN_READY.search(log_text)
@@ -199,30 +215,13 @@ class WebServer:
         finally:
             connection.close()
 
-    def request_stop(self) -> None:
-        # A quick shutdown for both; gunicorn's graceful one waits on kept-alive connections.
-        self.service.request_stop(signal.SIGINT)
 
-    def wait_stopped(self) -> None:
-        self.service.wait_stopped()
-
-
-class Cluster:
+class Cluster(_Process):
     """One `manage.py qcluster` with its worker processes."""
 
     def __init__(self, env: dict[str, str], log_path: Path, *, workers: int):
         self.workers = workers
         self.service = Service("qcluster", [sys.executable, "manage.py", "qcluster"], env, log_path)
-
-    @property
-    def pid(self) -> int:
-        return self.service.pid
-
-    def spawn(self) -> None:
-        self.service.spawn()
-
-    def wait_ready(self) -> None:
-        self.service.wait_ready(self._ready)
 
     def _ready(self, log_text: str) -> bool:
         return "running." in log_text and len(WORKER_READY.findall(log_text)) >= self.workers
@@ -230,12 +229,6 @@ class Cluster:
     def worker_pids(self) -> list[int]:
         """The task-running processes (not the sentinel, pusher or monitor)."""
         return [int(pid) for pid in WORKER_READY.findall(self.service.log_text())]
-
-    def request_stop(self) -> None:
-        self.service.request_stop(signal.SIGINT)
-
-    def wait_stopped(self) -> None:
-        self.service.wait_stopped()
 
 
 class Profiler:

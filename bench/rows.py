@@ -22,21 +22,21 @@ def default_spec(method: str):
     API's defaults, for benchmarks that call the LLM without a job."""
     from django.conf import settings
 
-    from extraction.extract import ExtractionSpec
-    from extraction.llm import CallSettings
-    from extraction.prompts import resolve_system_prompt, response_format
+    from extraction.prompts import resolve_system_prompt
+    from jobs.api.serializers import DEFAULTS
+    from jobs.models import ExtractJob
+    from jobs.runner import RunnerSettings, extraction_spec
 
-    return ExtractionSpec(
+    job = ExtractJob(  # never saved: only what extraction_spec reads
         method=method,
-        system_prompt=resolve_system_prompt("default", method),
-        call=CallSettings(
-            model=settings.STRINGSIGHT_DEFAULT_MODEL,
-            temperature=0.6,
-            top_p=0.95,
-            max_tokens=2048,
-            response_format=response_format(method) if settings.STRINGSIGHT_STRUCTURED_OUTPUT else None,
-        ),
+        model_name=settings.STRINGSIGHT_DEFAULT_MODEL,
+        resolved_system_prompt=resolve_system_prompt(DEFAULTS["system_prompt"], method),
+        **{
+            name: DEFAULTS[name]
+            for name in ("temperature", "top_p", "max_tokens", "include_scores_in_prompt")
+        },
     )
+    return extraction_spec(job, RunnerSettings.from_django())
 
 
 def airline_rows(count: int, *, first: int = 0) -> list[dict]:

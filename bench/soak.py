@@ -52,8 +52,7 @@ def run(session: harness.Session, args) -> Report:
     report.setting("faults", ", ".join(f"{name} {value}" for name, value in FAULTS.items()))
 
     session.fresh_database()
-    session.simulator.configure(latency_ms=150, jitter_ms=100, **FAULTS)
-    session.simulator.reset()
+    session.simulate(latency_ms=150, jitter_ms=100, **FAULTS)
     started = time.monotonic()
     kills = []
     with session.web(**SETTINGS) as web:
