@@ -32,10 +32,10 @@ from bench.processes import (
     Cluster,
     Profiler,
     Service,
-    SimulatorClient,
     WebServer,
     describe_server,
 )
+from extraction.simulator_client import SimulatorClient
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WORK_DIR = ROOT / "var" / "bench"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import json
 import os
 import re
 import shutil
@@ -14,12 +13,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from extraction.simulator_client import READY_PREFIX
+
 ROOT = Path(__file__).resolve().parent.parent
-SIMULATOR_READY = re.compile(r"LLM simulator listening on (\S+)")
+SIMULATOR_READY = re.compile(re.escape(READY_PREFIX) + r"(\S+)")
 GUNICORN_READY = re.compile(r"Listening at: (http://\S+)")
 WORKER_READY = re.compile(r"ready for work at (\d+)")
 
@@ -90,36 +90,6 @@ class Service:
 
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
-
-
-class SimulatorClient:
-    """The simulator's control endpoints (/_sim/...)."""
-
-    def __init__(self, base_url: str):
-        self.base_url = base_url
-        self.root_url = base_url.removesuffix("/v1")
-        # An HTTP(S)_PROXY in the environment must not capture loopback calls.
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-    def configure(self, **options) -> dict:
-        return self._call("POST", "/_sim/config", options)
-
-    def reset(self) -> None:
-        self._call("POST", "/_sim/reset", {})
-
-    def stats(self) -> dict:
-        return self._call("GET", "/_sim/stats")
-
-    def requests(self, since: int = 0) -> list[dict]:
-        return self._call("GET", f"/_sim/requests?since={since}")["requests"]
-
-    def _call(self, method: str, path: str, payload: dict | None = None):
-        data = None if payload is None else json.dumps(payload).encode()
-        request = urllib.request.Request(
-            self.root_url + path, data=data, method=method, headers={"Content-Type": "application/json"}
-        )
-        with self._opener.open(request, timeout=30) as response:
-            return json.load(response)
 
 
 def describe_server(server: str, workers: int) -> str:

@@ -2,56 +2,29 @@
 and a small client for its control endpoints (/_sim/...)."""
 
 import hashlib
-import json
 import queue
 import subprocess
 import sys
 import threading
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from extraction import simulator_client
+from extraction.simulator_client import READY_PREFIX
+
 ROOT = Path(__file__).resolve().parent.parent
-READY_PREFIX = "LLM simulator listening on "
 
 
-class SimulatorClient:
-    """Talks to a running simulator; `base_url` is what the openai SDK needs."""
+class SimulatorClient(simulator_client.SimulatorClient):
+    """The session's simulator, which a test may reconfigure and then restore."""
 
     def __init__(self, base_url: str):
-        self.base_url = base_url
-        self.root_url = base_url.removesuffix("/v1")
-        # An HTTP(S)_PROXY in the environment must not capture loopback calls.
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        super().__init__(base_url, timeout=10)
         self.defaults = self.config()
-
-    def configure(self, **options) -> dict:
-        """Change options at run time; a bad option raises urllib.error.HTTPError (400)."""
-        return self._call("POST", "/_sim/config", options)
-
-    def config(self) -> dict:
-        return self._call("GET", "/_sim/config")
 
     def restore_defaults(self) -> dict:
         return self.configure(**self.defaults)
-
-    def reset(self) -> None:
-        self._call("POST", "/_sim/reset", {})
-
-    def requests(self) -> list[dict]:
-        return self._call("GET", "/_sim/requests")["requests"]
-
-    def stats(self) -> dict:
-        return self._call("GET", "/_sim/stats")
-
-    def _call(self, method: str, path: str, payload: dict | None = None):
-        data = None if payload is None else json.dumps(payload).encode()
-        request = urllib.request.Request(
-            self.root_url + path, data=data, method=method, headers={"Content-Type": "application/json"}
-        )
-        with self._opener.open(request, timeout=10) as response:
-            return json.load(response)
 
 
 def user_sha256(user_content: str) -> str:

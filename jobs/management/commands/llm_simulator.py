@@ -3,6 +3,7 @@
 from django.core.management.base import BaseCommand, CommandError
 
 from extraction.simulator import SimulatorOptions, loopback_host, run
+from extraction.simulator_client import READY_PREFIX
 
 
 def _models(value: str) -> list[str]:
@@ -51,5 +52,5 @@ class Command(BaseCommand):
     def _announce(self, host: str, port: int):
         # Tests read this exact line to learn the port.
         shown = f"[{host}]" if ":" in host else host
-        self.stdout.write(f"LLM simulator listening on http://{shown}:{port}/v1")
+        self.stdout.write(f"{READY_PREFIX}http://{shown}:{port}/v1")
         self.stdout.flush()
