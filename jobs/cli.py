@@ -21,7 +21,7 @@ from django.core.management.base import CommandError
 from django.db import connection
 
 from . import exports, services
-from .formatting import format_cost, job_id_search
+from .formatting import format_cost, format_duration, job_id_search
 from .models import ExtractJob, ExtractRow, JobState, Property, RowStatus
 from .runner import ChunkRunner, RunnerSettings
 
@@ -309,15 +309,6 @@ def progress_text(detail: dict) -> str:
     return (
         f"{detail['state']:<9} [{bar}] {detail['count_done']}/{total} done, {detail['count_failed']} failed"
         f" | {f'{rate:.1f} rows/s' if rate else '— rows/s'}"
-        f" | ETA {format_seconds(eta) if eta is not None else '—'}"
+        f" | ETA {format_duration(eta, compact=True) if eta is not None else '—'}"
         f" | {detail['usage']['total_tokens']:,} tokens | {format_cost(detail['cost_usd'])}"
     )
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"

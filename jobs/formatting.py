@@ -9,13 +9,16 @@ from django.db.models import Q
 HEX_PREFIX = re.compile(r"[0-9a-f]{4,32}")
 
 
-def format_duration(elapsed: timedelta) -> str:
-    seconds = max(0, round(elapsed.total_seconds()))
+def format_duration(elapsed: timedelta | float, *, compact: bool = False) -> str:
+    """A duration (or seconds) at a glance: "42 s", "3 min 05 s", "2 h 07 min";
+    compact, for a progress line: "42s", "3m05s", "2h07m"."""
+    seconds = max(0, round(elapsed.total_seconds() if isinstance(elapsed, timedelta) else elapsed))
+    second, minute, hour, gap = ("s", "m", "h", "") if compact else (" s", " min", " h", " ")
     if seconds < 60:
-        return f"{seconds} s"
+        return f"{seconds}{second}"
     if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds // 60 % 60:02d} min"
+        return f"{seconds // 60}{minute}{gap}{seconds % 60:02d}{second}"
+    return f"{seconds // 3600}{hour}{gap}{seconds // 60 % 60:02d}{minute}"
 
 
 def format_cost(cost: float | None) -> str:

@@ -22,8 +22,8 @@ from django.db import connection
 
 from extraction.extract import RowOutcome
 from jobs import exports, services
-from jobs.cli import read_rows
-from jobs.formatting import format_cost
+from jobs.cli import progress_text, read_rows
+from jobs.formatting import format_cost, format_duration
 from jobs.management.commands import extract
 from jobs.models import ExtractJob
 from tests.factories import done_outcome, job_params, make_job, simple_rows
@@ -338,6 +338,35 @@ def test_read_rows_makes_parquet_native_types_json(tmp_path):
         }
     ]
     json.dumps(rows)  # what the API stores: plain JSON
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [(0, "0s"), (59.4, "59s"), (125, "2m05s"), (7380, "2h03m")],
+)
+def test_progress_durations_are_compact(seconds, shown):
+    assert format_duration(seconds, compact=True) == shown
+
+
+def test_the_progress_line_shows_rate_eta_tokens_and_cost():
+    detail = {
+        "state": "running",
+        "count_total": 40,
+        "count_done": 9,
+        "count_failed": 1,
+        "rows_per_second": 2.54,
+        "eta_seconds": 118.2,
+        "usage": {"total_tokens": 251230},
+        "cost_usd": 0.0451,
+    }
+
+    assert progress_text(detail) == (
+        "running   [######..................] 9/40 done, 1 failed"
+        " | 2.5 rows/s | ETA 1m58s | 251,230 tokens | $0.0451"
+    )
+    assert progress_text({**detail, "rows_per_second": None, "eta_seconds": None}).endswith(
+        "| — rows/s | ETA — | 251,230 tokens | $0.0451"
+    )
 
 
 def test_read_rows_takes_a_json_list_too(tmp_path):

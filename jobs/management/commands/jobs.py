@@ -8,8 +8,8 @@ from django.utils import timezone
 
 from jobs import services
 from jobs.api.payloads import detail_payload
-from jobs.cli import find_job, format_seconds, quiet_logs, user_named
-from jobs.formatting import format_cost
+from jobs.cli import find_job, quiet_logs, user_named
+from jobs.formatting import format_cost, format_duration
 from jobs.models import ExtractJob, JobState, RowStatus
 
 FAILED_ROWS_SHOWN = 5
@@ -103,7 +103,7 @@ class Command(BaseCommand):
             eta = detail["eta_seconds"]
             lines.append(
                 f"  rate:        {detail['rows_per_second']:.1f} rows/s, "
-                f"ETA {format_seconds(eta) if eta is not None else '—'}"
+                f"ETA {format_duration(eta, compact=True) if eta is not None else '—'}"
             )
         for name in ("created_at", "started_at", "finished_at", "cancelled_at"):
             if detail[name] is not None:
