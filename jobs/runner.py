@@ -222,7 +222,7 @@ class ChunkRunner:
             future = self.loop_thread.submit(call)
             self.in_flight[row.id] = future
             future.add_done_callback(lambda done, row=row: self.results.put((row, done)))
-        return self._record(answered) if answered else None
+        return self._record(answered)
 
     def _record_arrivals(self, timeout: float) -> str | None:
         """Record every result that has arrived, waiting up to `timeout` for
@@ -255,7 +255,7 @@ class ChunkRunner:
                 )
             else:
                 results.append((row, future.result()))
-        return self._record(results) if results else None
+        return self._record(results)
 
     def _record(self, results: list[tuple[services.ClaimedRow, RowOutcome]]) -> str | None:
         if not results:
