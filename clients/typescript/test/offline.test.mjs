@@ -1,0 +1,52 @@
+// The built client (dist/) against a fetch of our own: what it sends, and
+// the errors it makes of answers that are not the API's. No server needed.
+import assert from "node:assert/strict";
+import { test } from "node:test";
+
+import { ApiError, createClient } from "../dist/index.js";
+
+function recording(answer) {
+  const calls = [];
+  const fetch = async (url, init) => {
+    calls.push({ url: String(url), init });
+    return answer();
+  };
+  return { calls, fetch };
+}
+
+test("a proxy's error page becomes an ApiError with its text in body", async () => {
+  const page = "<html><body>502 Bad Gateway</body></html>";
+  const { fetch } = recording(() => new Response(page, { status: 502, statusText: "Bad Gateway" }));
+  const client = createClient({ baseUrl: "http://api.invalid", token: "t", fetch });
+
+  const error = await client.extractJobStatus("some-id").then(
+    () => assert.fail("a 502 must reject"),
+    (caught) => caught,
+  );
+
+  assert.ok(error instanceof ApiError);
+  assert.deepEqual(
+    [error.status, error.code, error.detail, error.message, error.body],
+    [502, "error", "HTTP 502 Bad Gateway", "HTTP 502 Bad Gateway", page],
+  );
+});
+
+test("the token, extra headers and the base URL reach fetch; no token sends no Authorization", async () => {
+  const ok = () => Response.json({ job_id: "j", state: "done" });
+  const withToken = recording(ok);
+  await createClient({
+    baseUrl: "http://api.invalid/",
+    token: "abc",
+    headers: { "X-Trace": "1" },
+    fetch: withToken.fetch,
+  }).extractJobStatus("j 1");
+
+  const [call] = withToken.calls;
+  assert.equal(call.url, "http://api.invalid/extract/jobs/status?job_id=j+1");
+  assert.equal(call.init.headers.Authorization, "Token abc");
+  assert.equal(call.init.headers["X-Trace"], "1");
+
+  const anonymous = recording(ok);
+  await createClient({ baseUrl: "http://api.invalid", token: null, fetch: anonymous.fetch }).extractJobStatus("j");
+  assert.equal("Authorization" in anonymous.calls[0].init.headers, false);
+});
