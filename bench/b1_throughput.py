@@ -11,7 +11,7 @@ if __package__ in (None, ""):  # run as a script: the repository root must be im
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import harness
-from bench.api import job_figures, run_job
+from bench.api import job_figures
 from bench.measure import Report
 from bench.rows import airline_rows, rows_description, start_body
 
@@ -40,11 +40,7 @@ def run(session: harness.Session, args) -> Report:
     session.fresh_database()
     session.simulate(latency_ms=args.latency_ms)
     body = start_body(batch, max_workers=max_workers)
-    with (
-        session.web_and_cluster(workers) as (web, cluster),
-        session.sampler(web=web, cluster=cluster) as sampler,
-    ):
-        job = run_job(session.api(web), sampler, body)
+    job = session.run_job(body, workers=workers)
     simulator = session.simulator.stats()
 
     rate = job.finished_rows / job.running_seconds

@@ -12,7 +12,7 @@ if __package__ in (None, ""):  # run as a script: the repository root must be im
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import harness
-from bench.api import job_figures, run_job
+from bench.api import job_figures
 from bench.measure import Report
 from bench.rows import airline_rows, rows_description, start_body
 
@@ -38,11 +38,7 @@ def run(session: harness.Session, args) -> Report:
     session.fresh_database()
     session.simulate(latency_ms=0)
     body = start_body(batch, max_workers=args.max_workers)
-    with (
-        session.web_and_cluster(workers) as (web, cluster),
-        session.sampler(web=web, cluster=cluster) as sampler,
-    ):
-        job = run_job(session.api(web), sampler, body)
+    job = session.run_job(body, workers=workers)
 
     e2e_rate = job.finished_rows / job.e2e_seconds
     report.figure(

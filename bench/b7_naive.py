@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a script: the repository root must be im
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import harness
-from bench.api import job_figures, run_job
+from bench.api import job_figures
 from bench.measure import Report, mean_in_flight
 from bench.rows import airline_rows, default_spec, rows_description, start_body
 
@@ -93,11 +93,7 @@ def run(session: harness.Session, args) -> Report:
     # Our run gets a clean request log and counters.
     session.simulate(latency_ms=args.latency_ms)
     body = start_body(batch, max_workers=concurrency)
-    with (
-        session.web_and_cluster(workers) as (web, cluster),
-        session.sampler(web=web, cluster=cluster) as sampler,
-    ):
-        ours = run_job(session.api(web), sampler, body)
+    ours = session.run_job(body, workers=workers)
 
     overhead = ours.e2e_seconds / naive["seconds"] - 1
     report.figure("naive: wall seconds (thread pool, no database)", naive["seconds"], "{:,.2f}")

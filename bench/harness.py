@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from bench.api import Api
+from bench.api import Api, JobRun, run_job
 from bench.databases import BenchDatabase
 from bench.measure import Report, Sampler, tree_pids
 from bench.processes import (
@@ -265,6 +265,15 @@ class Session:
     def web_and_cluster(self, workers: int, **env: str) -> Iterator[tuple[WebServer, Cluster]]:
         with self.running(self.web_server(**env), self.qcluster(workers, **env)) as both:
             yield both
+
+    def run_job(self, body: bytes, *, workers: int) -> JobRun:
+        """One job over HTTP against a fresh web server and a cluster of
+        `workers`, with every process's CPU sampled throughout."""
+        with (
+            self.web_and_cluster(workers) as (web, cluster),
+            self.sampler(web=web, cluster=cluster) as sampler,
+        ):
+            return run_job(self.api(web), sampler, body)
 
     def web_server(self, **env: str) -> WebServer:
         return WebServer(self.server, self.env(**env), self.log_path("web"), workers=self.web_workers)
