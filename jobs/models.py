@@ -77,10 +77,6 @@ class ExtractJob(models.Model):
     # When tasks were last enqueued for the job; the sweep re-enqueues only
     # for a job that has gone a lease period without work or progress.
     work_enqueued_at = models.DateTimeField(null=True, blank=True)
-    # A worker that found every slot of the job taken; the others then leave
-    # it a fair share as their calls finish (see services.claim_rows).
-    claim_waiter = models.CharField(max_length=150, blank=True, default="")
-    claim_waiting_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
@@ -226,6 +222,27 @@ class Property(models.Model):
 
     def __str__(self) -> str:
         return self.property_description[:80]
+
+
+class WorkerSlots(models.Model):
+    """How many of a job's max_workers LLM calls one worker may have in
+    flight. The grants of a job's workers never add up to more than its
+    max_workers: a worker raises its own only with the job row locked, and
+    starts no call beyond it (see services.grow_slots)."""
+
+    job = models.ForeignKey(ExtractJob, on_delete=models.CASCADE, related_name="worker_slots")
+    worker_id = models.CharField(max_length=150)
+    slots = models.PositiveIntegerField(default=0)
+    # False once the worker has no rows left to call: its share goes to the others.
+    wants = models.BooleanField(default=True)
+    # A grant not renewed for a lease period belongs to a dead worker.
+    renewed_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["job", "worker_id"], name="slots_job_worker")]
+
+    def __str__(self) -> str:
+        return f"{self.worker_id}: {self.slots} slots"
 
 
 class CompletionCache(models.Model):

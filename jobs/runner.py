@@ -1,14 +1,20 @@
 """One chunk task's work on a job.
 
 The calling thread owns the database: it claims rows, records each result
-the moment it arrives and re-reads the job row at least every poll
-interval. LLM calls run on an asyncio loop in a helper thread, up to the
-job's max_workers at once. When the job stops running (cancelled, failed,
-or done by another worker) every call in flight is cancelled, which closes
-its connection, and its answer is never stored.
+the moment it arrives and re-reads the job at least every poll interval.
+LLM calls run on an asyncio loop in a helper thread, as many at once as the
+worker's slot grant: its share of the job's max_workers, kept in the
+database so that the job's workers together never exceed it. The loop
+starts the next call from a small reserve of claimed rows the moment one
+ends, so a slot is a call in flight, not a row waiting to be claimed or
+recorded. When the job stops running (cancelled, failed, or done by another
+worker) no call starts any more and every call in flight is cancelled,
+which closes its connection; its answer is never stored.
 """
 
 import asyncio
+import collections
+import functools
 import logging
 import os
 import queue
@@ -16,7 +22,7 @@ import socket
 import threading
 import time
 import uuid
-from concurrent.futures import Future
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -99,11 +105,8 @@ class _LoopThread:
         self._thread = threading.Thread(target=self.loop.run_forever, name="llm-calls", daemon=True)
         self._thread.start()
 
-    def submit(self, coroutine) -> Future:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
-
     def close(self, client) -> None:
-        self.submit(_cancel_everything(client)).result(timeout=30)
+        asyncio.run_coroutine_threadsafe(_cancel_everything(client), self.loop).result(timeout=30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=30)
         self.loop.close()
@@ -117,6 +120,77 @@ async def _cancel_everything(client) -> None:
     await client.close()
 
 
+Call = Callable[[], Awaitable[RowOutcome]]
+
+
+class _CallPool:
+    """The runner's LLM calls, started on the event loop. Claimed rows wait
+    in a reserve, and the loop starts the next call the moment one ends, up
+    to the worker's slot grant, without waiting for the database thread.
+    The lock makes "start a call" and "lower the cap" exclusive, so once
+    lower_cap returns no call starts beyond the new cap."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, results: queue.SimpleQueue):
+        self._loop = loop
+        self._results = results
+        self._lock = threading.Lock()
+        self._cap = 0
+        self._in_flight = 0
+        self._reserve: collections.deque[tuple[services.ClaimedRow, Call]] = collections.deque()
+
+    # From the database thread.
+
+    def add(self, calls: list[tuple[services.ClaimedRow, Call]]) -> None:
+        with self._lock:
+            self._reserve.extend(calls)
+        self._loop.call_soon_threadsafe(self._fill)
+
+    def counts(self) -> tuple[int, int]:
+        """Calls in flight, and rows waiting for a slot."""
+        with self._lock:
+            return self._in_flight, len(self._reserve)
+
+    def lower_cap(self, cap: int) -> int:
+        """Start no call beyond `cap` from now on; returns the calls in flight."""
+        with self._lock:
+            self._cap = min(self._cap, cap)
+            return self._in_flight
+
+    def set_cap(self, cap: int) -> None:
+        with self._lock:
+            self._cap = cap
+        self._loop.call_soon_threadsafe(self._fill)
+
+    def stop(self) -> None:
+        """No call starts after this returns."""
+        with self._lock:
+            self._cap = 0
+            self._reserve.clear()
+
+    # On the event loop.
+
+    def _fill(self) -> None:
+        while True:
+            with self._lock:
+                if self._in_flight >= self._cap or not self._reserve:
+                    return
+                row, call = self._reserve.popleft()
+                self._in_flight += 1
+            self._loop.create_task(call()).add_done_callback(functools.partial(self._done, row))
+
+    def _done(self, row: services.ClaimedRow, task: asyncio.Task) -> None:
+        # The result is queued before the call stops counting as in flight,
+        # so a runner that sees nothing in flight has every result queued.
+        if not task.cancelled():
+            answer = task.exception() or task.result()
+            if isinstance(answer, LLMCallError):
+                self.stop()  # fatal for the job: start no other call
+            self._results.put((row, answer))
+        with self._lock:
+            self._in_flight -= 1
+        self._fill()
+
+
 class ChunkRunner:
     def __init__(self, job_id, config: RunnerSettings):
         self.job_id = job_id
@@ -124,7 +198,6 @@ class ChunkRunner:
         name = config.worker_name or socket.gethostname()
         self.worker_id = f"{name}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.results: queue.SimpleQueue = queue.SimpleQueue()
-        self.in_flight: dict[int, Future] = {}
         self.recorded = 0
 
     def run(self) -> str:
@@ -132,17 +205,21 @@ class ChunkRunner:
         if job is None:
             return "job is not running: nothing to do"
         self.job = job
+        self.budgeted = job.max_total_tokens is not None or job.max_cost_usd is not None
         self.spec = extraction_spec(job, self.config)
         self.cache_keys = CacheKeys(self.spec, base_url=self.config.base_url)
         self.loop_thread = _LoopThread()
+        self.pool = _CallPool(self.loop_thread.loop, self.results)
         self.client = make_client(
             api_key=self.config.api_key, base_url=self.config.base_url, timeout=self.config.llm_timeout
         )
         try:
             stopped_because = self._work()
         finally:
+            self.pool.stop()
             # Cancelling the tasks closes their connections before we return.
             self.loop_thread.close(self.client)
+            services.release_slots(job_id=self.job_id, worker_id=self.worker_id)
         log.info(
             "job %s worker %s recorded %d rows: %s",
             self.job_id,
@@ -154,52 +231,88 @@ class ChunkRunner:
 
     def _work(self) -> str:
         poll = self.config.poll_seconds
-        max_workers = self.job.max_workers
-        # Claiming costs a transaction, so wait until a few slots are free,
-        # but never so many that the job runs well below its concurrency.
-        claim_batch = max(1, max_workers // 16)
         claimed = 0
         pending_left = True
-        last_check = last_lease = started = time.monotonic()
+        cap = 0
+        started = last_lease = time.monotonic()
+        last_sync = started - poll
         while True:
-            free = max_workers - len(self.in_flight)
-            quota = self.config.chunk_size - claimed
-            if time.monotonic() - started > self.config.claim_seconds:
-                quota = 0  # the rest is left to the job's other tasks (or the sweep)
-            if pending_left and quota > 0 and free > 0 and (free >= claim_batch or not self.in_flight):
-                claim = services.claim_rows(
-                    job_id=self.job_id, worker_id=self.worker_id, limit=min(free, quota)
-                )
-                last_check = time.monotonic()
-                if not claim.job_running:
-                    return "the job stopped running"
-                claimed += len(claim.rows)
-                pending_left = claim.pending_left
-                stop = self._dispatch(claim.rows)
-                if stop:
-                    return stop
-                if not claim.rows and not self.in_flight and pending_left:
-                    # Other workers hold all of the job's slots; they make
-                    # room as their calls finish, so ask again soon.
-                    time.sleep(min(poll, 0.02))
-                    continue
-            if not self.in_flight:
-                if pending_left and quota > 0:
-                    continue  # every claimed row came from the cache: claim more
-                return "no rows left to claim" if not pending_left else "chunk quota reached"
+            now = time.monotonic()
+            may_claim = (
+                pending_left
+                and claimed < self.config.chunk_size
+                # then the rest is left to the job's other tasks (or the sweep)
+                and now - started < self.config.claim_seconds
+            )
+            in_flight, waiting = self.pool.counts()
+            got_rows = False
+            if now - last_sync >= poll:
+                last_sync = now
+                cap = self._sync_slots(wants=may_claim or waiting > 0)
+                if cap is None:
+                    return f"the job is {services.job_state(job_id=self.job_id)}"
+            if may_claim and cap > 0:
+                # Keep half the grant again as rows ready to call, and claim
+                # them a few at a time: a claim costs a transaction. Not with
+                # a budget: a claim commits it to a call, and a reserve
+                # would commit before the answers so far tell what one costs.
+                reserve = 0 if self.budgeted else max(2, cap // 2)
+                wanted = cap + reserve - in_flight - waiting
+                if wanted >= max(1, cap // 4) or not (in_flight or waiting):
+                    claim = services.claim_rows(
+                        job_id=self.job_id,
+                        worker_id=self.worker_id,
+                        limit=min(wanted, self.config.chunk_size - claimed),
+                    )
+                    if not claim.job_running:
+                        return "the job stopped running"
+                    claimed += len(claim.rows)
+                    pending_left = claim.pending_left
+                    got_rows = bool(claim.rows)
+                    stop = self._dispatch(claim.rows)
+                    if stop:
+                        return stop
+                    in_flight, waiting = self.pool.counts()
+            if not (in_flight or waiting) and self.results.empty():
+                if may_claim and pending_left:
+                    if got_rows:
+                        continue  # every claimed row came from the cache: claim more
+                    # Other workers hold the job's slots (or its budget's
+                    # calls) and free them as their calls end; ask again
+                    # next poll.
+                else:
+                    return "no rows left to claim" if not pending_left else "chunk quota reached"
 
-            stop = self._record_arrivals(timeout=poll)
+            stop = self._record_arrivals(timeout=max(0.0, last_sync + poll - time.monotonic()))
             if stop:
                 return stop
-            now = time.monotonic()
-            if now - last_check >= poll:
-                last_check = now
-                state = services.job_state(job_id=self.job_id)
-                if state != JobState.RUNNING:
-                    return f"the job is {state}"
-            if now - last_lease >= self.config.lease_seconds / 3:
-                last_lease = now
+            if time.monotonic() - last_lease >= self.config.lease_seconds / 3:
+                last_lease = time.monotonic()
                 services.renew_leases(job_id=self.job_id, worker_id=self.worker_id)
+
+    def _sync_slots(self, *, wants: bool) -> int | None:
+        """Read the job's grants, take this worker's fair share of its
+        max_workers (as the others' shares free up) and return how many
+        calls it may have in flight; None once the job stopped running."""
+        view = services.slot_view(job_id=self.job_id)
+        if view is None:
+            return None
+        share = view.fair_share(self.worker_id, wants=wants)
+        # Lower first: a grant never drops below the calls that are running.
+        in_flight = self.pool.lower_cap(share)
+        wanted = max(share, in_flight)
+        granted = view.grants.get(self.worker_id, (None, None))
+        if granted != (wanted, wants):
+            slots = services.set_slots(
+                job_id=self.job_id, worker_id=self.worker_id, slots=wanted, in_flight=in_flight, wants=wants
+            )
+            if slots is None:
+                return None
+        else:
+            slots = wanted
+        cap = min(share, slots)
+        self.pool.set_cap(cap)
+        return cap
 
     def _dispatch(self, rows: list[services.ClaimedRow]) -> str | None:
         """Answer rows from the completion cache where it can, and start an
@@ -207,7 +320,7 @@ class ChunkRunner:
         prepared = [(row, build_messages(row.data, self.spec)) for row in rows]
         keys = {row.id: self.cache_keys.key(messages) for row, messages in prepared}
         hits = services.cached_answers(keys=list(keys.values())) if self.job.use_cache else {}
-        answered = []
+        answered, calls = [], []
         for row, messages in prepared:
             key = keys[row.id]
             if key in hits:
@@ -216,13 +329,14 @@ class ChunkRunner:
                 )
                 answered.append((row, outcome))
                 continue
-            call = extract_row(
-                self.client, row.data, question_id=row.question_id, spec=self.spec, messages=messages, key=key
-            )
-            future = self.loop_thread.submit(call)
-            self.in_flight[row.id] = future
-            future.add_done_callback(lambda done, row=row: self.results.put((row, done)))
+            calls.append((row, functools.partial(self._call, row, messages, key)))
+        self.pool.add(calls)
         return self._record(answered)
+
+    def _call(self, row: services.ClaimedRow, messages: list[dict], key: str) -> Awaitable[RowOutcome]:
+        return extract_row(
+            self.client, row.data, question_id=row.question_id, spec=self.spec, messages=messages, key=key
+        )
 
     def _record_arrivals(self, timeout: float) -> str | None:
         """Record every result that has arrived, waiting up to `timeout` for
@@ -237,24 +351,20 @@ class ChunkRunner:
             except queue.Empty:
                 break
         results = []
-        for row, future in arrivals:
-            self.in_flight.pop(row.id, None)
-            if future.cancelled():
-                continue
-            exc = future.exception()
-            if isinstance(exc, LLMCallError):
+        for row, answer in arrivals:
+            if isinstance(answer, LLMCallError):
                 # Fatal for the job (bad credentials, unknown model): keep
                 # what arrived with it, then end the job.
                 self._record(results)
-                services.job_fail(job_id=self.job_id, error=str(exc))
-                return f"the job failed: {exc}"
-            if exc is not None:
-                log.error("job %s row %d: extraction crashed", self.job_id, row.index, exc_info=exc)
+                services.job_fail(job_id=self.job_id, error=str(answer))
+                return f"the job failed: {answer}"
+            if isinstance(answer, BaseException):
+                log.error("job %s row %d: extraction crashed", self.job_id, row.index, exc_info=answer)
                 results.append(
-                    (row, RowOutcome(error=f"internal error while extracting: {type(exc).__name__}"))
+                    (row, RowOutcome(error=f"internal error while extracting: {type(answer).__name__}"))
                 )
             else:
-                results.append((row, future.result()))
+                results.append((row, answer))
         return self._record(results)
 
     def _record(self, results: list[tuple[services.ClaimedRow, RowOutcome]]) -> str | None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Count, F, Q
+from django.db.models import F, Q, Sum
 from django.utils import timezone
 from django_q.brokers import get_broker
 from django_q.tasks import async_task
@@ -36,6 +36,7 @@ from .models import (
     JobState,
     Property,
     RowStatus,
+    WorkerSlots,
 )
 
 
@@ -286,10 +287,9 @@ def _lock_if_running(job_id) -> dict | None:
     return running.values("count_total", "count_done", "count_failed").first()
 
 
-# What a claim reads of the job: its state, its cap and what its budget needs.
+# What a claim reads of the job: its state and what its budget needs.
 CLAIM_FIELDS = (
     "state",
-    "max_workers",
     "max_tokens",
     "max_total_tokens",
     "max_cost_usd",
@@ -303,44 +303,33 @@ CLAIM_FIELDS = (
     "cache_hits",
     "method",
     "include_scores_in_prompt",
-    "claim_waiter",
-    "claim_waiting_at",
 )
 
 
 def claim_rows(*, job_id, worker_id: str, limit: int) -> Claim:
-    """Take up to `limit` pending rows, lowest index first, keeping the
-    job's calls in flight across all workers within its max_workers and its
-    budget. A job whose budget cannot pay for another call ends here."""
+    """Take up to `limit` pending rows, lowest index first, leased to the
+    worker. How many calls it may run at once is its slot grant
+    (`set_slots`), not what it holds: a worker keeps a few rows ready so
+    that a call starts the moment another ends. With a budget it takes only
+    the rows the budget can pay for, counting every held row as a call in
+    flight; a job whose budget cannot pay for another call ends here."""
     now = timezone.now()
     with transaction.atomic():
         job = ExtractJob.objects.select_for_update().filter(pk=job_id).only(*CLAIM_FIELDS).first()
         if job is None or job.state != JobState.RUNNING:
             return Claim(rows=[], job_running=False, pending_left=False)
-        job_rows = ExtractRow.objects.filter(job_id=job_id)
-        holders = dict(
-            job_rows.filter(status=RowStatus.RUNNING)
-            .values_list("claimed_by")
-            .annotate(held=Count("id"))
-            .order_by()
-        )
-        running = sum(holders.values())
-        room = min(limit, job.max_workers - running, _fair_share(job, holders, worker_id, now=now))
-        pending = job_rows.filter(status=RowStatus.PENDING).order_by("index")
-        if room <= 0:
-            if not holders.get(worker_id):
-                # Every slot is taken: say so, and the holders make room.
-                ExtractJob.objects.filter(pk=job_id).update(claim_waiter=worker_id, claim_waiting_at=now)
-            return Claim(rows=[], job_running=True, pending_left=pending.exists())
-        if job.claim_waiter == worker_id:
-            ExtractJob.objects.filter(pk=job_id).update(claim_waiter="", claim_waiting_at=None)
+        if limit <= 0:
+            return Claim(rows=[], job_running=True, pending_left=True)
         if job.max_total_tokens is None and job.max_cost_usd is None:
-            picked = _take_pending(job_id, worker_id=worker_id, limit=room, now=now)
-            return Claim(rows=picked, job_running=True, pending_left=len(picked) == room)
+            picked = _take_pending(job_id, worker_id=worker_id, limit=limit, now=now)
+            return Claim(rows=picked, job_running=True, pending_left=len(picked) == limit)
         # With a budget the rows are read first: whether each is affordable
         # depends on its size.
+        job_rows = ExtractRow.objects.filter(job_id=job_id)
+        running = job_rows.filter(status=RowStatus.RUNNING).count()
+        pending = job_rows.filter(status=RowStatus.PENDING).order_by("index")
         picked = list(
-            pending.select_for_update(skip_locked=True).values("id", "index", "question_id", "data")[:room]
+            pending.select_for_update(skip_locked=True).values("id", "index", "question_id", "data")[:limit]
         )
         affordable = within_budget(job, picked, running)
         if picked and not affordable and not running:
@@ -352,26 +341,79 @@ def claim_rows(*, job_id, worker_id: str, limit: int) -> Claim:
             lease_expires_at=now + timedelta(seconds=settings.STRINGSIGHT_LEASE_SECONDS),
             started_at=now,
         )
-    pending_left = len(picked) == room or len(affordable) < len(picked)
+    pending_left = len(picked) == limit or len(affordable) < len(picked)
     return Claim(rows=[ClaimedRow(**row) for row in affordable], job_running=True, pending_left=pending_left)
 
 
-WAITER_SECONDS = 2
+@dataclass(frozen=True)
+class SlotView:
+    """A running job's max_workers and its workers' live grants
+    (worker id: (slots, wants))."""
+
+    max_workers: int
+    grants: dict[str, tuple[int, bool]]
+
+    def fair_share(self, worker_id: str, *, wants: bool) -> int:
+        """An equal part of max_workers among the workers that want slots,
+        the remainder to the first by id, so the shares add up to exactly
+        max_workers. Without sharing, the first worker on a job kept every
+        slot and a second one (another process, another core) stayed idle."""
+        if not wants:
+            return 0
+        workers = sorted({worker for worker, (_, wanting) in self.grants.items() if wanting} | {worker_id})
+        base, extra = divmod(self.max_workers, len(workers))
+        return base + (workers.index(worker_id) < extra)
 
 
-def _fair_share(job: ExtractJob, holders: dict[str, int], worker_id: str, *, now) -> int:
-    """How many more rows this worker may hold: an equal part of the job's
-    max_workers among the workers holding its rows and one that recently
-    found no free slot. Without this the first worker on a job kept every
-    slot, and a second one (another process, another core) stayed idle."""
-    workers = set(holders) | {worker_id}
-    if (
-        job.claim_waiter
-        and job.claim_waiting_at
-        and now - job.claim_waiting_at < timedelta(seconds=WAITER_SECONDS)
-    ):
-        workers.add(job.claim_waiter)
-    return math.ceil(job.max_workers / len(workers)) - holders.get(worker_id, 0)
+def slot_view(*, job_id) -> SlotView | None:
+    """What a worker reads every poll interval: None once the job has
+    stopped running (cancelled, failed or done), else its slot grants."""
+    max_workers = (
+        ExtractJob.objects.filter(pk=job_id, state=JobState.RUNNING)
+        .values_list("max_workers", flat=True)
+        .first()
+    )
+    if max_workers is None:
+        return None
+    live = WorkerSlots.objects.filter(job_id=job_id, renewed_at__gte=_grants_alive_since(timezone.now()))
+    grants = {
+        worker: (slots, wants) for worker, slots, wants in live.values_list("worker_id", "slots", "wants")
+    }
+    return SlotView(max_workers=max_workers, grants=grants)
+
+
+def set_slots(*, job_id, worker_id: str, slots: int, in_flight: int, wants: bool) -> int | None:
+    """Ask for `slots` LLM calls in flight for this worker. The grant is
+    `slots`, or less while other workers still hold the rest, and never
+    below `in_flight` (calls already running; the worker has stopped
+    starting new ones beyond `slots`). With the job row locked, so the
+    grants never add up to more than max_workers. None if the job is not
+    running."""
+    now = timezone.now()
+    with transaction.atomic():
+        job = ExtractJob.objects.select_for_update().filter(pk=job_id, state=JobState.RUNNING).order_by()
+        max_workers = job.values_list("max_workers", flat=True).first()
+        if max_workers is None:
+            return None
+        grants = WorkerSlots.objects.filter(job_id=job_id)
+        grants.filter(renewed_at__lt=_grants_alive_since(now)).delete()  # dead workers' grants
+        held_by_others = grants.exclude(worker_id=worker_id).aggregate(held=Sum("slots"))["held"] or 0
+        granted = max(in_flight, min(slots, max_workers - held_by_others))
+        WorkerSlots.objects.update_or_create(
+            job_id=job_id, worker_id=worker_id, defaults={"slots": granted, "wants": wants, "renewed_at": now}
+        )
+    return granted
+
+
+def release_slots(*, job_id, worker_id: str) -> None:
+    """The worker has no calls in flight and leaves the job."""
+    WorkerSlots.objects.filter(job_id=job_id, worker_id=worker_id).delete()
+
+
+def _grants_alive_since(now):
+    """A grant not renewed within a lease period is a dead worker's, like
+    its rows."""
+    return now - timedelta(seconds=settings.STRINGSIGHT_LEASE_SECONDS)
 
 
 def _take_pending(job_id, *, worker_id: str, limit: int, now) -> list[ClaimedRow]:
@@ -459,8 +501,11 @@ def _end_over_budget(job: ExtractJob, *, now) -> None:
 
 
 def renew_leases(*, job_id, worker_id: str) -> int:
+    """Keep the worker's rows and its slot grant for another lease period."""
+    now = timezone.now()
+    WorkerSlots.objects.filter(job_id=job_id, worker_id=worker_id).update(renewed_at=now)
     return ExtractRow.objects.filter(job_id=job_id, status=RowStatus.RUNNING, claimed_by=worker_id).update(
-        lease_expires_at=timezone.now() + timedelta(seconds=settings.STRINGSIGHT_LEASE_SECONDS)
+        lease_expires_at=now + timedelta(seconds=settings.STRINGSIGHT_LEASE_SECONDS)
     )
 
 
@@ -697,6 +742,9 @@ def sweep(*, now=None) -> SweepReport:
     schedule) and safe to run anywhere, any number of times at once."""
     now = now or timezone.now()
     released, failed = release_expired_leases(now=now)
+    WorkerSlots.objects.filter(
+        Q(renewed_at__lt=_grants_alive_since(now)) | ~Q(job__state=JobState.RUNNING)
+    ).delete()
     finished = ExtractJob.objects.filter(
         state=JobState.RUNNING, count_total=F("count_done") + F("count_failed")
     ).update(state=JobState.DONE, finished_at=now)

@@ -3,13 +3,14 @@ over real HTTP."""
 
 import threading
 import time
+from collections import Counter
 
 import pytest
 from django.db import connection
 
 from extraction.render import render_row
 from jobs import services
-from jobs.models import ExtractJob, ExtractRow, Property
+from jobs.models import ExtractJob, ExtractRow, Property, WorkerSlots
 from jobs.runner import ChunkRunner, RunnerSettings
 from tests.factories import make_job, simple_rows
 
@@ -180,3 +181,28 @@ def test_runner_aborts_calls_in_flight_the_moment_the_job_is_cancelled(user, sim
     assert max(r["ended_at"] for r in requests) - cancelled_at["t"] < 0.5
     assert Property.objects.filter(job=job).count() == 0
     assert ExtractJob.objects.get(pk=job.id).properties_count == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_runners_on_one_job_share_its_max_workers(user, sim, no_background_worker):
+    sim.configure(latency_ms=100)
+    job = make_job(user, simple_rows(48), max_workers=4)
+
+    def runner():
+        try:
+            run_chunk(job, sim)
+        finally:
+            connection.close()  # this thread's own connection
+
+    runners = [threading.Thread(target=runner) for _ in range(2)]
+    for thread in runners:
+        thread.start()
+    for thread in runners:
+        thread.join()
+
+    job.refresh_from_db()
+    assert (job.state, job.count_done) == ("done", 48)
+    assert sim.stats()["max_in_flight"] == 4
+    rows_by_worker = Counter(ExtractRow.objects.filter(job=job).values_list("claimed_by", flat=True))
+    assert len(rows_by_worker) == 2 and min(rows_by_worker.values()) >= 8
+    assert not WorkerSlots.objects.exists()  # each runner gave its grant back

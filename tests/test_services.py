@@ -1,9 +1,13 @@
+from datetime import timedelta
+
 import pytest
+from django.db.models import F
+from django.utils import timezone
 from django_q.models import OrmQ
 
 from extraction.extract import RowOutcome
 from jobs import services
-from jobs.models import ExtractJob, ExtractRow, JobState, Property, RowStatus
+from jobs.models import ExtractJob, ExtractRow, JobState, Property, RowStatus, WorkerSlots
 from tests.factories import done_outcome, make_job, simple_rows
 
 pytestmark = pytest.mark.django_db
@@ -61,17 +65,90 @@ def test_claim_rows_takes_lowest_pending_indexes(user):
     assert all(row.lease_expires_at is not None for row in running)
 
 
-def test_claim_rows_keeps_the_job_within_max_workers_across_workers(user):
-    job = start_running(user, simple_rows(10), max_workers=3)
+def test_slot_grants_never_add_up_to_more_than_max_workers(user):
+    job = start_running(user, simple_rows(10), max_workers=5)
 
-    first = services.claim_rows(job_id=job.id, worker_id="w1", limit=2)
-    second = services.claim_rows(job_id=job.id, worker_id="w2", limit=5)
-    third = services.claim_rows(job_id=job.id, worker_id="w3", limit=5)
+    first = services.set_slots(job_id=job.id, worker_id="w1", slots=5, in_flight=0, wants=True)
+    second = services.set_slots(job_id=job.id, worker_id="w2", slots=3, in_flight=0, wants=True)
 
-    assert [row.index for row in first.rows] == [0, 1]
-    assert [row.index for row in second.rows] == [2]
-    assert third.rows == []
-    assert (third.job_running, third.pending_left) == (True, True)
+    assert (first, second) == (5, 0)  # w1 holds every slot until it gives some back
+    view = services.slot_view(job_id=job.id)
+    assert view.grants == {"w1": (5, True), "w2": (0, True)}
+    assert (view.fair_share("w1", wants=True), view.fair_share("w2", wants=True)) == (3, 2)
+
+    # w1 lowers its grant to its share, but not below the 4 calls it has running.
+    assert services.set_slots(job_id=job.id, worker_id="w1", slots=3, in_flight=4, wants=True) == 4
+    assert services.set_slots(job_id=job.id, worker_id="w2", slots=2, in_flight=0, wants=True) == 1
+    assert services.set_slots(job_id=job.id, worker_id="w1", slots=3, in_flight=2, wants=True) == 3
+    assert services.set_slots(job_id=job.id, worker_id="w2", slots=2, in_flight=1, wants=True) == 2
+    assert sum(slots for slots, _ in services.slot_view(job_id=job.id).grants.values()) == 5
+
+
+def test_fair_shares_add_up_to_max_workers_among_the_workers_that_want_slots(user):
+    job = start_running(user, simple_rows(10), max_workers=7)
+    for worker in ("a", "b", "c"):
+        services.set_slots(job_id=job.id, worker_id=worker, slots=0, in_flight=0, wants=True)
+    view = services.slot_view(job_id=job.id)
+
+    assert [view.fair_share(worker, wants=True) for worker in ("a", "b", "c")] == [3, 2, 2]
+    assert view.fair_share("d", wants=True) == 1  # a newcomer counts itself in: 7 among four
+    assert view.fair_share("a", wants=False) == 0
+
+    # A worker with no rows left to call leaves its share to the others.
+    services.set_slots(job_id=job.id, worker_id="c", slots=0, in_flight=0, wants=False)
+    view = services.slot_view(job_id=job.id)
+    assert [view.fair_share(worker, wants=True) for worker in ("a", "b")] == [4, 3]
+
+
+def test_a_dead_workers_grant_is_given_back_after_a_lease_period(user, settings):
+    job = start_running(user, simple_rows(10), max_workers=4)
+    services.set_slots(job_id=job.id, worker_id="dead", slots=4, in_flight=0, wants=True)
+    assert services.set_slots(job_id=job.id, worker_id="alive", slots=4, in_flight=0, wants=True) == 0
+
+    WorkerSlots.objects.filter(worker_id="dead").update(
+        renewed_at=timezone.now() - timedelta(seconds=settings.STRINGSIGHT_LEASE_SECONDS + 1)
+    )
+
+    assert services.slot_view(job_id=job.id).grants == {"alive": (0, True)}
+    assert services.set_slots(job_id=job.id, worker_id="alive", slots=4, in_flight=0, wants=True) == 4
+    assert not WorkerSlots.objects.filter(worker_id="dead").exists()
+
+
+def test_renewing_leases_keeps_the_grant_alive_and_release_gives_it_back(user, settings):
+    job = start_running(user, simple_rows(10), max_workers=4)
+    services.set_slots(job_id=job.id, worker_id="w1", slots=4, in_flight=0, wants=True)
+    WorkerSlots.objects.update(
+        renewed_at=timezone.now() - timedelta(seconds=settings.STRINGSIGHT_LEASE_SECONDS - 1)
+    )
+
+    services.renew_leases(job_id=job.id, worker_id="w1")
+    WorkerSlots.objects.update(renewed_at=F("renewed_at") - timedelta(seconds=2))
+
+    assert services.slot_view(job_id=job.id).grants == {"w1": (4, True)}
+    services.release_slots(job_id=job.id, worker_id="w1")
+    assert services.slot_view(job_id=job.id).grants == {}
+
+
+@pytest.mark.parametrize("state", ["queued", "cancelled", "done", "error"])
+def test_no_slots_unless_the_job_is_running(user, state):
+    job = make_job(user)
+    ExtractJob.objects.filter(pk=job.id).update(state=state)
+
+    assert services.slot_view(job_id=job.id) is None
+    assert services.set_slots(job_id=job.id, worker_id="w1", slots=2, in_flight=0, wants=True) is None
+    assert not WorkerSlots.objects.exists()
+
+
+def test_the_sweep_drops_the_grants_of_jobs_that_stopped_running(user):
+    running = start_running(user, simple_rows(2), max_workers=2)
+    stopped = start_running(user, simple_rows(2), max_workers=2)
+    for job in (running, stopped):
+        services.set_slots(job_id=job.id, worker_id="w1", slots=2, in_flight=0, wants=True)
+    ExtractJob.objects.filter(pk=stopped.id).update(state=JobState.CANCELLED)
+
+    services.sweep()
+
+    assert list(WorkerSlots.objects.values_list("job_id", flat=True)) == [running.id]
 
 
 def test_claim_rows_says_when_no_pending_rows_are_left(user):
