@@ -1,3 +1,4 @@
+import json
 import uuid
 
 import pytest
@@ -479,6 +480,45 @@ def test_non_utf8_bytes_are_refused(api):
     assert response.status_code == 400
     assert response.json()["detail"].startswith("JSON parse error")
     assert ExtractJob.objects.count() == 0
+
+
+def test_start_stores_integers_beyond_64_bits_exactly_and_refuses_nan(api):
+    # orjson, which encodes the rows, refuses such an integer: the standard
+    # library writes it instead.
+    huge = (
+        b'{"rows": [{"prompt": "p", "model": "m", "model_response": "r", "score": 1234567890123456789012}]}'
+    )
+    accepted = api.generic("POST", "/extract/jobs/start", huge, content_type="application/json")
+    # NaN is not JSON.
+    nan = b'{"rows": [{"prompt": "p", "model": "m", "model_response": "r", "score": NaN}]}'
+    refused = api.generic("POST", "/extract/jobs/start", nan, content_type="application/json")
+
+    assert accepted.status_code == 201
+    row = ExtractRow.objects.get(job_id=accepted.json()["job_id"])
+    assert row.data["score"] == 1234567890123456789012
+    assert refused.status_code == 400
+    assert (
+        refused.json()["detail"]
+        == "JSON parse error - Out of range float values are not JSON compliant: 'NaN'"
+    )
+
+
+@pytest.mark.parametrize("field", ["prompt", "custom_system_prompt"])
+def test_an_unpaired_surrogate_escape_is_refused_not_a_500(api, field):
+    body = {"rows": [{"prompt": "p", "model": "m", "model_response": "r"}], "custom_system_prompt": "s"}
+    raw = json.dumps(body).replace('"p"' if field == "prompt" else '"s"', '"text \\ud800 here"').encode()
+    paired = json.dumps(body).replace('"p"', '"an emoji \\ud83d\\ude00"').encode()
+
+    refused = api.generic("POST", "/extract/jobs/start", raw, content_type="application/json")
+    accepted = api.generic("POST", "/extract/jobs/start", paired, content_type="application/json")
+
+    assert refused.status_code == 400
+    assert refused.json()["detail"] == (
+        "JSON parse error - a string holds an unpaired surrogate escape (such as \\ud800), "
+        "which is not Unicode text"
+    )
+    assert accepted.status_code == 201
+    assert ExtractRow.objects.get().data["prompt"] == "an emoji \U0001f600"
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/xml", "multipart/form-data; boundary=x"])

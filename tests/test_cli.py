@@ -261,6 +261,25 @@ def test_extract_rejects_an_invalid_row_like_the_api_and_starts_nothing(django_u
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("name", ["rows.jsonl", "rows.json"])
+def test_extract_refuses_an_unpaired_surrogate_escape_and_starts_nothing(tmp_path, name):
+    rows = simple_rows(2)
+    text = "\n".join(json.dumps(row) for row in rows) if name == "rows.jsonl" else json.dumps(rows)
+    source = tmp_path / name
+    source.write_text(text.replace('"Question 1:', '"Question \\udc00 1:'), encoding="utf-8")
+
+    with pytest.raises(CommandError) as error:
+        run_extract(str(source))
+
+    kind, where = ("jsonl", "line 2: ") if name == "rows.jsonl" else ("json", "")
+    assert str(error.value) == (
+        f"{source}: cannot read it as {kind}: {where}a string holds an unpaired surrogate escape "
+        "(such as \\ud800), which is not Unicode text"
+    )
+    assert ExtractJob.objects.count() == 0
+
+
+@pytest.mark.django_db
 def test_extract_names_the_bad_option(tmp_path):
     source = tmp_path / "rows.jsonl"
     write_rows(source, simple_rows(1))

@@ -4,7 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from extraction.rows import RowError, pair_side_by_side, question_id_for, validate_rows
+from extraction.rows import (
+    RowError,
+    encode_row,
+    holds_lone_surrogates,
+    pair_side_by_side,
+    question_id_for,
+    validate_rows,
+)
 
 DEMO_PATH = Path(__file__).parent / "data" / "airline_data_demo.jsonl"
 
@@ -303,3 +310,32 @@ def test_pair_side_by_side_takes_the_first_two_models_and_carries_ids_and_scores
             "score_b": {"acc": 0},
         }
     ]
+
+
+def test_encode_row_writes_the_demo_rows_exactly_as_the_standard_library_would():
+    rows = demo_rows()
+
+    assert [encode_row(row) for row in rows] == [stdlib_text(row) for row in rows]
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"score": 10**30, "prompt": "p"},  # beyond 64 bits: orjson refuses it
+        {1: "a non-string key"},
+        {"text": 'café ✈ \u2028 "quoted" \\ back\nslash', "nested": [{"a": None, "b": True, "c": 1.5}]},
+    ],
+)
+def test_encode_row_writes_what_orjson_refuses_as_the_standard_library_would(row):
+    assert encode_row(row) == stdlib_text(row)
+    assert json.loads(encode_row(row)) == json.loads(stdlib_text(row))
+
+
+def test_holds_lone_surrogates_finds_half_a_pair_only():
+    assert holds_lone_surrogates({"rows": [{"prompt": "a \ud800 b"}]})
+    assert holds_lone_surrogates(["\udfff"])
+    assert not holds_lone_surrogates({"prompt": "a pair \U0001f600 is one character"})
+
+
+def stdlib_text(value) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))

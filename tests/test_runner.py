@@ -204,5 +204,6 @@ def test_two_runners_on_one_job_share_its_max_workers(user, sim, no_background_w
     assert (job.state, job.count_done) == ("done", 48)
     assert sim.stats()["max_in_flight"] == 4
     rows_by_worker = Counter(ExtractRow.objects.filter(job=job).values_list("claimed_by", flat=True))
-    assert len(rows_by_worker) == 2 and min(rows_by_worker.values()) >= 8
+    assert len(rows_by_worker) == 2
+    assert min(rows_by_worker.values()) >= 8
     assert not WorkerSlots.objects.exists()  # each runner gave its grant back
