@@ -205,8 +205,8 @@ def find_job(text: str) -> ExtractJob:
 
 
 class InlineRunner(threading.Thread):
-    """Works on the job in this process, a chunk at a time, until it has no
-    pending rows or stops running. Rows are claimed in the database, so a
+    """Works on the job in this process until it has no pending rows or
+    stops running. Rows are claimed in the database, so a
     worker that picks up the job's queued tasks only helps."""
 
     def __init__(self, job_id):

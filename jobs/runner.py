@@ -1,7 +1,8 @@
-"""One chunk task's work on a job.
+"""A task's work on a job.
 
-The calling thread owns the database: it claims rows, records each result
-the moment it arrives and re-reads the job at least every poll interval.
+The calling thread owns the database: it claims rows, records results as
+they arrive (those within 50 ms of each other in one transaction) and
+re-reads the job at least every poll interval.
 LLM calls run on an asyncio loop in a helper thread, as many at once as the
 worker's slot grant: its share of the job's max_workers, kept in the
 database so that the job's workers together never exceed it. The loop
@@ -43,10 +44,11 @@ from .models import ExtractJob, JobState
 
 log = logging.getLogger(__name__)
 
+RECORD_SECONDS = 0.05
+
 
 @dataclass(frozen=True)
 class RunnerSettings:
-    chunk_size: int
     poll_seconds: float
     lease_seconds: float
     api_key: str | None
@@ -57,13 +59,13 @@ class RunnerSettings:
     retry_max: float
     structured_output: bool
     worker_name: str = ""
-    # Stop claiming after this long, so a task ends well within django-q2's timeout.
+    # Stop claiming after this long, so a task ends well within django-q2's
+    # timeout; the job's other tasks (or the sweep) take the rest.
     claim_seconds: float = 1800.0
 
     @classmethod
     def from_django(cls) -> "RunnerSettings":
         return cls(
-            chunk_size=settings.STRINGSIGHT_CHUNK_SIZE,
             poll_seconds=settings.STRINGSIGHT_CANCEL_POLL_SECONDS,
             lease_seconds=settings.STRINGSIGHT_LEASE_SECONDS,
             api_key=os.environ.get("OPENAI_API_KEY"),
@@ -158,8 +160,10 @@ class _CallPool:
 
     def set_cap(self, cap: int) -> None:
         with self._lock:
+            raised = cap > self._cap
             self._cap = cap
-        self._loop.call_soon_threadsafe(self._fill)
+        if raised:  # waking the loop costs both threads the GIL
+            self._loop.call_soon_threadsafe(self._fill)
 
     def stop(self) -> None:
         """No call starts after this returns."""
@@ -231,19 +235,17 @@ class ChunkRunner:
 
     def _work(self) -> str:
         poll = self.config.poll_seconds
-        claimed = 0
         pending_left = True
         cap = 0
+        arrived: list[tuple[services.ClaimedRow, RowOutcome | BaseException]] = []
         started = last_lease = time.monotonic()
-        last_sync = started - poll
+        last_sync = last_record = started - poll
         while True:
             now = time.monotonic()
-            may_claim = (
-                pending_left
-                and claimed < self.config.chunk_size
-                # then the rest is left to the job's other tasks (or the sweep)
-                and now - started < self.config.claim_seconds
-            )
+            # A task works on the job until its rows run out. A quota per
+            # task made every task of a job stop together, and the job's
+            # calls in flight fell to nothing until the next ones started.
+            may_claim = pending_left and now - started < self.config.claim_seconds
             in_flight, waiting = self.pool.counts()
             got_rows = False
             if now - last_sync >= poll:
@@ -252,28 +254,23 @@ class ChunkRunner:
                 if cap is None:
                     return f"the job is {services.job_state(job_id=self.job_id)}"
             if may_claim and cap > 0:
-                # Keep half the grant again as rows ready to call, and claim
-                # them a few at a time: a claim costs a transaction. Not with
-                # a budget: a claim commits it to a call, and a reserve
-                # would commit before the answers so far tell what one costs.
-                reserve = 0 if self.budgeted else max(2, cap // 2)
+                # Keep as many rows again ready to call, claimed half a grant
+                # at a time: a claim costs a transaction. Not with a budget:
+                # a claim commits it to a call, and a reserve would commit
+                # before the answers so far tell what one costs.
+                reserve = 0 if self.budgeted else cap
                 wanted = cap + reserve - in_flight - waiting
-                if wanted >= max(1, cap // 4) or not (in_flight or waiting):
-                    claim = services.claim_rows(
-                        job_id=self.job_id,
-                        worker_id=self.worker_id,
-                        limit=min(wanted, self.config.chunk_size - claimed),
-                    )
+                if wanted >= max(1, cap // 2) or not (in_flight or waiting):
+                    claim = services.claim_rows(job_id=self.job_id, worker_id=self.worker_id, limit=wanted)
                     if not claim.job_running:
                         return "the job stopped running"
-                    claimed += len(claim.rows)
                     pending_left = claim.pending_left
                     got_rows = bool(claim.rows)
                     stop = self._dispatch(claim.rows)
                     if stop:
                         return stop
                     in_flight, waiting = self.pool.counts()
-            if not (in_flight or waiting) and self.results.empty():
+            if not (in_flight or waiting or arrived) and self.results.empty():
                 if may_claim and pending_left:
                     if got_rows:
                         continue  # every claimed row came from the cache: claim more
@@ -281,11 +278,24 @@ class ChunkRunner:
                     # calls) and free them as their calls end; ask again
                     # next poll.
                 else:
-                    return "no rows left to claim" if not pending_left else "chunk quota reached"
+                    return "no rows left to claim" if not pending_left else "claim time is up"
 
-            stop = self._record_arrivals(timeout=max(0.0, last_sync + poll - time.monotonic()))
-            if stop:
-                return stop
+            # Results that arrive within RECORD_SECONDS of each other are
+            # recorded together: a transaction per result was a third of
+            # this thread's time, and recording no longer holds a slot.
+            # With a budget each is recorded at once: the next claim needs
+            # to know what the last call cost.
+            record_every = 0.0 if self.budgeted else RECORD_SECONDS
+            wake = last_sync + poll
+            if arrived:
+                wake = min(wake, last_record + record_every)
+            arrived += self._arrivals(timeout=wake - time.monotonic())
+            if arrived and time.monotonic() - last_record >= record_every:
+                last_record = time.monotonic()
+                stop = self._record_arrivals(arrived)
+                arrived = []
+                if stop:
+                    return stop
             if time.monotonic() - last_lease >= self.config.lease_seconds / 3:
                 last_lease = time.monotonic()
                 services.renew_leases(job_id=self.job_id, worker_id=self.worker_id)
@@ -338,18 +348,20 @@ class ChunkRunner:
             self.client, row.data, question_id=row.question_id, spec=self.spec, messages=messages, key=key
         )
 
-    def _record_arrivals(self, timeout: float) -> str | None:
-        """Record every result that has arrived, waiting up to `timeout` for
-        the first. Returns why to stop, or None to go on."""
+    def _arrivals(self, timeout: float) -> list:
+        """The calls' results that have arrived, waiting up to `timeout` for the first."""
         try:
-            arrivals = [self.results.get(timeout=timeout)]
+            arrivals = [self.results.get(timeout=max(0.0, timeout))]
         except queue.Empty:
-            return None
+            return []
         while True:
             try:
                 arrivals.append(self.results.get_nowait())
             except queue.Empty:
-                break
+                return arrivals
+
+    def _record_arrivals(self, arrivals: list) -> str | None:
+        """Record the results; returns why to stop, or None to go on."""
         results = []
         for row, answer in arrivals:
             if isinstance(answer, LLMCallError):

@@ -366,20 +366,26 @@ class SlotView:
 
 
 def slot_view(*, job_id) -> SlotView | None:
-    """What a worker reads every poll interval: None once the job has
-    stopped running (cancelled, failed or done), else its slot grants."""
-    max_workers = (
-        ExtractJob.objects.filter(pk=job_id, state=JobState.RUNNING)
-        .values_list("max_workers", flat=True)
-        .first()
-    )
-    if max_workers is None:
+    """What a worker reads every poll interval, in one query: None once the
+    job has stopped running (cancelled, failed or done), else its live slot
+    grants."""
+    quote = connection.ops.quote_name
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT j.max_workers, g.worker_id, g.slots, g.wants FROM {quote(ExtractJob._meta.db_table)} j "
+            f"LEFT JOIN {quote(WorkerSlots._meta.db_table)} g ON g.job_id = j.id AND g.renewed_at >= %s "
+            "WHERE j.id = %s AND j.state = %s",
+            [
+                connection.ops.adapt_datetimefield_value(_grants_alive_since(timezone.now())),
+                ExtractJob._meta.pk.get_db_prep_value(job_id, connection),
+                JobState.RUNNING,
+            ],
+        )
+        found = cursor.fetchall()
+    if not found:
         return None
-    live = WorkerSlots.objects.filter(job_id=job_id, renewed_at__gte=_grants_alive_since(timezone.now()))
-    grants = {
-        worker: (slots, wants) for worker, slots, wants in live.values_list("worker_id", "slots", "wants")
-    }
-    return SlotView(max_workers=max_workers, grants=grants)
+    grants = {worker: (slots, bool(wants)) for _, worker, slots, wants in found if worker is not None}
+    return SlotView(max_workers=found[0][0], grants=grants)
 
 
 def set_slots(*, job_id, worker_id: str, slots: int, in_flight: int, wants: bool) -> int | None:
@@ -547,8 +553,10 @@ def record_row_results(
             cache_hits=F("cache_hits") + sum(outcome.cached for outcome in outcomes),
             **({"state": JobState.DONE, "finished_at": now} if finished_job else {}),
         )
-    # The cache needs no lock: it is written after the commit.
-    remember_answers(model_name=model_name, outcomes=[outcome for outcome in outcomes if outcome.cache_key])
+        # In the same transaction: a commit of its own cost more than the insert.
+        remember_answers(
+            model_name=model_name, outcomes=[outcome for outcome in outcomes if outcome.cache_key]
+        )
     for row, outcome in mine:
         log_row_event(job_id, row.index, outcome)
     if finished_job:

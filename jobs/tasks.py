@@ -5,8 +5,8 @@ from .runner import ChunkRunner, RunnerSettings
 
 
 def process_job_chunk(job_id: str) -> str:
-    """Work on up to one chunk of the job's rows. Safe to run twice: rows
-    are claimed in the database, so a second delivery finds nothing to do."""
+    """Work on the job until no rows are left to claim. Safe to run twice:
+    rows are claimed in the database, so a second delivery only helps."""
     services.job_mark_running(job_id=job_id)
     return ChunkRunner(job_id, RunnerSettings.from_django()).run()
 

@@ -282,12 +282,14 @@ STRINGSIGHT_PRICES = {
 }
 STRINGSIGHT_PRICES.update(envprices("STRINGSIGHT_PRICES"))
 
-# Orchestration. A task claims at most CHUNK_SIZE rows (and stops claiming
-# after half of Q_TASK_TIMEOUT); the worker re-reads the job row at least
-# every CANCEL_POLL_SECONDS while calls are in flight. Memory is bounded by
-# the calls in flight, not by the chunk: rows are claimed as slots free up.
+# Orchestration. A start enqueues one task per CHUNK_SIZE rows, so at most
+# that many worker processes share a job; a task claims rows until none are
+# left (or half of Q_TASK_TIMEOUT has passed). The worker re-reads the job
+# at least every CANCEL_POLL_SECONDS while calls are in flight. Memory is
+# bounded by the calls in flight, not by the job: a worker holds its calls
+# and as many rows again ready to call.
 STRINGSIGHT_CHUNK_SIZE = envint("STRINGSIGHT_CHUNK_SIZE", 1000, minimum=1)
-STRINGSIGHT_CANCEL_POLL_SECONDS = envfloat("STRINGSIGHT_CANCEL_POLL_SECONDS", 0.1, minimum=0.01)
+STRINGSIGHT_CANCEL_POLL_SECONDS = envfloat("STRINGSIGHT_CANCEL_POLL_SECONDS", 0.05, minimum=0.01)
 STRINGSIGHT_LEASE_SECONDS = envint("STRINGSIGHT_LEASE_SECONDS", 300, minimum=2)
 # A row whose worker died this many times is failed instead of retried, so
 # one poisonous row cannot kill workers forever.

@@ -17,7 +17,6 @@ from tests.factories import make_job, simple_rows
 
 def run_chunk(job, sim, **overrides) -> str:
     config = {
-        "chunk_size": 1000,
         "poll_seconds": 0.05,
         "lease_seconds": 60,
         "api_key": "sim-key",
@@ -118,14 +117,18 @@ def test_runner_fails_the_job_at_once_on_bad_credentials(user, sim):
 
 
 @pytest.mark.django_db
-def test_runner_stops_at_its_chunk_quota(user, sim):
-    job = make_job(user, simple_rows(5), max_workers=8)
+def test_runner_stops_claiming_when_its_claim_time_is_up_and_finishes_what_it_holds(user, sim):
+    sim.configure(latency_ms=100)
+    job = make_job(user, simple_rows(40), max_workers=2)
 
-    run_chunk(job, sim, chunk_size=2)
+    outcome = run_chunk(job, sim, claim_seconds=0.3)
 
     job.refresh_from_db()
-    assert (job.state, job.count_done) == ("running", 2)
-    assert ExtractRow.objects.filter(job=job, status="pending").count() == 3
+    assert outcome.endswith("; claim time is up")
+    assert (job.state, job.count_failed) == ("running", 0)
+    assert 0 < job.count_done < 40
+    assert ExtractRow.objects.filter(job=job, status="pending").count() == 40 - job.count_done
+    assert len(sim.requests()) == job.count_done  # every row it claimed was called and recorded
 
 
 @pytest.mark.django_db
@@ -136,7 +139,6 @@ def test_runner_makes_no_call_for_a_cancelled_job(user, sim):
     outcome = ChunkRunner(
         job.id,
         RunnerSettings(
-            chunk_size=10,
             poll_seconds=0.05,
             lease_seconds=60,
             api_key="k",
