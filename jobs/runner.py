@@ -137,6 +137,7 @@ class _CallPool:
         self._results = results
         self._lock = threading.Lock()
         self._cap = 0
+        self._stopped = False
         self._in_flight = 0
         self._reserve: collections.deque[tuple[services.ClaimedRow, Call]] = collections.deque()
 
@@ -144,6 +145,8 @@ class _CallPool:
 
     def add(self, calls: list[tuple[services.ClaimedRow, Call]]) -> None:
         with self._lock:
+            if self._stopped:
+                return
             self._reserve.extend(calls)
         self._loop.call_soon_threadsafe(self._fill)
 
@@ -166,9 +169,9 @@ class _CallPool:
             self._loop.call_soon_threadsafe(self._fill)
 
     def stop(self) -> None:
-        """No call starts after this returns."""
+        """No call starts after this returns, whatever is added or allowed later."""
         with self._lock:
-            self._cap = 0
+            self._stopped = True
             self._reserve.clear()
 
     # On the event loop.
@@ -176,7 +179,7 @@ class _CallPool:
     def _fill(self) -> None:
         while True:
             with self._lock:
-                if self._in_flight >= self._cap or not self._reserve:
+                if self._stopped or self._in_flight >= self._cap or not self._reserve:
                     return
                 row, call = self._reserve.popleft()
                 self._in_flight += 1

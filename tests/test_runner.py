@@ -1,6 +1,8 @@
 """The worker's chunk runner as a plain function, against the LLM simulator
 over real HTTP."""
 
+import asyncio
+import queue
 import threading
 import time
 from collections import Counter
@@ -8,10 +10,13 @@ from collections import Counter
 import pytest
 from django.db import connection
 
+from extraction.extract import RowOutcome
+from extraction.llm import LLMCallError
 from extraction.render import render_row
 from jobs import services
 from jobs.models import ExtractJob, ExtractRow, Property, WorkerSlots
-from jobs.runner import ChunkRunner, RunnerSettings
+from jobs.runner import ChunkRunner, RunnerSettings, _CallPool, _LoopThread
+from jobs.services import ClaimedRow
 from tests.factories import make_job, simple_rows
 
 
@@ -209,3 +214,36 @@ def test_two_runners_on_one_job_share_its_max_workers(user, sim, no_background_w
     assert len(rows_by_worker) == 2
     assert min(rows_by_worker.values()) >= 8
     assert not WorkerSlots.objects.exists()  # each runner gave its grant back
+
+
+def test_no_call_starts_after_a_fatal_answer_whatever_is_added_or_allowed_later():
+    loop_thread = _LoopThread()
+    results: queue.SimpleQueue = queue.SimpleQueue()
+    pool = _CallPool(loop_thread.loop, results)
+    started = []
+
+    def call(index, fatal=False):
+        async def run():
+            started.append(index)
+            if fatal:
+                raise LLMCallError("LLM authentication failed (401)", fatal_for_job=True, attempts=1)
+            return RowOutcome()
+
+        return ClaimedRow(id=index, index=index, question_id=f"q{index}", data={}), run
+
+    pool.add([call(0, fatal=True), call(1)])
+    pool.set_cap(1)
+    row, answer = results.get(timeout=5)
+    pool.add([call(2)])
+    pool.set_cap(5)
+    asyncio.run_coroutine_threadsafe(asyncio.sleep(0.05), loop_thread.loop).result(timeout=5)
+
+    assert (row.index, type(answer)) == (0, LLMCallError)
+    assert started == [0]
+    assert pool.counts() == (0, 0)
+    loop_thread.close(client=ClosedClient())
+
+
+class ClosedClient:
+    async def close(self):
+        pass
