@@ -247,7 +247,7 @@ class ChunkRunner:
             now = time.monotonic()
             # A task works on the job until its rows run out. A quota per
             # task made every task of a job stop together, and the job's
-            # calls in flight fell to nothing until the next ones started.
+            # calls in flight dropped by a fifth until the next ones started.
             may_claim = pending_left and now - started < self.config.claim_seconds
             in_flight, waiting = self.pool.counts()
             got_rows = False
