@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from django.conf import settings
+from django.db import DatabaseError
 
 from extraction.extract import (
     CacheKeys,
@@ -226,7 +227,11 @@ class ChunkRunner:
             self.pool.stop()
             # Cancelling the tasks closes their connections before we return.
             self.loop_thread.close(self.client)
-            services.release_slots(job_id=self.job_id, worker_id=self.worker_id)
+            try:
+                services.release_slots(job_id=self.job_id, worker_id=self.worker_id)
+            except DatabaseError:
+                # Not to hide why the task ended; the grant lapses with its leases.
+                log.exception("job %s worker %s: could not give back its slots", self.job_id, self.worker_id)
         log.info(
             "job %s worker %s recorded %d rows: %s",
             self.job_id,
