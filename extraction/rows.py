@@ -3,6 +3,7 @@
 import hashlib
 import json
 import random
+import re
 
 import orjson
 
@@ -254,9 +255,17 @@ def encode_row(row: dict) -> str:
         return json.dumps(row, ensure_ascii=False, separators=(",", ":"))
 
 
-def holds_lone_surrogates(value) -> bool:
-    """Whether a string in `value` holds half of a UTF-16 surrogate pair,
-    which JSON's \\ud800 escapes can spell but no database stores as text."""
+LONE_SURROGATE = "a string holds an unpaired surrogate escape (such as \\ud800), which is not Unicode text"
+# Only a \\u escape can spell a surrogate in JSON text (UTF-8 cannot).
+_SURROGATE_ESCAPE = {str: re.compile(r"\\u[dD][89a-fA-F]"), bytes: re.compile(rb"\\u[dD][89a-fA-F]")}
+
+
+def holds_lone_surrogates(text: str | bytes, value) -> bool:
+    """Whether `value`, parsed from the JSON `text`, holds half of a UTF-16
+    surrogate pair, which JSON can spell but no database stores as text.
+    The value is walked only when the text holds such an escape."""
+    if not _SURROGATE_ESCAPE[type(text)].search(text):
+        return False
     try:
         json.dumps(value, ensure_ascii=False).encode()
     except UnicodeEncodeError:

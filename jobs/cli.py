@@ -20,7 +20,7 @@ from django.contrib.auth.hashers import make_password
 from django.core.management.base import CommandError
 from django.db import connection
 
-from extraction.rows import holds_lone_surrogates
+from extraction.rows import LONE_SURROGATE, holds_lone_surrogates
 
 from . import exports, services
 from .formatting import format_cost, format_duration, job_id_search
@@ -75,19 +75,17 @@ def _read_jsonl(path: Path) -> list:
                 rows.append(json.loads(line))
             except ValueError as exc:
                 raise ValueError(f"line {number}: {exc}") from None
-            if holds_lone_surrogates(rows[-1]):
+            if holds_lone_surrogates(line, rows[-1]):
                 raise ValueError(f"line {number}: {LONE_SURROGATE}")
     return rows
 
 
 def _read_json(path: Path):
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if holds_lone_surrogates(data):
+    text = path.read_text(encoding="utf-8")
+    data = json.loads(text)
+    if holds_lone_surrogates(text, data):
         raise ValueError(LONE_SURROGATE)
     return data["rows"] if isinstance(data, dict) and "rows" in data else data
-
-
-LONE_SURROGATE = "a string holds an unpaired surrogate escape (such as \\ud800), which is not Unicode text"
 
 
 def _table_row(record: dict) -> dict:

@@ -213,7 +213,12 @@ class ChunkRunner:
         if job is None:
             return "job is not running: nothing to do"
         self.job = job
-        self.budgeted = job.max_total_tokens is not None or job.max_cost_usd is not None
+        # With a budget a claim commits it to a call, so no rows are kept
+        # ready (they would commit it before the answers so far tell what
+        # a call costs), and each result is recorded before the next claim.
+        budgeted = job.max_total_tokens is not None or job.max_cost_usd is not None
+        self.keeps_rows_ready = not budgeted
+        self.record_seconds = 0.0 if budgeted else RECORD_SECONDS
         self.spec = extraction_spec(job, self.config)
         self.cache_keys = CacheKeys(self.spec, base_url=self.config.base_url)
         self.loop_thread = _LoopThread()
@@ -263,11 +268,9 @@ class ChunkRunner:
                     return f"the job is {services.job_state(job_id=self.job_id)}"
             if may_claim and cap > 0:
                 # Keep as many rows again ready to call, claimed half a grant
-                # at a time: a claim costs a transaction. Not with a budget:
-                # a claim commits it to a call, and a reserve would commit
-                # before the answers so far tell what one costs.
-                reserve = 0 if self.budgeted else cap
-                wanted = cap + reserve - in_flight - waiting
+                # at a time: a claim costs a transaction.
+                ready = cap if self.keeps_rows_ready else 0
+                wanted = cap + ready - in_flight - waiting
                 if wanted >= max(1, cap // 2) or not (in_flight or waiting):
                     claim = services.claim_rows(job_id=self.job_id, worker_id=self.worker_id, limit=wanted)
                     if not claim.job_running:
@@ -288,17 +291,14 @@ class ChunkRunner:
                 else:
                     return "no rows left to claim" if not pending_left else "claim time is up"
 
-            # Results that arrive within RECORD_SECONDS of each other are
+            # Results that arrive within record_seconds of each other are
             # recorded together: a transaction per result was a third of
             # this thread's time, and recording no longer holds a slot.
-            # With a budget each is recorded at once: the next claim needs
-            # to know what the last call cost.
-            record_every = 0.0 if self.budgeted else RECORD_SECONDS
             wake = last_sync + poll
             if arrived:
-                wake = min(wake, last_record + record_every)
+                wake = min(wake, last_record + self.record_seconds)
             arrived += self._arrivals(timeout=wake - time.monotonic())
-            if arrived and time.monotonic() - last_record >= record_every:
+            if arrived and time.monotonic() - last_record >= self.record_seconds:
                 last_record = time.monotonic()
                 stop = self._record_arrivals(arrived)
                 arrived = []

@@ -327,8 +327,6 @@ def claim_rows(*, job_id, worker_id: str, limit: int) -> Claim:
         job = ExtractJob.objects.select_for_update().filter(pk=job_id).only(*CLAIM_FIELDS).first()
         if job is None or job.state != JobState.RUNNING:
             return Claim(rows=[], job_running=False, pending_left=False)
-        if limit <= 0:
-            return Claim(rows=[], job_running=True, pending_left=True)
         if job.max_total_tokens is None and job.max_cost_usd is None:
             picked = _take_pending(job_id, worker_id=worker_id, limit=limit, now=now)
             return Claim(rows=picked, job_running=True, pending_left=len(picked) == limit)

@@ -331,10 +331,18 @@ def test_encode_row_writes_what_orjson_refuses_as_the_standard_library_would(row
     assert json.loads(encode_row(row)) == json.loads(stdlib_text(row))
 
 
-def test_holds_lone_surrogates_finds_half_a_pair_only():
-    assert holds_lone_surrogates({"rows": [{"prompt": "a \ud800 b"}]})
-    assert holds_lone_surrogates(["\udfff"])
-    assert not holds_lone_surrogates({"prompt": "a pair \U0001f600 is one character"})
+@pytest.mark.parametrize(
+    ("text", "lone"),
+    [
+        ('{"rows": [{"prompt": "a \\ud800 b"}]}', True),
+        ('["\\uDFFF"]', True),
+        ('{"prompt": "a pair \\ud83d\\ude00 is one character"}', False),
+        ('{"prompt": "a backslash and u: \\\\ud800 is text"}', False),
+    ],
+)
+def test_holds_lone_surrogates_finds_half_a_pair_only(text, lone):
+    assert holds_lone_surrogates(text, json.loads(text)) is lone
+    assert holds_lone_surrogates(text.encode(), json.loads(text)) is lone
 
 
 def stdlib_text(value) -> str:

@@ -10,7 +10,7 @@ from django.db import connection
 from jobs import services
 from jobs.models import ExtractJob, ExtractRow, Property
 from tests.factories import make_job, simple_rows
-from tests.test_runner import run_chunk
+from tests.test_runner import run_at_once, run_chunk
 
 
 def rows_with(markers: dict[int, str], count: int = 4) -> list[dict]:
@@ -124,19 +124,8 @@ def test_a_cancel_during_a_backoff_sleep_is_honoured_at_once(user, sim, no_backg
 def test_a_chunk_task_delivered_twice_does_no_duplicate_work(user, sim, no_background_worker):
     sim.configure(latency_ms=30)
     job = make_job(user, simple_rows(40), max_workers=6)
-    services.job_mark_running(job_id=job.id)
 
-    def deliver():
-        try:
-            run_chunk(job, sim)
-        finally:
-            connection.close()
-
-    deliveries = [threading.Thread(target=deliver) for _ in range(2)]
-    for delivery in deliveries:
-        delivery.start()
-    for delivery in deliveries:
-        delivery.join()
+    run_at_once(job, sim)  # the same task, delivered to two worker processes
 
     job.refresh_from_db()
     sent = [request["user_sha256"] for request in sim.requests()]

@@ -37,6 +37,23 @@ def run_chunk(job, sim, **overrides) -> str:
     return ChunkRunner(job.id, RunnerSettings(**config)).run()
 
 
+def run_at_once(job, sim, runners: int = 2) -> None:
+    """Several runners on one job, as several worker processes would be,
+    each on a thread of its own (with its own connection)."""
+
+    def run():
+        try:
+            run_chunk(job, sim)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run) for _ in range(runners)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 @pytest.mark.django_db
 def test_runner_extracts_every_row_of_the_airline_data(user, sim, airline_rows):
     rows = airline_rows[:12]
@@ -195,17 +212,7 @@ def test_two_runners_on_one_job_share_its_max_workers(user, sim, no_background_w
     sim.configure(latency_ms=100)
     job = make_job(user, simple_rows(48), max_workers=4)
 
-    def runner():
-        try:
-            run_chunk(job, sim)
-        finally:
-            connection.close()  # this thread's own connection
-
-    runners = [threading.Thread(target=runner) for _ in range(2)]
-    for thread in runners:
-        thread.start()
-    for thread in runners:
-        thread.join()
+    run_at_once(job, sim)
 
     job.refresh_from_db()
     assert (job.state, job.count_done) == ("done", 48)

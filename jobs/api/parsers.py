@@ -1,11 +1,10 @@
 import io
-import re
 
 from django.conf import settings
 from rest_framework.exceptions import ParseError
 from rest_framework.parsers import JSONParser
 
-from extraction.rows import holds_lone_surrogates
+from extraction.rows import LONE_SURROGATE, holds_lone_surrogates
 
 
 class LimitedJSONParser(JSONParser):
@@ -24,16 +23,9 @@ class LimitedJSONParser(JSONParser):
             raise ParseError(
                 f"JSON parse error - nested deeper than {limit} levels (STRINGSIGHT_MAX_JSON_DEPTH)"
             )
-        # Only a \\u escape can spell a lone surrogate; it used to be a 500.
-        if LONE_SURROGATE_ESCAPE.search(body) and holds_lone_surrogates(data):
-            raise ParseError(
-                "JSON parse error - a string holds an unpaired surrogate escape (such as \\ud800), "
-                "which is not Unicode text"
-            )
+        if holds_lone_surrogates(body, data):  # it used to be a 500
+            raise ParseError(f"JSON parse error - {LONE_SURROGATE}")
         return data
-
-
-LONE_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def nested_deeper_than(value, limit: int) -> bool:
