@@ -2,13 +2,16 @@
 over real HTTP."""
 
 import asyncio
+import gc
 import queue
+import sys
 import threading
 import time
 from collections import Counter
 
 import pytest
 from django.db import connection
+from django_q.signals import post_spawn
 
 from extraction.extract import RowOutcome
 from extraction.llm import LLMCallError
@@ -254,3 +257,14 @@ def test_no_call_starts_after_a_fatal_answer_whatever_is_added_or_allowed_later(
 class ClosedClient:
     async def close(self):
         pass
+
+
+def test_a_spawned_qcluster_process_hides_its_long_lived_objects_from_the_collector():
+    gc.unfreeze()
+    try:
+        post_spawn.send(sender="django_q", proc_name="Process-1")
+
+        assert gc.get_freeze_count() > 10_000  # Django, the SDK, every module
+        assert "jobs.tasks" in sys.modules
+    finally:
+        gc.unfreeze()
