@@ -95,27 +95,32 @@ def job_start(
     return job
 
 
+_STORED_ROW_FIELDS = (
+    "job", "index", "question_id", "data", "status", "attempts", "error", "raw_answer",
+    "properties_dropped", "cached", "prompt_tokens", "completion_tokens", "claimed_by", "lease_expiries",
+)  # fmt: skip
+
+
 def _insert_rows(job: ExtractJob, rows: list[tuple[int, str, str]]) -> None:
     """A job's rows as their JSON text, in as few round trips as the
     database allows: a 5,000-row start spent more time in bulk_create's
     per-field Python and a second JSON encoding than in the database."""
-    quote = connection.ops.quote_name
-    job_value = ExtractRow._meta.get_field("job").get_db_prep_value(job.pk, connection)
-    columns = (
-        f"job_id, {quote('index')}, question_id, data, status, attempts, error, raw_answer, "
-        "properties_dropped, cached, prompt_tokens, completion_tokens, claimed_by, lease_expiries"
-    )
-    table = quote(ExtractRow._meta.db_table)
+    fields = [ExtractRow._meta.get_field(name) for name in _STORED_ROW_FIELDS]
+    columns = ", ".join(connection.ops.quote_name(field.column) for field in fields)
+    table = connection.ops.quote_name(ExtractRow._meta.db_table)
     pending = RowStatus.PENDING
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
-            # COPY: 107 MB of transcripts in 0.85 s instead of 1.5 s.
-            with cursor.cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+            # Binary COPY: 107 MB of transcripts in 0.35 s (text COPY 0.55 s,
+            # executemany 1.5 s): the server copies text without unescaping it.
+            with cursor.cursor.copy(f"COPY {table} ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types([field.db_type(connection).partition("(")[0] for field in fields])
                 for index, question_id, encoded in rows:
                     copy.write_row(
-                        (job_value, index, question_id, encoded, pending, 0, "", "", 0, False, 0, 0, "", 0)
+                        (job.pk, index, question_id, encoded, pending, 0, "", "", 0, False, 0, 0, "", 0)
                     )
             return
+        job_value = fields[0].get_db_prep_value(job.pk, connection)
         sql = f"INSERT INTO {table} ({columns}) VALUES (%s, %s, %s, %s, %s, 0, '', '', 0, %s, 0, 0, '', 0)"
         for start in range(0, len(rows), 1000):
             cursor.executemany(
