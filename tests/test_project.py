@@ -1,7 +1,11 @@
 """Project hygiene that users rely on: migrations are committed, and every
-setting read from the environment is documented in the README."""
+setting read from the environment is documented in the README, and the web
+server is ready before its first request."""
 
+import os
 import re
+import subprocess
+import sys
 from io import StringIO
 from pathlib import Path
 
@@ -27,3 +31,14 @@ def test_every_environment_variable_is_in_the_readme_table():
 
     assert read - set(table_rows) == set()
     assert "OPENAI_API_KEY" in read
+
+
+def test_the_wsgi_application_has_its_views_loaded_before_the_first_request():
+    probe = "import sys, stringsight_site.wsgi; print('jobs.api.views' in sys.modules)"
+    env = {key: value for key, value in os.environ.items() if key != "DATABASE_URL"}
+
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+
+    assert loaded.stdout.strip() == "True", loaded.stderr
