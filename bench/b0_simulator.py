@@ -6,9 +6,10 @@ too: the `AsyncOpenAI` SDK's cost is a floor for a worker's CPU per row.
 
     python bench/b0_simulator.py [--requests N] [--smoke]
 
-The client is one asyncio process with the `AsyncOpenAI` client our worker
-uses, sending the messages our worker sends for the demo transcripts; it
-needs no database, so --db only names the session.
+The client is one asyncio process making the call our worker makes
+(`extraction.llm`: the `AsyncOpenAI` SDK over its aiohttp transport), with
+the messages our worker sends for the demo transcripts; it needs no
+database, so --db only names the session.
 """
 
 import asyncio
@@ -35,32 +36,32 @@ def build_parser():
     return parser
 
 
-def request_arguments(count: int) -> list[dict]:
+def request_messages(count: int) -> list[list[dict]]:
     from extraction.extract import build_messages
-    from extraction.llm import request_arguments as arguments_for
 
     spec = default_spec("single_model")
-    return [arguments_for(build_messages(row, spec), spec.call) for row in airline_rows(count)]
+    return [build_messages(row, spec) for row in airline_rows(count)]
 
 
-async def drive(base_url: str, requests: list[dict], concurrency: int) -> float:
-    import openai
+async def drive(base_url: str, requests: list[list[dict]], concurrency: int) -> float:
+    from extraction.llm import complete, make_client
 
-    client = openai.AsyncOpenAI(api_key="sim-key", base_url=base_url, max_retries=0, timeout=60)
+    client = make_client(api_key="sim-key", base_url=base_url, timeout=60)
+    call = default_spec("single_model").call
     slots = asyncio.Semaphore(concurrency)
 
-    async def one(arguments):
+    async def one(messages):
         async with slots:
-            await client.chat.completions.create(**arguments)
+            await complete(client, messages, call)
 
     started = time.perf_counter()
-    await asyncio.gather(*(one(arguments) for arguments in requests))
+    await asyncio.gather(*(one(messages) for messages in requests))
     seconds = time.perf_counter() - started
     await client.close()
     return seconds
 
 
-def phase(session: harness.Session, requests: list[dict], *, latency_ms: float, concurrency: int):
+def phase(session: harness.Session, requests: list[list[dict]], *, latency_ms: float, concurrency: int):
     session.simulate(latency_ms=latency_ms)
     groups = {"simulator": tree_pids(session.simulator_pid), "client": tree_pids(os.getpid())}
     with Sampler(groups) as sampler:
@@ -81,7 +82,7 @@ def run(session: harness.Session, args) -> Report:
     report.setting(
         "requests", f"{count:,} per phase, the messages our worker sends for the airline demo rows"
     )
-    requests = request_arguments(count)
+    requests = request_messages(count)
 
     rate, window = phase(session, requests, latency_ms=0, concurrency=concurrency)
     cpu_ms = window.cpu_ms_per("simulator", count)
