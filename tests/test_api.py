@@ -482,6 +482,18 @@ def test_non_utf8_bytes_are_refused(api):
     assert ExtractJob.objects.count() == 0
 
 
+def test_a_body_in_the_charset_it_declares_is_read_in_that_charset(api):
+    # In latin-1 these bytes are "cafÃ©"; read as UTF-8 they would be "café".
+    raw = '{"rows": [{"prompt": "cafÃ©", "model": "m", "model_response": "r"}]}'.encode("latin-1")
+
+    response = api.generic(
+        "POST", "/extract/jobs/start", raw, content_type="application/json; charset=latin-1"
+    )
+
+    assert response.status_code == 201
+    assert ExtractRow.objects.get().data["prompt"] == "cafÃ©"
+
+
 def test_start_stores_integers_beyond_64_bits_exactly_and_refuses_nan(api):
     # orjson, which encodes the rows, refuses such an integer: the standard
     # library writes it instead.
