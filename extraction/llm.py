@@ -8,6 +8,7 @@ interrupts at once.
 
 import asyncio
 import email.utils
+import json
 import random
 import re
 import time
@@ -15,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import openai
+import orjson
 from openai.types.chat import ChatCompletion
 
 
@@ -88,9 +90,10 @@ async def complete(
         try:
             # The SDK's typed create() walks every request through its
             # TypedDict transform (a third of a call's CPU); ours is plain
-            # JSON already, so it goes through the SDK's generic post().
+            # JSON already, so it goes through the SDK's generic post(), as
+            # bytes (its `content`) that the SDK sends as they are.
             response = await client.post(
-                "/chat/completions", body=request_arguments(messages, call), cast_to=ChatCompletion
+                "/chat/completions", content=request_body(messages, call), cast_to=ChatCompletion
             )
         except RETRYABLE as exc:
             if attempt >= call.max_attempts:
@@ -136,6 +139,17 @@ def request_arguments(messages: list[dict[str, Any]], call: CallSettings) -> dic
     if call.response_format is not None:
         arguments["response_format"] = call.response_format
     return arguments
+
+
+def request_body(messages: list[dict[str, Any]], call: CallSettings) -> bytes:
+    """The request as the JSON the SDK would send (json.dumps, compact,
+    non-ASCII as it is), written by orjson: 20 µs instead of 100 µs for a
+    21 KB transcript, 6 % of a worker's CPU per row at 0 ms latency."""
+    arguments = request_arguments(messages, call)
+    try:
+        return orjson.dumps(arguments)
+    except orjson.JSONEncodeError:  # what orjson refuses, the SDK's way
+        return json.dumps(arguments, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
 def completion_from(response: Any, attempts: int) -> Completion:

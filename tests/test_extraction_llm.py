@@ -2,18 +2,32 @@
 
 import asyncio
 import email.utils
+import json
 import random
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import openai
 import pytest
+from openai._utils._json import openapi_dumps
 
-from extraction.llm import CallSettings, LLMCallError, backoff_seconds, complete, retry_after_seconds
+from extraction.extract import ExtractionSpec, build_messages
+from extraction.llm import (
+    CallSettings,
+    LLMCallError,
+    backoff_seconds,
+    complete,
+    request_arguments,
+    request_body,
+    retry_after_seconds,
+)
+from extraction.prompts import resolve_system_prompt, response_format
 
 CALL = CallSettings(
     model="sim-model", temperature=0.0, top_p=1.0, max_tokens=500, retry_base=1.0, retry_max=8.0
 )
+DEMO_PATH = Path(__file__).parent / "data" / "airline_data_demo.jsonl"
 MESSAGES = [{"role": "system", "content": "List properties."}, {"role": "user", "content": "hello"}]
 
 
@@ -117,3 +131,18 @@ def test_complete_reports_a_refusal_as_a_row_failure(sim):
 
     assert caught.value.fatal_for_job is False
     assert str(caught.value).startswith("the LLM refused: ")
+
+
+def test_the_request_body_is_the_json_the_sdk_itself_would_send_for_the_demo_rows():
+    call = CallSettings(**{**vars(CALL), "response_format": response_format("single_model")})
+    spec = ExtractionSpec("single_model", resolve_system_prompt("default", "single_model"), call)
+
+    for line in DEMO_PATH.read_text(encoding="utf-8").splitlines():
+        messages = build_messages(json.loads(line), spec)
+        assert request_body(messages, call) == openapi_dumps(request_arguments(messages, call))
+
+
+def test_the_request_body_holds_what_orjson_refuses_as_the_sdk_would():
+    messages = [{"role": "user", "content": "beyond 64 bits:", "n": 10**30}]
+
+    assert request_body(messages, CALL) == openapi_dumps(request_arguments(messages, CALL))
