@@ -12,8 +12,9 @@ class LimitedJSONParser(JSONParser):
     """JSON with a nesting limit: a body nested thousands deep would
     otherwise blow Python's recursion limit somewhere later (a 500) instead
     of being refused up front. UTF-8 bodies are read with orjson where it
-    gives what DRF's own parser gives (2.5 times faster for a 107 MB start),
-    and by DRF's parser otherwise, so refusals keep DRF's messages."""
+    gives what DRF's own parser gives (a 107 MB start: 0.93 → 0.52 s in the
+    web server), and by DRF's parser otherwise, so refusals keep DRF's
+    messages."""
 
     def parse(self, stream, media_type=None, parser_context=None):
         limit = settings.STRINGSIGHT_MAX_JSON_DEPTH
