@@ -86,9 +86,12 @@ def test_two_clusters_share_one_job_without_extracting_a_row_twice(
     api, start_worker, sim, airline_rows, settings
 ):
     settings.STRINGSIGHT_CHUNK_SIZE = 20
-    sim.configure(latency_ms=80, jitter_ms=40)
+    sim.configure(latency_ms=150, jitter_ms=50)
+    # One worker process each: a django-q2 cluster takes up to workers +
+    # workers squared + 1 tasks ahead (3 here, 13 with three workers), so the
+    # job's 10 tasks cannot all go to whichever cluster polls first.
     for name in ("alpha", "beta"):
-        start_worker(name, Q_WORKERS="3", STRINGSIGHT_CHUNK_SIZE="20")
+        start_worker(name, Q_WORKERS="1", STRINGSIGHT_CHUNK_SIZE="20")
     job_id = start_job(api, unique_rows(airline_rows, 2), max_workers=16)
 
     final = wait_until_finished(api, job_id, timeout=120)
