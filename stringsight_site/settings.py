@@ -245,6 +245,11 @@ Q_CLUSTER = {
     "cache": "qcluster",
     "orm": "default",
     "workers": envint("Q_WORKERS", 2, minimum=1),
+    # One task waiting per cluster (django-q2's default is workers squared).
+    # A job's tasks run until its rows run out, so a task a cluster holds
+    # ahead only waits, and held there it cannot run on another machine:
+    # with the default, a cluster took every task of a 6-task job.
+    "queue_limit": 1,
     "timeout": Q_TASK_TIMEOUT,
     "retry": Q_TASK_TIMEOUT + 300,
     "max_attempts": 3,

@@ -87,9 +87,8 @@ def test_two_clusters_share_one_job_without_extracting_a_row_twice(
 ):
     settings.STRINGSIGHT_CHUNK_SIZE = 20
     sim.configure(latency_ms=150, jitter_ms=50)
-    # One worker process each: a django-q2 cluster takes up to workers +
-    # workers squared + 1 tasks ahead (3 here, 13 with three workers), so the
-    # job's 10 tasks cannot all go to whichever cluster polls first.
+    # One worker process each: a cluster holds up to its workers + 2 tasks
+    # (3 here), so the job's 10 tasks cannot all go to whichever polls first.
     for name in ("alpha", "beta"):
         start_worker(name, Q_WORKERS="1", STRINGSIGHT_CHUNK_SIZE="20")
     job_id = start_job(api, unique_rows(airline_rows, 2), max_workers=16)
@@ -102,6 +101,25 @@ def test_two_clusters_share_one_job_without_extracting_a_row_twice(
     assert len(sent) == len(set(sent)) == 200  # no row was sent to the LLM twice
     workers = {claimed.split(":")[0] for claimed in ExtractRow.objects.values_list("claimed_by", flat=True)}
     assert workers == {"alpha", "beta"}
+
+
+@on_postgres
+def test_a_cluster_started_while_a_job_runs_takes_part_in_it(api, start_worker, sim, airline_rows, settings):
+    settings.STRINGSIGHT_CHUNK_SIZE = 20
+    sim.configure(latency_ms=200, jitter_ms=50)
+    start_worker("early", Q_WORKERS="2", STRINGSIGHT_CHUNK_SIZE="20")
+    job_id = start_job(api, airline_rows[:100] + unique_rows(airline_rows[:20], 1), max_workers=8)
+    wait_for(lambda: status(api, job_id)["count_done"] >= 10, timeout=60)
+
+    # The job has 6 tasks; with django-q2's default queue_limit (workers
+    # squared) the early cluster would have taken all of them ahead.
+    start_worker("late", Q_WORKERS="2", STRINGSIGHT_CHUNK_SIZE="20")
+    final = wait_until_finished(api, job_id, timeout=120)
+
+    assert (final["state"], final["count_done"]) == ("done", 120)
+    assert_every_row_stored_once(job_id, 120)
+    workers = {claimed.split(":")[0] for claimed in ExtractRow.objects.values_list("claimed_by", flat=True)}
+    assert workers == {"early", "late"}
 
 
 @pytest.fixture
