@@ -142,6 +142,10 @@ class OrderedJSONField(models.TextField):
 class ExtractRow(models.Model):
     job = models.ForeignKey(ExtractJob, on_delete=models.CASCADE, related_name="rows")
     index = models.PositiveIntegerField()
+    # The caller's own index of the row: its `__index` when it sent one, else
+    # its position in the request (which differs from `index` after sampling).
+    # Null for rows stored before it was recorded.
+    input_index = models.PositiveIntegerField(null=True, blank=True)
     question_id = models.CharField(max_length=200)
     data = OrderedJSONField()
     status = models.CharField(max_length=16, choices=RowStatus.choices, default=RowStatus.PENDING)
@@ -200,6 +204,9 @@ class Property(models.Model):
     # Denormalised from the row so a job's properties list in input order
     # from one index, without a join.
     row_index = models.PositiveIntegerField()
+    # The row's input_index, denormalised the same way; null (read as
+    # row_index) for properties stored before it was recorded.
+    input_index = models.PositiveIntegerField(null=True, blank=True)
     position = models.PositiveSmallIntegerField()
     question_id = models.CharField(max_length=200)
     model = models.CharField(max_length=200)

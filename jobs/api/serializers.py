@@ -279,10 +279,9 @@ class CancelResponseSerializer(serializers.Serializer):
     properties_count = serializers.IntegerField(help_text="Final: it never changes after the cancel.")
 
 
-class PropertySerializer(serializers.Serializer):
+class _PropertyContentSerializer(serializers.Serializer):
     id = serializers.UUIDField()
     question_id = serializers.CharField()
-    row_index = serializers.IntegerField()
     model = serializers.CharField()
     property_description = serializers.CharField()
     category = serializers.CharField(allow_blank=True)
@@ -293,12 +292,39 @@ class PropertySerializer(serializers.Serializer):
     unexpected_behavior = serializers.BooleanField()
 
 
+class PropertySerializer(_PropertyContentSerializer):
+    row_index = serializers.IntegerField(help_text="The row's position in the job (after sampling).")
+    input_index = serializers.IntegerField(
+        help_text="The caller's index of the row: its __index when it had one, else its position "
+        "in the request."
+    )
+
+
+# The seed paths' property: the caller's index of the row is its row_index,
+# and its __index (a name a class body would mangle).
+SeedPropertySerializer = type(
+    "SeedPropertySerializer",
+    (_PropertyContentSerializer,),
+    {
+        "row_index": serializers.IntegerField(
+            help_text="The caller's index of the row: its __index when it had one, else its position "
+            "in the request."
+        ),
+        "__index": serializers.IntegerField(help_text="The same as row_index."),
+    },
+)
+
+
 class ResultSerializer(serializers.Serializer):
     job_id = serializers.UUIDField()
     state = serializers.ChoiceField(choices=JobState.choices)
     cancelled = serializers.BooleanField()
     count = serializers.IntegerField()
     properties = PropertySerializer(many=True)
+
+
+class SeedResultSerializer(ResultSerializer):
+    properties = SeedPropertySerializer(many=True)
 
 
 class ErrorSerializer(serializers.Serializer):
@@ -339,6 +365,10 @@ class JobDetailSerializer(JobStatusSerializer):
 
 class RowOutcomeSerializer(serializers.Serializer):
     index = serializers.IntegerField()
+    input_index = serializers.IntegerField(
+        help_text="The caller's index of the row: its __index when it had one, else its position "
+        "in the request."
+    )
     question_id = serializers.CharField()
     status = serializers.ChoiceField(choices=RowStatus.choices)
     attempts = serializers.IntegerField(help_text="LLM calls made for the row.")
