@@ -33,6 +33,7 @@ from .models import (
     ExtractJob,
     ExtractRow,
     Heartbeat,
+    JobKind,
     JobState,
     Property,
     RowStatus,
@@ -70,15 +71,8 @@ def job_start(
     its work. `encoded_rows` are the rows' JSON texts when the caller has
     them already (the API measured each row's size with them)."""
     picked = sample_indexes(len(rows), params.sample_size)
-    price_input, price_output = price_for(params.model_name) or (None, None)
     with transaction.atomic():
-        job = ExtractJob.objects.create(
-            owner=owner,
-            count_total=len(picked),
-            price_input_per_mtok=price_input,
-            price_output_per_mtok=price_output,
-            **vars(params),
-        )
+        job = _create_job(owner=owner, params=params, count_total=len(picked))
         _insert_rows(
             job,
             [
@@ -94,6 +88,39 @@ def job_start(
         transaction.on_commit(lambda: enqueue_job_work(job_id=job.id, row_count=len(picked)))
     log_event("job_started", job_id=job.id, rows=len(picked), model=params.model_name, method=params.method)
     return job
+
+
+def _create_job(*, owner, params: JobParams, count_total: int, **fields) -> ExtractJob:
+    price_input, price_output = price_for(params.model_name) or (None, None)
+    return ExtractJob.objects.create(
+        owner=owner,
+        count_total=count_total,
+        price_input_per_mtok=price_input,
+        price_output_per_mtok=price_output,
+        **vars(params),
+        **fields,
+    )
+
+
+def single_row_start(
+    *, owner, row: dict[str, Any], params: JobParams, encoded_row: str, worker_id: str
+) -> tuple[ExtractJob, "ClaimedRow | None"]:
+    """A one-row job that the web request extracts itself (/extract/single):
+    no task is enqueued; it is marked running and its row is claimed by
+    `worker_id`, as a worker would, so recording its result, a cancel and
+    the sweep treat it like any other job. The row is None when the claim
+    found nothing to take (the job was cancelled at once, or a budget could
+    not pay for the call)."""
+    with transaction.atomic():
+        job = _create_job(owner=owner, params=params, count_total=1, kind=JobKind.SINGLE)
+        _insert_rows(job, [(0, question_id_for(row, 0), encoded_row, input_index_for(row, 0))])
+    log_event(
+        "job_started", job_id=job.id, rows=1, model=params.model_name, method=params.method, kind=job.kind
+    )
+    job_mark_running(job_id=job.id)
+    claim = claim_rows(job_id=job.id, worker_id=worker_id, limit=1)
+    job.refresh_from_db()
+    return job, (claim.rows[0] if claim.rows else None)
 
 
 _STORED_ROW_FIELDS = (

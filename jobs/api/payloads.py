@@ -19,6 +19,7 @@ def status_payload(job: ExtractJob) -> dict:
     return {
         "job_id": job.id,
         "state": job.state,
+        "kind": job.kind,
         "progress": job.progress,
         "count_done": job.count_done,
         "count_failed": job.count_failed,

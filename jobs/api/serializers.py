@@ -12,7 +12,7 @@ from rest_framework import serializers
 from extraction.prompts import UnknownPromptError, resolve_system_prompt
 from extraction.rows import RowError, encode_row, validate_rows
 
-from ..models import JobState, Method, RowStatus
+from ..models import JobKind, JobState, Method, RowStatus
 from ..services import JobParams, price_for
 
 # Upstream StringSight's frontend sends these; a caller who omits a value
@@ -244,6 +244,10 @@ class BudgetSerializer(serializers.Serializer):
 class JobStatusSerializer(serializers.Serializer):
     job_id = serializers.UUIDField()
     state = serializers.ChoiceField(choices=JobState.choices)
+    kind = serializers.ChoiceField(
+        choices=JobKind.choices,
+        help_text="batch: rows run by workers; single: one row extracted by /extract/single.",
+    )
     progress = serializers.FloatField(help_text="Finished rows (done or failed) over all rows, 0..1.")
     count_done = serializers.IntegerField()
     count_failed = serializers.IntegerField()
@@ -393,6 +397,7 @@ class ResumeRequestSerializer(serializers.Serializer):
 
 class JobListQuerySerializer(serializers.Serializer):
     state = serializers.ChoiceField(choices=JobState.choices, required=False)
+    kind = serializers.ChoiceField(choices=JobKind.choices, required=False)
     model = serializers.CharField(required=False, max_length=200)
     created_after = serializers.DateTimeField(required=False)
     created_before = serializers.DateTimeField(required=False)

@@ -244,6 +244,7 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
         query.is_valid(raise_exception=True)
         filters = {
             "state": query.validated_data.get("state"),
+            "kind": query.validated_data.get("kind"),
             "model_name": query.validated_data.get("model"),
             "created_at__gte": query.validated_data.get("created_after"),
             "created_at__lt": query.validated_data.get("created_before"),
