@@ -74,9 +74,10 @@ def extract_single(
     try:
         outcome, ended = _extract(job, claimed, config, worker_id, hung_up)
     except LLMCallError as exc:
-        services.job_fail(job_id=job.id, error=str(exc))
+        failed = services.job_fail(job_id=job.id, error=str(exc))
         job.refresh_from_db()
-        return SingleResult(job=job, ended=Ended.LLM_FAILED)
+        # Not failed: a cancel got there first.
+        return SingleResult(job=job, ended=Ended.LLM_FAILED if failed else Ended.CANCELLED)
     except BaseException as exc:
         # The job must not stay running with nobody working on it.
         services.job_fail(job_id=job.id, error=f"internal error while extracting: {type(exc).__name__}")
@@ -122,18 +123,15 @@ def _extract(
             if call.done():
                 return call.result(), Ended.RECORDED
             if hung_up():
-                stop = Ended.HUNG_UP
-            elif services.job_state(job_id=job.id) != JobState.RUNNING:
-                stop = Ended.CANCELLED
-            elif time.monotonic() >= deadline:
+                return None, Ended.HUNG_UP
+            if services.job_state(job_id=job.id) != JobState.RUNNING:
+                return None, Ended.CANCELLED
+            if time.monotonic() >= deadline:
                 return _timed_out(config), Ended.TIMED_OUT
-            else:
-                if time.monotonic() - last_lease >= config.lease_seconds / 3:
-                    # So that the sweep never takes the row for a dead worker's.
-                    last_lease = time.monotonic()
-                    services.renew_leases(job_id=job.id, worker_id=worker_id)
-                continue
-            return None, stop
+            if time.monotonic() - last_lease >= config.lease_seconds / 3:
+                # So that the sweep never takes the row for a dead worker's.
+                last_lease = time.monotonic()
+                services.renew_leases(job_id=job.id, worker_id=worker_id)
     finally:
         # Cancelling the call closes its connection: the LLM endpoint sees it end.
         if call is not None:
