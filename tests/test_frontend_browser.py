@@ -90,8 +90,9 @@ def test_the_frontends_flow_runs_from_another_origin(
     # The live server runs in this process: /extract/single calls the simulator from here.
     monkeypatch.setenv("OPENAI_BASE_URL", sim.base_url)
     monkeypatch.setenv("OPENAI_API_KEY", "sim-key")
-    # Slow enough (60 rows, 2 calls at a time, 0.5 s each) that the job runs when the page cancels it.
-    sim.configure(latency_ms=500)
+    # Slow enough (60 rows, 2 calls at a time, 1 s each) that the job still runs when the page
+    # cancels it, after its first rows, even on a loaded machine.
+    sim.configure(latency_ms=1000)
     errors = []
     page.on("pageerror", lambda error: errors.append(str(error)))
 
