@@ -6,6 +6,7 @@
 maps every failing field to its messages.
 """
 
+from django.http import JsonResponse
 from rest_framework import status
 from rest_framework.exceptions import APIException, ValidationError
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -15,6 +16,11 @@ class Conflict(APIException):
     status_code = status.HTTP_409_CONFLICT
     default_code = "conflict"
     default_detail = "The job is not in a state that allows this."
+
+
+def error_response(status: int, detail: str, code: str, **extra) -> JsonResponse:
+    """The shape, for answers built outside DRF's exception handler."""
+    return JsonResponse({"detail": detail, "code": code, **extra}, status=status)
 
 
 def exception_handler(exc, context):

@@ -1,17 +1,25 @@
 """Response bodies as plain dicts: a job's status is one row read, and a
 result is one query over the job's properties in input order."""
 
+from django.db.models import F
+from django.db.models.functions import Coalesce
 from django.utils import timezone
+
+from extraction.rows import INDEX_COLUMN
 
 from ..models import PROPERTY_CONTENT, ExtractJob, JobState, RowStatus
 
-PROPERTY_FIELDS = ("id", "row_index", *PROPERTY_CONTENT)
+PROPERTY_FIELDS = ("id", "row_index", "input_index", *PROPERTY_CONTENT)
+# Properties stored before input_index was recorded have none: their
+# position in the job stands in for it.
+CALLER_INDEX = Coalesce(F("input_index"), F("row_index"))
 
 
 def status_payload(job: ExtractJob) -> dict:
     return {
         "job_id": job.id,
         "state": job.state,
+        "kind": job.kind,
         "progress": job.progress,
         "count_done": job.count_done,
         "count_failed": job.count_failed,
@@ -36,8 +44,8 @@ def status_payload(job: ExtractJob) -> dict:
     }
 
 
-def result_payload(job: ExtractJob) -> dict:
-    properties = list(job.properties.order_by("row_index", "position").values(*PROPERTY_FIELDS))
+def result_payload(job: ExtractJob, *, seed: bool = False) -> dict:
+    properties = property_payloads(job.properties.order_by("row_index", "position"), seed=seed)
     return {
         "job_id": job.id,
         "state": job.state,
@@ -47,8 +55,26 @@ def result_payload(job: ExtractJob) -> dict:
     }
 
 
+def property_payloads(properties, *, seed: bool) -> list[dict]:
+    """Properties as the API lists them. The RESTful API reports a row's
+    position in the job as `row_index` and the caller's index of the row as
+    `input_index`. The seed paths report the caller's index as `row_index`
+    and `__index`, as upstream StringSight does: the StringSight frontend
+    opens the conversation whose `__index` equals them."""
+    records = list(properties.annotate(caller_index=CALLER_INDEX).values("caller_index", *PROPERTY_FIELDS))
+    for record in records:
+        caller_index = record.pop("caller_index")
+        if seed:
+            del record["input_index"]
+            record["row_index"] = record[INDEX_COLUMN] = caller_index
+        else:
+            record["input_index"] = caller_index
+    return records
+
+
 ROW_FIELDS = (
     "index",
+    "input_index",
     "question_id",
     "status",
     "attempts",
