@@ -25,7 +25,7 @@ class Method(models.TextChoices):
 
 class JobKind(models.TextChoices):
     # Rows run by workers, started with /extract/jobs/start or /api/jobs/.
-    BATCH = "batch"
+    ROWS = "rows"
     # One row extracted inside a web request (/extract/single), recorded as a
     # job so that its tokens and cost are accounted like any other.
     SINGLE = "single"
@@ -49,7 +49,7 @@ class ExtractJob(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="extract_jobs"
     )
     state = models.CharField(max_length=16, choices=JobState.choices, default=JobState.QUEUED)
-    kind = models.CharField(max_length=16, choices=JobKind.choices, default=JobKind.BATCH)
+    kind = models.CharField(max_length=16, choices=JobKind.choices, default=JobKind.ROWS)
     error = models.TextField(blank=True, default="")
 
     method = models.CharField(max_length=16, choices=Method.choices)

@@ -137,11 +137,11 @@ def test_staff_and_the_caller_see_the_single_job_among_their_jobs(api, staff_api
 
     mine = api.get("/api/jobs/", {"kind": "single"}).json()["results"]
     seen_by_staff = staff_api.get("/api/jobs/", {"kind": "single"}).json()["results"]
-    batches = api.get("/api/jobs/", {"kind": "batch"}).json()["results"]
+    row_jobs = api.get("/api/jobs/", {"kind": "rows"}).json()["results"]
 
     assert [(job["job_id"], job["kind"], job["state"]) for job in mine] == [(job_id, "single", "done")]
     assert [job["job_id"] for job in seen_by_staff] == [job_id]
-    assert batches == []
+    assert row_jobs == []
 
 
 def test_without_return_debug_it_answers_the_upstream_shape(api, llm):

@@ -246,7 +246,7 @@ class JobStatusSerializer(serializers.Serializer):
     state = serializers.ChoiceField(choices=JobState.choices)
     kind = serializers.ChoiceField(
         choices=JobKind.choices,
-        help_text="batch: rows run by workers; single: one row extracted by /extract/single.",
+        help_text="rows: rows run by workers; single: one row extracted by /extract/single.",
     )
     progress = serializers.FloatField(help_text="Finished rows (done or failed) over all rows, 0..1.")
     count_done = serializers.IntegerField()

@@ -443,9 +443,9 @@ export interface components {
             job_id: string;
             state: components["schemas"]["StateEnum"];
             /**
-             * @description batch: rows run by workers; single: one row extracted by /extract/single.
+             * @description rows: rows run by workers; single: one row extracted by /extract/single.
              *
-             *     * `batch` - Batch
+             *     * `rows` - Rows
              *     * `single` - Single
              */
             kind: components["schemas"]["KindEnum"];
@@ -507,9 +507,9 @@ export interface components {
             job_id: string;
             state: components["schemas"]["StateEnum"];
             /**
-             * @description batch: rows run by workers; single: one row extracted by /extract/single.
+             * @description rows: rows run by workers; single: one row extracted by /extract/single.
              *
-             *     * `batch` - Batch
+             *     * `rows` - Rows
              *     * `single` - Single
              */
             kind: components["schemas"]["KindEnum"];
@@ -545,11 +545,11 @@ export interface components {
             budget: components["schemas"]["Budget"];
         };
         /**
-         * @description * `batch` - Batch
+         * @description * `rows` - Rows
          *     * `single` - Single
          * @enum {string}
          */
-        KindEnum: "batch" | "single";
+        KindEnum: "rows" | "single";
         /**
          * @description * `single_model` - Single Model
          *     * `side_by_side` - Side By Side
@@ -807,10 +807,10 @@ export interface operations {
                 /** @description From a page's next or previous link. */
                 cursor?: string;
                 /**
-                 * @description * `batch` - Batch
+                 * @description * `rows` - Rows
                  *     * `single` - Single
                  */
-                kind?: "batch" | "single";
+                kind?: "rows" | "single";
                 model?: string;
                 page_size?: number;
                 /**

@@ -13,6 +13,6 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name='extractjob',
             name='kind',
-            field=models.CharField(choices=[('batch', 'Batch'), ('single', 'Single')], default='batch', max_length=16),
+            field=models.CharField(choices=[('rows', 'Rows'), ('single', 'Single')], default='rows', max_length=16),
         ),
     ]
