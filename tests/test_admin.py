@@ -183,7 +183,7 @@ def test_job_list_shows_and_filters_one_row_jobs_from_extract_single(admin_clien
     html = admin_client.get(JOBS_URL).content.decode()
     ids = listed_ids(admin_client.get(JOBS_URL, {"kind__exact": "single"}))
 
-    assert [cells_of(html, jobs[state])["kind"] for state in ("done", "running")] == ["Single", "Batch"]
+    assert [cells_of(html, jobs[state])["kind"] for state in ("done", "running")] == ["Single", "Rows"]
     assert ids == [str(jobs["done"].pk)]
 
 

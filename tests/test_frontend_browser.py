@@ -114,7 +114,7 @@ def test_the_frontends_flow_runs_from_another_origin(
         )
     }
     single = ExtractJob.objects.get(kind=JobKind.SINGLE)
-    batch = ExtractJob.objects.get(kind=JobKind.BATCH)
+    batch = ExtractJob.objects.get(kind=JobKind.ROWS)
     prompt = named_prompt(
         "default", "single_model", task_description=DEFAULT_TASK_DESCRIPTIONS["default", "single_model"]
     )
