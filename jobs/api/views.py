@@ -4,6 +4,7 @@ service calls and back."""
 
 import uuid
 
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404, HttpResponse, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
@@ -52,11 +53,25 @@ class _Cursor(CursorPagination):
     page_size_query_param = "page_size"
     invalid_cursor_message = "cursor: not a cursor this API gave out; follow the next and previous links"
 
+    def paginate_queryset(self, queryset, request, view=None):
+        self.model = queryset.model
+        return super().paginate_queryset(queryset, request, view)
+
     def decode_cursor(self, request):
         try:
-            return super().decode_cursor(request)
+            cursor = super().decode_cursor(request)
         except NotFound:
             raise ValidationError({"cursor": [self.invalid_cursor_message]}) from None
+        if cursor is not None and cursor.position is not None:
+            # The position goes into the query as it is: one the ordering's
+            # column cannot hold ("x" for a date, 10**20 for an integer) was a 500.
+            first = self.ordering if isinstance(self.ordering, str) else self.ordering[0]
+            field = self.model._meta.get_field(first.lstrip("-"))
+            try:
+                field.clean(cursor.position, None)
+            except (DjangoValidationError, ValueError, TypeError, OverflowError):
+                raise ValidationError({"cursor": [self.invalid_cursor_message]}) from None
+        return cursor
 
 
 PAGE_PARAMETERS = [
