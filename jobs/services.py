@@ -8,14 +8,15 @@ second, so they never deadlock each other; on SQLite, IMMEDIATE
 transactions serialise them outright.
 """
 
+import logging
 import math
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 from django.db.models import F, Q, Sum
 from django.utils import timezone
 from django_q.brokers import get_broker
@@ -38,6 +39,8 @@ from .models import (
     RowStatus,
     WorkerSlots,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -541,7 +544,89 @@ def record_row_results(
     and only for rows that are still ours. Results that arrive together
     commit together, in four statements whatever their number: one
     transaction per row, and one round trip per statement, were what bounded
-    a worker at high throughput."""
+    a worker at high throughput.
+
+    A database error in the batch is one row's (a value its column refuses,
+    say) or the database's: the rows are then recorded one by one, and a
+    row that still fails alone is recorded as failed with the reason, so the
+    other rows are kept and the worker goes on."""
+    results = [(row, storable(outcome)) for row, outcome in results]
+    try:
+        return _record_batch(job_id=job_id, worker_id=worker_id, results=results, model_name=model_name)
+    except DatabaseError as exc:
+        if len(results) == 1:
+            return _record_refused(job_id, worker_id, *results[0], exc)
+        log.warning("job %s: recording %d results failed (%s); one by one now", job_id, len(results), exc)
+    stored, running = 0, True
+    for row, outcome in results:
+        try:
+            recorded = _record_batch(
+                job_id=job_id, worker_id=worker_id, results=[(row, outcome)], model_name=model_name
+            )
+        except DatabaseError as exc:
+            recorded = _record_refused(job_id, worker_id, row, outcome, exc)
+        stored += recorded.stored
+        running = running and recorded.job_running
+    return Recorded(stored=stored, job_running=running)
+
+
+def _record_refused(job_id, worker_id: str, row: ClaimedRow, outcome: RowOutcome, exc) -> Recorded:
+    """Record a row whose result the database refused as failed, saying why,
+    with its raw answer and tokens (spent all the same), or without them if
+    they were what it refused. If even that fails, the database itself is at
+    fault: the error goes up, and the row's lease brings the row back."""
+    lines = str(exc).strip().splitlines()
+    reason = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    log.error("job %s row %d: the database refused its result: %s", job_id, row.index, reason)
+    failed = RowOutcome(
+        raw_answer=outcome.raw_answer,
+        prompt_tokens=outcome.prompt_tokens,
+        completion_tokens=outcome.completion_tokens,
+        attempts=outcome.attempts,
+        dropped=outcome.dropped + len(outcome.properties),
+        error=f"the result could not be stored: {reason}"[:500],
+    )
+    try:
+        return _record_batch(job_id=job_id, worker_id=worker_id, results=[(row, failed)])
+    except DatabaseError:
+        bare = RowOutcome(attempts=outcome.attempts, error=failed.error)
+        return _record_batch(job_id=job_id, worker_id=worker_id, results=[(row, bare)])
+
+
+# Text columns of 200 characters that an LLM's answer fills.
+_PROPERTY_CHARS = {"category": 200, "model": 200, "question_id": 200}
+
+
+def storable(outcome: RowOutcome) -> RowOutcome:
+    """The outcome as the database can store it: PostgreSQL refuses NUL in
+    text (and \\u0000 in jsonb), so an answer quoting one has it replaced by
+    U+FFFD; names longer than their columns are cut to fit."""
+    properties = [
+        {
+            name: _clean(value)[: _PROPERTY_CHARS[name]] if name in _PROPERTY_CHARS else _clean(value)
+            for name, value in prop.items()
+        }
+        for prop in outcome.properties
+    ]
+    return replace(
+        outcome,
+        properties=properties,
+        raw_answer=_clean(outcome.raw_answer),
+        error=None if outcome.error is None else _clean(outcome.error),
+    )
+
+
+def _clean(value):
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, list):
+        return [_clean(item) for item in value]
+    return value
+
+
+def _record_batch(
+    *, job_id, worker_id: str, results: list[tuple[ClaimedRow, RowOutcome]], model_name: str = ""
+) -> Recorded:
     now = timezone.now()
     with transaction.atomic():
         # The job row first: this takes its lock, so a cancel (or a claim, or
