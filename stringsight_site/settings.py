@@ -307,9 +307,19 @@ STRINGSIGHT_MAX_ROWS = envint("STRINGSIGHT_MAX_ROWS", 50_000, minimum=1)
 STRINGSIGHT_MAX_ROW_BYTES = envint("STRINGSIGHT_MAX_ROW_BYTES", 2 * 1024 * 1024, minimum=256)
 STRINGSIGHT_MAX_WORKERS = envint("STRINGSIGHT_MAX_WORKERS", 256, minimum=1)
 STRINGSIGHT_MAX_TOKENS_CAP = envint("STRINGSIGHT_MAX_TOKENS_CAP", 32_768, minimum=1)
-STRINGSIGHT_MAX_REQUEST_BYTES = envint("STRINGSIGHT_MAX_REQUEST_BYTES", 256 * 1024 * 1024, minimum=1024)
+# What one start may cost the web process: its memory is a few bytes per
+# byte of real transcripts (body, Python objects, stored text; measured in
+# BENCHMARKS.md, "Memory per request").
+STRINGSIGHT_MAX_REQUEST_BYTES = envint("STRINGSIGHT_MAX_REQUEST_BYTES", 128 * 1024 * 1024, minimum=1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = STRINGSIGHT_MAX_REQUEST_BYTES
 STRINGSIGHT_MAX_JSON_DEPTH = envint("STRINGSIGHT_MAX_JSON_DEPTH", 64, minimum=4)
+# JSON values (objects, arrays, strings, numbers) in one body. A value costs
+# Python a hundred bytes or so however short its text; the default is what
+# real transcripts at the body limit hold (30 per KiB, rounded up), so no
+# body costs more than those do.
+STRINGSIGHT_MAX_JSON_VALUES = envint(
+    "STRINGSIGHT_MAX_JSON_VALUES", STRINGSIGHT_MAX_REQUEST_BYTES // 1024 * 30, minimum=1000
+)
 # system_prompt, custom_system_prompt and task_description, each.
 STRINGSIGHT_MAX_PROMPT_BYTES = envint("STRINGSIGHT_MAX_PROMPT_BYTES", 64 * 1024, minimum=1024)
 

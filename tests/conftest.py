@@ -7,6 +7,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from tests.fixtures_simulator import llm_simulator, sim  # noqa: F401  (shared fixtures)
+from tests.fixtures_web import web_server  # noqa: F401  (shared fixtures)
 from tests.fixtures_worker import (  # noqa: F401  (shared fixtures)
     no_background_worker,
     qcluster,
