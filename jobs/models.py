@@ -272,3 +272,21 @@ class Heartbeat(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} at {self.at:%Y-%m-%d %H:%M:%S}"
+
+
+class ThrottleBucket(models.Model):
+    """An allowance of requests for one caller in one scope (job starts, admin
+    login failures), kept in the database so every web process shares it.
+    `tat` is the generic cell rate algorithm's theoretical arrival time in
+    epoch seconds: taking from the allowance is one conditional UPDATE, so
+    parallel requests cannot all read the same count and pass."""
+
+    scope = models.CharField(max_length=32)
+    ident = models.CharField(max_length=300)
+    tat = models.FloatField(default=0.0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["scope", "ident"], name="throttle_scope_ident")]
+
+    def __str__(self) -> str:
+        return f"{self.scope} {self.ident}"

@@ -6,6 +6,7 @@ loudly on values they cannot read, so a typo never becomes a silent default.
 
 import json
 import os
+import re
 from pathlib import Path
 
 import dj_database_url
@@ -63,6 +64,14 @@ def envprices(name: str) -> dict[str, tuple[float, float]]:
             f"{name} must be JSON mapping each model to [input, output] USD per million tokens, "
             'e.g. {"my-model": [0.5, 1.5]}'
         ) from None
+
+
+def envrate(name: str, default: str) -> str:
+    value = os.environ.get(name) or default
+    count, _, period = value.partition("/")
+    if not (count.isdigit() and re.fullmatch(r"\d*\s*(s|sec|m|min|h|hour|d|day)", period.strip().lower())):
+        raise ImproperlyConfigured(f"{name}={value!r} is not a rate such as 120/min, 5/h or 10/15min")
+    return value
 
 
 def envlist(name: str, default: str = "") -> list[str]:
@@ -176,7 +185,7 @@ STORAGES = {
 
 LOGIN_URL = "/admin/login/"
 
-# Throttle counts live in the database so every web process shares them.
+# A cache every web process shares (throttles count in ThrottleBucket instead).
 CACHES = {
     "default": {
         "BACKEND": "django.core.cache.backends.db.DatabaseCache",
@@ -188,6 +197,10 @@ CACHES = {
 # Anonymous mode, for a single-user local setup whose frontend sends no
 # credentials: anonymous callers then share every job that has no owner.
 STRINGSIGHT_ALLOW_ANONYMOUS = envbool("STRINGSIGHT_ALLOW_ANONYMOUS", False)
+# How many proxies stand in front of the web processes: anonymous callers
+# (and admin logins) are then told apart by the address the farthest one
+# saw in X-Forwarded-For; with none, by the connection's address.
+STRINGSIGHT_TRUSTED_PROXIES = envint("STRINGSIGHT_TRUSTED_PROXIES", 0)
 
 # Frontends on other origins (django-cors-headers); none are allowed by default.
 CORS_ALLOWED_ORIGINS = envlist("CORS_ALLOWED_ORIGINS")
@@ -212,8 +225,10 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "jobs.api.errors.exception_handler",
-    "DEFAULT_THROTTLE_CLASSES": ["rest_framework.throttling.ScopedRateThrottle"],
-    "DEFAULT_THROTTLE_RATES": {"job_start": os.environ.get("STRINGSIGHT_START_RATE", "120/min")},
+    # Views with a throttle_scope are throttled at its rate, counted in the
+    # database (an atomic update, shared by every web process).
+    "DEFAULT_THROTTLE_CLASSES": ["jobs.api.throttling.ScopedDatabaseThrottle"],
+    "DEFAULT_THROTTLE_RATES": {"job_start": envrate("STRINGSIGHT_START_RATE", "120/min")},
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["jobs.api.parsers.LimitedJSONParser"],
 }

@@ -130,7 +130,8 @@ def web_server(transactional_db, tmp_path, request):
     started: list[WebServer] = []
 
     def start(*extra_arguments: str, **settings: str) -> WebServer:
-        arguments = [*procfile_web_arguments(), *extra_arguments]
+        # Each its own control socket: by default they would share one path.
+        arguments = [*procfile_web_arguments(), "--no-control-socket", *extra_arguments]
         arguments = [
             "127.0.0.1:0" if previous == "--bind" else argument
             for previous, argument in zip(["", *arguments[:-1]], arguments, strict=True)

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from django.test import Client
 from rest_framework.test import APIClient
-from rest_framework.throttling import ScopedRateThrottle
 
 from jobs.models import ExtractJob, ExtractRow
 from tests.conftest import grant, token_client
@@ -159,8 +158,8 @@ def test_cors_allows_the_configured_origins(settings, api):
     assert "access-control-allow-origin" not in other.headers
 
 
-def test_starting_jobs_is_throttled_per_user_with_retry_after(api, other_api, monkeypatch):
-    monkeypatch.setattr(ScopedRateThrottle, "THROTTLE_RATES", {"job_start": "2/min"})
+def test_starting_jobs_is_throttled_per_user_with_retry_after(api, other_api, settings):
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": {"job_start": "2/min"}}
 
     answers = [api.post("/extract/jobs/start", {"rows": simple_rows(1)}, format="json") for _ in range(3)]
 
