@@ -78,7 +78,15 @@ class JobFilter(admin.SimpleListFilter):
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
-    """View-only pages: state and counters change only through the services."""
+    """View-only pages: state and counters change only through the services.
+    Seeing needs the view permission itself, as in the API (Django's admin
+    lets the change permission see too); a job's rows and properties also
+    need the permission to see jobs."""
+
+    def has_view_permission(self, request, obj=None):
+        opts = self.opts
+        own = request.user.has_perm(f"{opts.app_label}.{get_permission_codename('view', opts)}")
+        return own and (opts.model is ExtractJob or request.user.has_perm("jobs.view_extractjob"))
 
     def has_add_permission(self, request):
         return False
@@ -139,7 +147,16 @@ class ExtractJobAdmin(ReadOnlyAdmin):
 
     def has_cancel_permission(self, request, obj=None):
         codename = get_permission_codename("change", self.opts)
-        return request.user.has_perm(f"{self.opts.app_label}.{codename}")
+        may_cancel = self.has_view_permission(request) and request.user.has_perm(
+            f"{self.opts.app_label}.{codename}"
+        )
+        return may_cancel and (obj is None or services.may_change(request.user, obj))
+
+    def get_queryset(self, request):
+        # The jobs the API shows this user: with the view permission, everyone's.
+        return (
+            super().get_queryset(request).filter(pk__in=services.jobs_visible_to(request.user).values("pk"))
+        )
 
     @admin.display(description="id", ordering="id")
     def short_id(self, job):
@@ -181,7 +198,9 @@ class ExtractJobAdmin(ReadOnlyAdmin):
 
     @admin.action(description="Cancel selected jobs", permissions=["cancel"])
     def cancel_jobs(self, request, queryset):
-        outcomes = [services.job_cancel(job=job) for job in queryset]
+        outcomes = [
+            services.job_cancel(job=job) for job in queryset if services.may_change(request.user, job)
+        ]
         cancelled = sum(outcome.cancelled_now for outcome in outcomes)
         self.message_user(
             request,
@@ -226,6 +245,8 @@ class ExtractJobAdmin(ReadOnlyAdmin):
         if not self.has_cancel_permission(request):
             raise PermissionDenied
         job = self.find_job(request, object_id)
+        if not self.has_cancel_permission(request, job):
+            raise PermissionDenied
         outcome = services.job_cancel(job=job)
         if outcome.cancelled_now:
             self.message_user(
