@@ -21,6 +21,9 @@ class ExtractionSpec:
     system_prompt: str
     call: CallSettings
     include_scores: bool = False
+    # An answer's properties beyond this many are dropped (and counted as
+    # dropped): one answer could otherwise fill a job with thousands.
+    max_properties: int = 50
 
 
 @dataclass
@@ -93,7 +96,9 @@ def outcome_from_answer(
     parsed = parse_properties(
         text, method=spec.method, model_names=model_names(row, spec.method), question_id=question_id
     )
-    outcome = RowOutcome(properties=parsed.properties, raw_answer=text, dropped=parsed.dropped)
+    kept = parsed.properties[: spec.max_properties]
+    beyond = len(parsed.properties) - len(kept)
+    outcome = RowOutcome(properties=kept, raw_answer=text, dropped=parsed.dropped + beyond)
     if completion is None:
         outcome.cached = True
     else:

@@ -86,6 +86,7 @@ def extraction_spec(job: ExtractJob, config: RunnerSettings) -> ExtractionSpec:
         method=job.method,
         system_prompt=job.resolved_system_prompt,
         include_scores=job.include_scores_in_prompt,
+        max_properties=settings.STRINGSIGHT_MAX_PROPERTIES_PER_ROW,
         call=CallSettings(
             model=job.model_name,
             temperature=job.temperature,

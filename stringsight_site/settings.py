@@ -335,6 +335,8 @@ STRINGSIGHT_MAX_JSON_DEPTH = envint("STRINGSIGHT_MAX_JSON_DEPTH", 64, minimum=4)
 STRINGSIGHT_MAX_JSON_VALUES = envint(
     "STRINGSIGHT_MAX_JSON_VALUES", STRINGSIGHT_MAX_REQUEST_BYTES // 1024 * 30, minimum=1000
 )
+# Properties kept from one LLM answer; the rest are counted as dropped.
+STRINGSIGHT_MAX_PROPERTIES_PER_ROW = envint("STRINGSIGHT_MAX_PROPERTIES_PER_ROW", 50, minimum=1)
 # system_prompt, custom_system_prompt and task_description, each.
 STRINGSIGHT_MAX_PROMPT_BYTES = envint("STRINGSIGHT_MAX_PROMPT_BYTES", 64 * 1024, minimum=1024)
 

@@ -246,7 +246,7 @@ def test_the_llm_key_never_reaches_errors_logs_or_responses(api, user, sim, capl
     assert failing.error == "LLM authentication failed (401): check OPENAI_API_KEY"
     responses = [
         api.get(f"/api/jobs/{job.id}/").content,
-        api.get(f"/api/jobs/{job.id}/result/").content,
+        b"".join(api.get(f"/api/jobs/{job.id}/result/").streaming_content),
         api.get(f"/api/jobs/{failing.id}/").content,
     ]
     stored = [str(row) for row in ExtractRow.objects.values_list("error", "raw_answer")]

@@ -1,6 +1,10 @@
 """Response bodies as plain dicts: a job's status is one row read, and a
 result is one query over the job's properties in input order."""
 
+from collections.abc import Iterator
+from itertools import islice
+
+import orjson
 from django.utils import timezone
 
 from ..models import PROPERTY_CONTENT, ExtractJob, JobState, RowStatus
@@ -45,6 +49,34 @@ def result_payload(job: ExtractJob) -> dict:
         "count": len(properties),
         "properties": properties,
     }
+
+
+RESULT_CHUNK = 2000
+
+
+def result_chunks(job: ExtractJob) -> Iterator[bytes]:
+    """result_payload as the bytes DRF's JSONRenderer writes for it, a batch
+    of properties at a time from a database cursor. A finished job's
+    properties no longer change, so the count read first is the count sent."""
+    properties = job.properties.order_by("row_index", "position")
+    head = {
+        "job_id": job.id,
+        "state": job.state,
+        "cancelled": job.state == JobState.CANCELLED,
+        "count": properties.count(),
+    }
+    yield _as_drf_writes(orjson.dumps(head)[:-1] + b',"properties":[')
+    rows = properties.values(*PROPERTY_FIELDS).iterator(chunk_size=RESULT_CHUNK)
+    separator = b""
+    while batch := list(islice(rows, RESULT_CHUNK)):
+        yield separator + _as_drf_writes(b",".join(orjson.dumps(prop) for prop in batch))
+        separator = b","
+    yield b"]}"
+
+
+def _as_drf_writes(data: bytes) -> bytes:
+    # DRF's renderer escapes these two for JavaScript; orjson writes them as they are.
+    return data.replace("\u2028".encode(), b"\\u2028").replace("\u2029".encode(), b"\\u2029")
 
 
 ROW_FIELDS = (

@@ -94,7 +94,7 @@ MAX_INT32 = 2**31 - 1
 MAX_INT64 = 2**63 - 1
 
 
-@extend_schema_field({"type": "number"})
+@extend_schema_field({"type": "number", "format": "double"})
 class NumberField(serializers.FloatField):
     """A JSON number. DRF's FloatField also takes `true` (as 1.0) and
     strings such as "0.5"; a sampling parameter is sent to the LLM as given,

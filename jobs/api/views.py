@@ -5,7 +5,7 @@ service calls and back."""
 import uuid
 
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.http import Http404, HttpResponse, StreamingHttpResponse
+from django.http import Http404, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status, viewsets
@@ -21,7 +21,7 @@ from extraction.prompts import PROMPT_NAMES, list_prompts
 from .. import exports, services
 from ..models import ExtractJob, JobState
 from .errors import Conflict
-from .payloads import ROW_FIELDS, detail_payload, result_payload, status_payload
+from .payloads import ROW_FIELDS, detail_payload, result_chunks, status_payload
 from .permissions import JobAPIPermission
 from .renderers import DOWNLOAD_FORMATS, CSVRenderer, JSONLRenderer, ParquetRenderer
 from .serializers import (
@@ -225,13 +225,15 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
             }
         )
 
-    def result_response(self, job: ExtractJob) -> Response:
+    def result_response(self, job: ExtractJob) -> StreamingHttpResponse:
         if job.is_active:
             raise Conflict(
                 f"job is not finished (state: {job.state}); results are ready once it is done, "
                 "cancelled or error"
             )
-        return Response(result_payload(job))
+        # Streamed a batch of properties at a time: built whole, 100,000
+        # properties held the web process's memory many times over.
+        return StreamingHttpResponse(result_chunks(job), content_type="application/json")
 
     @extend_schema(
         operation_id="jobs_list",
@@ -366,14 +368,8 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
 
     def download(self, job: ExtractJob, download: str):
         records = exports.export_records(job.properties.all(), download)
-        if download == "parquet":
-            response = HttpResponse(
-                exports.parquet_bytes(records), content_type=exports.CONTENT_TYPES["parquet"]
-            )
-        else:
-            response = StreamingHttpResponse(
-                exports.TEXT_WRITERS[download](records), content_type=exports.CONTENT_TYPES[download]
-            )
+        writer = exports.parquet_chunks if download == "parquet" else exports.TEXT_WRITERS[download]
+        response = StreamingHttpResponse(writer(records), content_type=exports.CONTENT_TYPES[download])
         response["Content-Disposition"] = f'attachment; filename="job-{job.id}-properties.{download}"'
         return response
 
