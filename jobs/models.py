@@ -61,6 +61,10 @@ class ExtractJob(models.Model):
     # when the price table does. Null: no price known for the model.
     price_input_per_mtok = models.FloatField(null=True, blank=True)
     price_output_per_mtok = models.FloatField(null=True, blank=True)
+    # What the job may cost at most, estimated at start (every row's prompt
+    # and max_tokens of answer): its share of the owner's daily budget
+    # while it runs. Null without a price.
+    estimated_cost_usd = models.FloatField(null=True, blank=True)
 
     count_total = models.PositiveIntegerField(default=0)
     count_done = models.PositiveIntegerField(default=0)

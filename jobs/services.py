@@ -70,36 +70,106 @@ def price_for(model_name: str) -> tuple[float, float] | None:
     return settings.STRINGSIGHT_PRICES.get(model_name)
 
 
+def model_allowed(model_name: str) -> bool:
+    """Whether the operator lets jobs use this model (STRINGSIGHT_ALLOWED_MODELS)."""
+    allowed = settings.STRINGSIGHT_ALLOWED_MODELS
+    return "*" in allowed or model_name in allowed
+
+
+class DailyBudgetExceeded(Exception):
+    pass
+
+
 def job_start(
     *, owner, rows: list[dict[str, Any]], params: JobParams, encoded_rows: list[str] | None = None
 ) -> ExtractJob:
     """Store the job and its (sampled) rows in one transaction, then enqueue
     its work. `encoded_rows` are the rows' JSON texts when the caller has
-    them already (the API measured each row's size with them)."""
+    them already (the API measured each row's size with them). Raises
+    DailyBudgetExceeded when the owner's daily budget cannot pay for it."""
     picked = sample_indexes(len(rows), params.sample_size)
     price_input, price_output = price_for(params.model_name) or (None, None)
+    texts = [encoded_rows[at] if encoded_rows else encode_row(rows[at]) for at in picked]
+    estimate = None
+    if price_input is not None:
+        # A row's prompt is about its JSON text (a little more than what is
+        # rendered), four characters a token; its answer at most max_tokens.
+        prompt_chars = len(texts) * len(params.resolved_system_prompt) + sum(map(len, texts))
+        prompt_tokens = prompt_chars / 4 + len(texts)
+        estimate = (prompt_tokens * price_input + len(texts) * params.max_tokens * price_output) / 1e6
     with transaction.atomic():
+        check_daily_budget(owner=owner, model_name=params.model_name, estimate=estimate)
         job = ExtractJob.objects.create(
             owner=owner,
             count_total=len(picked),
             price_input_per_mtok=price_input,
             price_output_per_mtok=price_output,
+            estimated_cost_usd=estimate,
             **vars(params),
         )
         _insert_rows(
             job,
-            [
-                (
-                    index,
-                    question_id_for(rows[at], index),
-                    encoded_rows[at] if encoded_rows else encode_row(rows[at]),
-                )
-                for index, at in enumerate(picked)
-            ],
+            [(index, question_id_for(rows[at], index), texts[index]) for index, at in enumerate(picked)],
         )
         transaction.on_commit(lambda: enqueue_job_work(job_id=job.id, row_count=len(picked)))
     log_event("job_started", job_id=job.id, rows=len(picked), model=params.model_name, method=params.method)
     return job
+
+
+def _start_of_day(now=None):
+    return (now or timezone.now()).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def _jobs_of_today(owner_id):
+    jobs = ExtractJob.objects.filter(created_at__gte=_start_of_day())
+    return jobs.filter(owner_id=owner_id) if owner_id is not None else jobs.filter(owner__isnull=True)
+
+
+_COST = (
+    F("prompt_tokens") * F("price_input_per_mtok") + F("completion_tokens") * F("price_output_per_mtok")
+) / 1e6
+
+
+def spent_today(*, owner_id) -> float:
+    """What the owner's jobs started today (UTC) have cost so far; anonymous
+    callers share one budget."""
+    return _jobs_of_today(owner_id).aggregate(spent=Sum(_COST, output_field=FloatField()))["spent"] or 0.0
+
+
+def check_daily_budget(*, owner, model_name: str, estimate: float | None) -> None:
+    """At start: the owner's spend today, plus what their running jobs may
+    still spend (their estimates less their cost so far), plus this job's
+    estimate, must stay within STRINGSIGHT_USER_DAILY_BUDGET_USD. The owner's
+    row is locked meanwhile, so two starts cannot both take the last of it."""
+    limit = settings.STRINGSIGHT_USER_DAILY_BUDGET_USD
+    if limit is None:
+        return
+    if estimate is None:
+        raise DailyBudgetExceeded(
+            f"no price is known for model {model_name!r}, so STRINGSIGHT_USER_DAILY_BUDGET_USD "
+            "cannot be kept; add it to STRINGSIGHT_PRICES"
+        )
+    owner_id = owner.pk if owner is not None else None
+    if owner is not None:
+        type(owner).objects.select_for_update().filter(pk=owner_id).exists()
+    jobs = _jobs_of_today(owner_id)
+    reserved = sum(
+        max(0.0, (job.estimated_cost_usd or 0.0) - (job.cost_usd or 0.0))
+        for job in jobs.filter(state__in=ACTIVE_STATES).only(
+            "estimated_cost_usd",
+            "prompt_tokens",
+            "completion_tokens",
+            "price_input_per_mtok",
+            "price_output_per_mtok",
+        )
+    )
+    spent = spent_today(owner_id=owner_id)
+    if spent + reserved + estimate > limit:
+        raise DailyBudgetExceeded(
+            f"daily budget exceeded: ${spent:.4f} spent today and ${reserved:.4f} held by running jobs, "
+            f"and this job may cost up to ${estimate:.4f}, more than the ${limit:.4f} a user may spend "
+            "a day (STRINGSIGHT_USER_DAILY_BUDGET_USD)"
+        )
 
 
 _STORED_ROW_FIELDS = (
@@ -311,6 +381,7 @@ def _lock_if_running(job_id) -> dict | None:
 # What a claim reads of the job: its state and what its budget needs.
 CLAIM_FIELDS = (
     "state",
+    "owner_id",
     "max_tokens",
     "max_total_tokens",
     "max_cost_usd",
@@ -339,7 +410,8 @@ def claim_rows(*, job_id, worker_id: str, limit: int) -> Claim:
         job = ExtractJob.objects.select_for_update().filter(pk=job_id).only(*CLAIM_FIELDS).first()
         if job is None or job.state != JobState.RUNNING:
             return Claim(rows=[], job_running=False, pending_left=False)
-        if job.max_total_tokens is None and job.max_cost_usd is None:
+        daily = settings.STRINGSIGHT_USER_DAILY_BUDGET_USD
+        if job.max_total_tokens is None and job.max_cost_usd is None and daily is None:
             picked = _take_pending(job_id, worker_id=worker_id, limit=limit, now=now)
             return Claim(rows=picked, job_running=True, pending_left=len(picked) == limit)
         # With a budget the rows are read first: whether each is affordable
@@ -350,9 +422,14 @@ def claim_rows(*, job_id, worker_id: str, limit: int) -> Claim:
         picked = list(
             pending.select_for_update(skip_locked=True).values("id", "index", "question_id", "data")[:limit]
         )
-        affordable = within_budget(job, picked, running)
+        daily_left = None
+        if daily is not None and job.has_prices:
+            # The owner's spend today includes this job's; its calls in
+            # flight are counted by within_budget.
+            daily_left = daily - spent_today(owner_id=job.owner_id)
+        affordable = within_budget(job, picked, running, daily_left=daily_left)
         if picked and not affordable and not running:
-            _end_over_budget(job, now=now)
+            _end_over_budget(job, now=now, daily_left=daily_left)
             return Claim(rows=[], job_running=False, pending_left=False)
         ExtractRow.objects.filter(pk__in=[row["id"] for row in affordable]).update(
             status=RowStatus.RUNNING,
@@ -474,11 +551,14 @@ def _take_pending(job_id, *, worker_id: str, limit: int, now) -> list[ClaimedRow
     return sorted(rows, key=lambda row: row.index)
 
 
-def within_budget(job: ExtractJob, rows: list[dict], running: int) -> list[dict]:
+def within_budget(
+    job: ExtractJob, rows: list[dict], running: int, daily_left: float | None = None
+) -> list[dict]:
     """The leading rows whose calls the budget can still pay for, counting
     the calls already in flight. A call's cost is estimated: its prompt from
     the rendered messages (about four characters a token), its answer from
-    the average so far, or max_tokens before any answer is in."""
+    the average so far, or max_tokens before any answer is in. `daily_left`
+    is what the owner's daily budget has left beyond this job's cost so far."""
     calls = job.count_done + job.count_failed - job.cache_hits
     answer_tokens = job.completion_tokens / calls if calls > 0 else job.max_tokens
     estimates = [(estimate_prompt_tokens(job, row["data"]), answer_tokens) for row in rows]
@@ -491,10 +571,12 @@ def within_budget(job: ExtractJob, rows: list[dict], running: int) -> list[dict]
         tokens_left = job.max_total_tokens - job.total_tokens - running * sum(in_flight)
     if job.max_cost_usd is not None:
         cost_left = job.max_cost_usd - job.cost_usd - running * job.cost_of(*in_flight)
+    if daily_left is not None:
+        cost_left = min(cost_left, daily_left - running * job.cost_of(*in_flight))
     affordable = []
     for row, (prompt, answer) in zip(rows, estimates, strict=True):
         tokens_left -= prompt + answer
-        if job.max_cost_usd is not None:
+        if job.max_cost_usd is not None or daily_left is not None:
             cost_left -= job.cost_of(prompt, answer)
         if tokens_left < 0 or cost_left < 0:
             break
@@ -507,17 +589,30 @@ def estimate_prompt_tokens(job: ExtractJob, row: dict[str, Any]) -> int:
     return (len(job.resolved_system_prompt) + len(rendered)) // 4 + 1
 
 
-def _end_over_budget(job: ExtractJob, *, now) -> None:
+def _end_over_budget(job: ExtractJob, *, now, daily_left: float | None = None) -> None:
+    unfinished = job.count_total - job.count_done - job.count_failed
+    daily = settings.STRINGSIGHT_USER_DAILY_BUDGET_USD
+    job_budget_left = job.max_cost_usd - job.cost_usd if job.max_cost_usd is not None else float("inf")
+    if daily_left is not None and daily_left < job_budget_left:
+        error = (
+            f"daily budget exceeded: ${daily - daily_left:.4f} of STRINGSIGHT_USER_DAILY_BUDGET_USD "
+            f"${daily:.4f} spent today; the next call would go over it, so {unfinished} rows were not run"
+        )
+        _end_job(job, error=error, now=now)
+        return
     spent = []
     if job.max_cost_usd is not None:
         spent.append(f"${job.cost_usd:.4f} of max_cost_usd ${job.max_cost_usd:.4f} spent")
     if job.max_total_tokens is not None:
         spent.append(f"{job.total_tokens:,} of max_total_tokens {job.max_total_tokens:,} tokens used")
-    unfinished = job.count_total - job.count_done - job.count_failed
     error = (
         f"budget exceeded: {' and '.join(spent)}; the next call would go over it, "
         f"so {unfinished} rows were not run"
     )
+    _end_job(job, error=error, now=now)
+
+
+def _end_job(job: ExtractJob, *, error: str, now) -> None:
     ExtractJob.objects.filter(pk=job.pk, state=JobState.RUNNING).update(
         state=JobState.ERROR, error=error, finished_at=now
     )

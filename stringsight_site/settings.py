@@ -39,7 +39,7 @@ def envint(name: str, default: int, minimum: int = 0) -> int:
     return number
 
 
-def envfloat(name: str, default: float, minimum: float = 0.0) -> float:
+def envfloat(name: str, default: float | None, minimum: float = 0.0) -> float | None:
     value = os.environ.get(name)
     if value is None or value == "":
         return default
@@ -301,6 +301,17 @@ STRINGSIGHT_PRICES = {
     "o4-mini": (1.10, 4.40),
 }
 STRINGSIGHT_PRICES.update(envprices("STRINGSIGHT_PRICES"))
+
+# Spending, bounded by the operator. Models a start may name: by default
+# those with a price (so every job's cost is known) and the default model;
+# "*" allows any. A job without its own max_cost_usd gets the default one
+# (when its model has a price). A user's jobs started in one UTC day may
+# cost at most the daily budget together.
+STRINGSIGHT_ALLOWED_MODELS = envlist(
+    "STRINGSIGHT_ALLOWED_MODELS", ",".join(sorted({*STRINGSIGHT_PRICES, STRINGSIGHT_DEFAULT_MODEL}))
+)
+STRINGSIGHT_DEFAULT_MAX_COST_USD = envfloat("STRINGSIGHT_DEFAULT_MAX_COST_USD", None)
+STRINGSIGHT_USER_DAILY_BUDGET_USD = envfloat("STRINGSIGHT_USER_DAILY_BUDGET_USD", None)
 
 # Orchestration. A start enqueues one task per CHUNK_SIZE rows, so at most
 # that many worker processes share a job; a task claims rows until none are

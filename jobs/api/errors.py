@@ -17,6 +17,12 @@ class Conflict(APIException):
     default_detail = "The job is not in a state that allows this."
 
 
+class DailyBudgetExceeded(APIException):
+    status_code = status.HTTP_429_TOO_MANY_REQUESTS
+    default_code = "daily_budget_exceeded"
+    default_detail = "The daily budget cannot pay for this job."
+
+
 def exception_handler(exc, context):
     response = drf_exception_handler(exc, context)
     if response is None:

@@ -15,7 +15,7 @@ from extraction.prompts import UnknownPromptError, resolve_system_prompt
 from extraction.rows import RowError, encode_row, json_type, nul_path, validate_rows
 
 from ..models import JobState, Method, RowStatus
-from ..services import JobParams, price_for
+from ..services import JobParams, model_allowed, price_for
 
 # Upstream StringSight's frontend sends these; a caller who omits a value
 # (or sends null) gets the same.
@@ -263,6 +263,18 @@ class StartJobSerializer(serializers.Serializer):
             raise serializers.ValidationError({"system_prompt": [str(exc)]}) from None
         system_prompt = attrs.get("custom_system_prompt") or values["system_prompt"]
         model_name = attrs.get("model_name") or settings.STRINGSIGHT_DEFAULT_MODEL
+        if not model_allowed(model_name):
+            raise serializers.ValidationError(
+                {
+                    "model_name": [
+                        f"{model_name!r} is not an allowed model; allowed: "
+                        f"{', '.join(settings.STRINGSIGHT_ALLOWED_MODELS)} (STRINGSIGHT_ALLOWED_MODELS)"
+                    ]
+                }
+            )
+        max_cost_usd = attrs.get("max_cost_usd")
+        if max_cost_usd is None and price_for(model_name) is not None:
+            max_cost_usd = settings.STRINGSIGHT_DEFAULT_MAX_COST_USD
         if attrs.get("max_cost_usd") is not None and price_for(model_name) is None:
             raise serializers.ValidationError(
                 {
@@ -285,7 +297,7 @@ class StartJobSerializer(serializers.Serializer):
             include_scores_in_prompt=values["include_scores_in_prompt"],
             sample_size=attrs.get("sample_size"),
             use_cache=values["use_cache"],
-            max_cost_usd=attrs.get("max_cost_usd"),
+            max_cost_usd=max_cost_usd,
             max_total_tokens=attrs.get("max_total_tokens"),
         )
         return {"rows": attrs["rows"], "params": params, "encoded_rows": getattr(self, "encoded_rows", None)}

@@ -20,7 +20,7 @@ from extraction.prompts import PROMPT_NAMES, list_prompts
 
 from .. import exports, services
 from ..models import ExtractJob, JobState
-from .errors import Conflict
+from .errors import Conflict, DailyBudgetExceeded
 from .payloads import ROW_FIELDS, detail_payload, result_chunks, status_payload
 from .permissions import JobAPIPermission
 from .renderers import DOWNLOAD_FORMATS, CSVRenderer, JSONLRenderer, ParquetRenderer
@@ -137,7 +137,10 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
         serializer = StartJobSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         owner = request.user if request.user.is_authenticated else None
-        job = services.job_start(owner=owner, **serializer.validated_data)
+        try:
+            job = services.job_start(owner=owner, **serializer.validated_data)
+        except services.DailyBudgetExceeded as exc:
+            raise DailyBudgetExceeded(str(exc)) from None
         return Response(status_payload(job), status=status.HTTP_201_CREATED)
 
     @extend_schema(
