@@ -2,13 +2,16 @@
 cancel goes through `services.job_cancel`, as the API's does. On a job the
 change permission is the right to cancel it."""
 
+import math
 import uuid
 
+from django.conf import settings
 from django.contrib import admin, messages
+from django.contrib.admin.forms import AdminAuthenticationForm
 from django.contrib.admin.options import IncorrectLookupParameters
 from django.contrib.admin.utils import quote, unquote
 from django.contrib.auth import get_permission_codename
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import Paginator
 from django.db.models import F
 from django.http import Http404, HttpResponseRedirect, JsonResponse, StreamingHttpResponse
@@ -19,8 +22,35 @@ from django.utils.html import format_html
 from django.views.decorators.http import require_GET, require_POST
 
 from . import exports, services
+from .api.throttling import client_address
 from .formatting import format_cost, format_duration, job_id_search
 from .models import ExtractJob, ExtractRow, JobState, Property
+
+
+class LimitedAdminLoginForm(AdminAuthenticationForm):
+    """The admin's sign-in, with failures limited per username and address
+    (STRINGSIGHT_ADMIN_LOGIN_RATE, counted like the start throttle): past
+    the limit even the right password is refused until the wait is over,
+    so a password cannot be guessed at speed."""
+
+    def clean(self):
+        rate = services.Rate.parse(settings.STRINGSIGHT_ADMIN_LOGIN_RATE)
+        ident = f"{(self.cleaned_data.get('username') or '').lower()}|{client_address(self.request)}"
+        wait = services.throttle_wait(scope="admin_login", ident=ident, rate=rate)
+        if wait is not None:
+            raise ValidationError(
+                f"Too many failed sign-ins for this username from your address: try again in "
+                f"{math.ceil(wait / 60)} minute{'s' if wait > 60 else ''}.",
+                code="too_many_attempts",
+            )
+        try:
+            return super().clean()
+        except ValidationError:
+            services.throttle_take(scope="admin_login", ident=ident, rate=rate)
+            raise
+
+
+admin.site.login_form = LimitedAdminLoginForm
 
 STATE_COLOURS = {
     JobState.QUEUED: "#6c757d",

@@ -201,6 +201,8 @@ STRINGSIGHT_ALLOW_ANONYMOUS = envbool("STRINGSIGHT_ALLOW_ANONYMOUS", False)
 # (and admin logins) are then told apart by the address the farthest one
 # saw in X-Forwarded-For; with none, by the connection's address.
 STRINGSIGHT_TRUSTED_PROXIES = envint("STRINGSIGHT_TRUSTED_PROXIES", 0)
+# Failed admin sign-ins per username and address.
+STRINGSIGHT_ADMIN_LOGIN_RATE = envrate("STRINGSIGHT_ADMIN_LOGIN_RATE", "10/15min")
 
 # Frontends on other origins (django-cors-headers); none are allowed by default.
 CORS_ALLOWED_ORIGINS = envlist("CORS_ALLOWED_ORIGINS")
