@@ -30,7 +30,8 @@ class ExtractionSpec:
 class RowOutcome:
     """What a row's extraction produced. `error` set means the row failed;
     its raw answer and token usage are kept all the same. `cache_key` is set
-    when the answer came from the LLM just now and is worth caching."""
+    when the answer came from the LLM just now and is worth caching.
+    `problems` says what the parser could not use in the answer."""
 
     properties: list[dict[str, Any]] = field(default_factory=list)
     raw_answer: str = ""
@@ -41,6 +42,7 @@ class RowOutcome:
     error: str | None = None
     cached: bool = False
     cache_key: str | None = None
+    problems: list[str] = field(default_factory=list)
 
 
 def build_messages(row: dict[str, Any], spec: ExtractionSpec) -> list[dict[str, str]]:
@@ -98,7 +100,9 @@ def outcome_from_answer(
     )
     kept = parsed.properties[: spec.max_properties]
     beyond = len(parsed.properties) - len(kept)
-    outcome = RowOutcome(properties=kept, raw_answer=text, dropped=parsed.dropped + beyond)
+    outcome = RowOutcome(
+        properties=kept, raw_answer=text, dropped=parsed.dropped + beyond, problems=parsed.problems
+    )
     if completion is None:
         outcome.cached = True
     else:

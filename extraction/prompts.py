@@ -4,6 +4,31 @@ from .parse import BEHAVIOR_TYPES
 from .rows import METHODS
 
 PROMPT_NAMES = ("default", "agent")
+PROMPT_LABELS = {"default": "Default", "agent": "Agent"}
+# How much of a prompt a picker shows (as upstream StringSight's /prompts does).
+PREVIEW_LENGTH = 180
+
+# What a task-description field starts with, per prompt and method: a
+# frontend pre-fills it, and the text sent back lands in the prompt's task
+# section. A job without a task description has no such section.
+DEFAULT_TASK_DESCRIPTIONS = {
+    ("default", "single_model"): (
+        "Find the notable behaviours of a model's answers to its users' prompts: what it gets right, "
+        "where it goes wrong, and how it communicates."
+    ),
+    ("default", "side_by_side"): (
+        "Compare two models' answers to the same prompts: find the behaviours that set one apart from "
+        "the other in correctness, reasoning, honesty and style."
+    ),
+    ("agent", "single_model"): (
+        "An AI agent helps users by calling tools under an operating policy. Find the behaviours that "
+        "explain whether it completed the user's task correctly and within the policy."
+    ),
+    ("agent", "side_by_side"): (
+        "Two AI agents handle the same user tasks with tools under an operating policy. Find the "
+        "behaviours that set one agent apart from the other in task success, policy and tool use."
+    ),
+}
 
 # A value this short with no whitespace reads as a prompt name, never as prompt text.
 _NAME_MAX_LENGTH = 40
@@ -154,6 +179,23 @@ def list_prompts(task_description: str | None = None) -> list[dict]:
         }
         for name in PROMPT_NAMES
         for method in METHODS
+    ]
+
+
+def prompt_catalogue() -> list[dict]:
+    """The named prompts as a picker lists them (the StringSight frontend's
+    /prompts): a label, whether a task description goes in, a preview of the
+    single-model text and the task description each method starts with."""
+    return [
+        {
+            "name": name,
+            "label": PROMPT_LABELS[name],
+            "has_task_description": True,
+            "preview": named_prompt(name, "single_model")[:PREVIEW_LENGTH],
+            "default_task_description_single": DEFAULT_TASK_DESCRIPTIONS[name, "single_model"],
+            "default_task_description_sbs": DEFAULT_TASK_DESCRIPTIONS[name, "side_by_side"],
+        }
+        for name in PROMPT_NAMES
     ]
 
 

@@ -234,6 +234,21 @@ def question_id_for(row: dict, index: int) -> str:
     return "q-" + hashlib.sha1(str(prompt).encode("utf-8")).hexdigest()[:12]
 
 
+# The StringSight frontend numbers its rows in this column and finds a
+# property's conversation by it.
+INDEX_COLUMN = "__index"
+MAX_INPUT_INDEX = 2**31 - 1  # what the database's integer column holds
+
+
+def input_index_for(row: dict, position: int) -> int:
+    """The caller's own index of a row: its integer `__index` when it has a
+    usable one, else its position in the request."""
+    value = row.get(INDEX_COLUMN)
+    if _is_number(value) and isinstance(value, int) and 0 <= value <= MAX_INPUT_INDEX:
+        return value
+    return position
+
+
 def pair_side_by_side(rows: list[dict]) -> list[dict]:
     """Pair single_model rows by prompt: the first two models seen answer as A and B, in file order."""
     by_prompt: dict[str, list[dict]] = {}

@@ -133,6 +133,7 @@ class ExtractJobAdmin(ReadOnlyAdmin):
     list_display = (
         "short_id",
         "owner",
+        "kind",
         "state_badge",
         "progress",
         "properties",
@@ -142,14 +143,14 @@ class ExtractJobAdmin(ReadOnlyAdmin):
         "created_at",
         "duration",
     )
-    list_filter = ("state", "model_name", ("owner", admin.RelatedOnlyFieldListFilter), "created_at")
+    list_filter = ("state", "kind", "model_name", ("owner", admin.RelatedOnlyFieldListFilter), "created_at")
     list_select_related = ("owner",)
     search_fields = ("owner__username",)
     search_help_text = "A job id (or its first digits) or an owner's username."
     ordering = ("-created_at",)
     actions = ["cancel_jobs", "export_csv", "export_jsonl"]
     fieldsets = (
-        ("Job", {"fields": ("id", "owner", "state_badge", "error", "method", "model_name")}),
+        ("Job", {"fields": ("id", "owner", "kind", "state_badge", "error", "method", "model_name")}),
         ("Usage", {"fields": ("prompt_tokens", "completion_tokens", "tokens", "cost", "cache_hits")}),
         (
             "Parameters",

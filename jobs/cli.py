@@ -2,9 +2,6 @@
 job found by its id or the start of it, a job's properties written to a
 file, the inline runner and the progress line."""
 
-import datetime
-import decimal
-import json
 import logging
 import math
 import signal
@@ -13,125 +10,35 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import make_password
 from django.core.management.base import CommandError
 from django.db import connection
 
-from extraction.rows import LONE_SURROGATE, holds_lone_surrogates
-
-from . import exports, services
+from . import exports, rowfiles, services
 from .formatting import format_cost, format_duration, job_id_search
 from .models import ExtractJob, ExtractRow, JobState, Property, RowStatus
 from .runner import ChunkRunner, RunnerSettings
 
 log = logging.getLogger(__name__)
 
-INPUT_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 OUTPUT_FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
-RESPONSE_COLUMNS = ("model_response", "model_a_response", "model_b_response")
-# Read as text from CSV, so that a question id "007" or a model named "4" stays as written.
-TEXT_COLUMNS = ("prompt", "model", "model_a", "model_b", "question_id", "winner", *RESPONSE_COLUMNS)
 MIN_ID_PREFIX = 6
 
 
 def read_rows(path: Path) -> list:
     """The rows of a JSONL, JSON, CSV or Parquet file, as the API would receive them."""
-    kind = INPUT_FORMATS.get(path.suffix.lower())
-    if kind is None:
-        raise CommandError(
-            f"{path}: unknown input format {path.suffix or '(no extension)'!r}; "
-            "use .jsonl, .json, .csv or .parquet"
-        )
+    try:
+        kind = rowfiles.input_format(path.name)
+    except rowfiles.RowFileError as exc:
+        raise CommandError(f"{path}: {exc}") from None
     if not path.is_file():
         raise CommandError(f"{path}: no such file")
-    try:
-        if kind == "jsonl":
-            return _read_jsonl(path)
-        if kind == "json":
-            return _read_json(path)
-        if kind == "csv":
-            frame = pd.read_csv(
-                path, dtype=dict.fromkeys(TEXT_COLUMNS, str), keep_default_na=False, na_values=[""]
-            )
-        else:
-            frame = pd.read_parquet(path)
-    except (ValueError, OSError) as exc:
-        raise CommandError(f"{path}: cannot read it as {kind}: {exc}") from None
-    return [_table_row(record) for record in frame.to_dict(orient="records")]
-
-
-def _read_jsonl(path: Path) -> list:
-    # json rather than pandas: pandas would turn a column's ints into floats
-    # wherever another row lacks it, and that changes the prompt.
-    rows = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except ValueError as exc:
-                raise ValueError(f"line {number}: {exc}") from None
-            if holds_lone_surrogates(line, rows[-1]):
-                raise ValueError(f"line {number}: {LONE_SURROGATE}")
-    return rows
-
-
-def _read_json(path: Path):
-    text = path.read_text(encoding="utf-8")
-    data = json.loads(text)
-    if holds_lone_surrogates(text, data):
-        raise ValueError(LONE_SURROGATE)
-    return data["rows"] if isinstance(data, dict) and "rows" in data else data
-
-
-def _table_row(record: dict) -> dict:
-    """A CSV or Parquet record as a JSON row: missing cells are absent, and a
-    response column holding a JSON list of chat messages is that list."""
-    row = {}
-    for column, cell in record.items():
-        value = _plain(cell)
-        if not isinstance(value, list | dict) and pd.isna(value):
-            continue
-        if column in RESPONSE_COLUMNS and isinstance(value, str):
-            value = _chat_messages(value)
-        row[str(column)] = value
-    return row
-
-
-def _plain(value):
-    """numpy and pandas values as the JSON-able Python values they stand for."""
-    if isinstance(value, np.ndarray | list | tuple):
-        return [_nested(item) for item in value]
-    if isinstance(value, dict):
-        return {str(key): _nested(item) for key, item in value.items()}
-    if isinstance(value, datetime.date | datetime.time):  # pandas' Timestamp is a datetime too
-        return value.isoformat()
-    if isinstance(value, decimal.Decimal):
-        return float(value)
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def _nested(value):
-    value = _plain(value)
-    if isinstance(value, float) and math.isnan(value):
-        return None  # JSON has no NaN
-    return value
-
-
-def _chat_messages(text: str):
-    if not text.lstrip().startswith("["):
-        return text
-    try:
-        parsed = json.loads(text)
-    except ValueError:
-        return text
-    return parsed if isinstance(parsed, list) else text
+    with path.open("rb") as stream:
+        try:
+            return rowfiles.read_rows(stream, kind)
+        except rowfiles.RowFileError as exc:
+            raise CommandError(f"{path}: {exc}") from None
 
 
 def output_format(path: Path) -> str:

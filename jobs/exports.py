@@ -15,12 +15,14 @@ import orjson
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from django.db.models import TextField
-from django.db.models.functions import Cast
+from django.db.models import F, TextField
+from django.db.models.functions import Cast, Coalesce
 
 from .models import PROPERTY_CONTENT
 
-EXPORT_FIELDS = ("id", "job_id", "row_index", *PROPERTY_CONTENT)
+# row_index: the row's position in the job; input_index: the caller's own
+# index of it (its `__index`, else its position in the request).
+EXPORT_FIELDS = ("id", "job_id", "row_index", "input_index", *PROPERTY_CONTENT)
 CHUNK = 2000
 
 CONTENT_TYPES = {
@@ -46,8 +48,12 @@ def property_records(properties, *, evidence_as_json: bool = False) -> Iterator[
             id_text=Cast("id", TextField()),
             job_text=Cast("job_id", TextField()),
             evidence_text=Cast("evidence", TextField()),
+            # Null for properties stored before it was recorded.
+            caller_index=Coalesce(F("input_index"), F("row_index")),
         )
-        .values_list("id_text", "job_text", *EXPORT_FIELDS[2:-1], "evidence_text")
+        .values_list(
+            "id_text", "job_text", "row_index", "caller_index", *EXPORT_FIELDS[4:-1], "evidence_text"
+        )
     )
     for values in rows.iterator(chunk_size=CHUNK):
         record = dict(zip(EXPORT_FIELDS, values, strict=True))
@@ -139,6 +145,7 @@ PARQUET_SCHEMA = pa.schema(
         ("id", pa.string()),
         ("job_id", pa.string()),
         ("row_index", pa.int64()),
+        ("input_index", pa.int64()),
         ("question_id", pa.string()),
         ("model", pa.string()),
         ("property_description", pa.string()),

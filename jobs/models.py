@@ -23,6 +23,14 @@ class Method(models.TextChoices):
     SIDE_BY_SIDE = "side_by_side"
 
 
+class JobKind(models.TextChoices):
+    # Rows run by workers, started with /extract/jobs/start or /api/jobs/.
+    ROWS = "rows"
+    # One row extracted inside a web request (/extract/single), recorded as a
+    # job so that its tokens and cost are accounted like any other.
+    SINGLE = "single"
+
+
 class RowStatus(models.TextChoices):
     PENDING = "pending"
     RUNNING = "running"
@@ -41,6 +49,7 @@ class ExtractJob(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="extract_jobs"
     )
     state = models.CharField(max_length=16, choices=JobState.choices, default=JobState.QUEUED)
+    kind = models.CharField(max_length=16, choices=JobKind.choices, default=JobKind.ROWS)
     error = models.TextField(blank=True, default="")
 
     method = models.CharField(max_length=16, choices=Method.choices)
@@ -146,6 +155,10 @@ class OrderedJSONField(models.TextField):
 class ExtractRow(models.Model):
     job = models.ForeignKey(ExtractJob, on_delete=models.CASCADE, related_name="rows")
     index = models.PositiveIntegerField()
+    # The caller's own index of the row: its `__index` when it sent one, else
+    # its position in the request (which differs from `index` after sampling).
+    # Null for rows stored before it was recorded.
+    input_index = models.PositiveIntegerField(null=True, blank=True)
     question_id = models.CharField(max_length=200)
     data = OrderedJSONField()
     status = models.CharField(max_length=16, choices=RowStatus.choices, default=RowStatus.PENDING)
@@ -204,6 +217,9 @@ class Property(models.Model):
     # Denormalised from the row so a job's properties list in input order
     # from one index, without a join.
     row_index = models.PositiveIntegerField()
+    # The row's input_index, denormalised the same way; null (read as
+    # row_index) for properties stored before it was recorded.
+    input_index = models.PositiveIntegerField(null=True, blank=True)
     position = models.PositiveSmallIntegerField()
     question_id = models.CharField(max_length=200)
     model = models.CharField(max_length=200)

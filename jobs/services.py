@@ -27,7 +27,7 @@ from django_q.tasks import async_task
 
 from extraction.extract import RowOutcome
 from extraction.render import render_row
-from extraction.rows import encode_row, question_id_for, sample_indexes
+from extraction.rows import encode_row, input_index_for, question_id_for, sample_indexes
 
 from .events import log_event
 from .models import (
@@ -37,6 +37,7 @@ from .models import (
     ExtractJob,
     ExtractRow,
     Heartbeat,
+    JobKind,
     JobState,
     Property,
     RowStatus,
@@ -88,32 +89,71 @@ def job_start(
     them already (the API measured each row's size with them). Raises
     DailyBudgetExceeded when the owner's daily budget cannot pay for it."""
     picked = sample_indexes(len(rows), params.sample_size)
-    price_input, price_output = price_for(params.model_name) or (None, None)
     texts = [encoded_rows[at] if encoded_rows else encode_row(rows[at]) for at in picked]
-    estimate = None
-    if price_input is not None:
-        # A row's prompt is about its JSON text (a little more than what is
-        # rendered), four characters a token; its answer at most max_tokens.
-        prompt_chars = len(texts) * len(params.resolved_system_prompt) + sum(map(len, texts))
-        prompt_tokens = prompt_chars / 4 + len(texts)
-        estimate = (prompt_tokens * price_input + len(texts) * params.max_tokens * price_output) / 1e6
+    estimate = estimate_cost(params, texts)
     with transaction.atomic():
         check_daily_budget(owner=owner, model_name=params.model_name, estimate=estimate)
-        job = ExtractJob.objects.create(
-            owner=owner,
-            count_total=len(picked),
-            price_input_per_mtok=price_input,
-            price_output_per_mtok=price_output,
-            estimated_cost_usd=estimate,
-            **vars(params),
-        )
+        job = _create_job(owner=owner, params=params, count_total=len(picked), estimated_cost_usd=estimate)
         _insert_rows(
             job,
-            [(index, question_id_for(rows[at], index), texts[index]) for index, at in enumerate(picked)],
+            [
+                (index, question_id_for(rows[at], index), texts[index], input_index_for(rows[at], at))
+                for index, at in enumerate(picked)
+            ],
         )
         transaction.on_commit(lambda: enqueue_job_work(job_id=job.id, row_count=len(picked)))
     log_event("job_started", job_id=job.id, rows=len(picked), model=params.model_name, method=params.method)
     return job
+
+
+def _create_job(*, owner, params: JobParams, count_total: int, **fields) -> ExtractJob:
+    price_input, price_output = price_for(params.model_name) or (None, None)
+    return ExtractJob.objects.create(
+        owner=owner,
+        count_total=count_total,
+        price_input_per_mtok=price_input,
+        price_output_per_mtok=price_output,
+        **vars(params),
+        **fields,
+    )
+
+
+def single_row_start(
+    *, owner, row: dict[str, Any], params: JobParams, encoded_row: str, worker_id: str
+) -> tuple[ExtractJob, "ClaimedRow | None"]:
+    """A one-row job that the web request extracts itself (/extract/single):
+    no task is enqueued; it is marked running and its row is claimed by
+    `worker_id`, as a worker would, so recording its result, a cancel and
+    the sweep treat it like any other job. The row is None when the claim
+    found nothing to take (the job was cancelled at once, or a budget could
+    not pay for the call). Raises DailyBudgetExceeded as job_start does."""
+    estimate = estimate_cost(params, [encoded_row])
+    with transaction.atomic():
+        check_daily_budget(owner=owner, model_name=params.model_name, estimate=estimate)
+        job = _create_job(
+            owner=owner, params=params, count_total=1, kind=JobKind.SINGLE, estimated_cost_usd=estimate
+        )
+        _insert_rows(job, [(0, question_id_for(row, 0), encoded_row, input_index_for(row, 0))])
+    log_event(
+        "job_started", job_id=job.id, rows=1, model=params.model_name, method=params.method, kind=job.kind
+    )
+    job_mark_running(job_id=job.id)
+    claim = claim_rows(job_id=job.id, worker_id=worker_id, limit=1)
+    job.refresh_from_db()
+    return job, (claim.rows[0] if claim.rows else None)
+
+
+def estimate_cost(params: JobParams, texts: list[str]) -> float | None:
+    """The most a job of these rows (their JSON texts) may cost, or None
+    without a price: a row's prompt is about its JSON text (a little more
+    than what is rendered), four characters a token; its answer at most
+    max_tokens."""
+    price_input, price_output = price_for(params.model_name) or (None, None)
+    if price_input is None:
+        return None
+    prompt_chars = len(texts) * len(params.resolved_system_prompt) + sum(map(len, texts))
+    prompt_tokens = prompt_chars / 4 + len(texts)
+    return (prompt_tokens * price_input + len(texts) * params.max_tokens * price_output) / 1e6
 
 
 def _start_of_day(now=None):
@@ -173,12 +213,12 @@ def check_daily_budget(*, owner, model_name: str, estimate: float | None) -> Non
 
 
 _STORED_ROW_FIELDS = (
-    "job", "index", "question_id", "data", "status", "attempts", "error", "raw_answer",
+    "job", "index", "question_id", "data", "input_index", "status", "attempts", "error", "raw_answer",
     "properties_dropped", "cached", "prompt_tokens", "completion_tokens", "claimed_by", "lease_expiries",
 )  # fmt: skip
 
 
-def _insert_rows(job: ExtractJob, rows: list[tuple[int, str, str]]) -> None:
+def _insert_rows(job: ExtractJob, rows: list[tuple[int, str, str, int]]) -> None:
     """A job's rows as their JSON text, in as few round trips as the
     database allows: a 5,000-row start spent more time in bulk_create's
     per-field Python and a second JSON encoding than in the database."""
@@ -192,19 +232,21 @@ def _insert_rows(job: ExtractJob, rows: list[tuple[int, str, str]]) -> None:
             # executemany 1.5 s): the server copies text without unescaping it.
             with cursor.cursor.copy(f"COPY {table} ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
                 copy.set_types([field.db_type(connection).partition("(")[0] for field in fields])
-                for index, question_id, encoded in rows:
-                    copy.write_row(
-                        (job.pk, index, question_id, encoded, pending, 0, "", "", 0, False, 0, 0, "", 0)
-                    )
+                # attempts, error, raw_answer, dropped, cached, tokens, claimed_by, lease_expiries
+                fresh = (0, "", "", 0, False, 0, 0, "", 0)
+                for index, question_id, encoded, input_index in rows:
+                    copy.write_row((job.pk, index, question_id, encoded, input_index, pending, *fresh))
             return
         job_value = fields[0].get_db_prep_value(job.pk, connection)
-        sql = f"INSERT INTO {table} ({columns}) VALUES (%s, %s, %s, %s, %s, 0, '', '', 0, %s, 0, 0, '', 0)"
+        sql = (
+            f"INSERT INTO {table} ({columns}) VALUES (%s, %s, %s, %s, %s, %s, 0, '', '', 0, %s, 0, 0, '', 0)"
+        )
         for start in range(0, len(rows), 1000):
             cursor.executemany(
                 sql,
                 [
-                    (job_value, index, question_id, encoded, pending, False)
-                    for index, question_id, encoded in rows[start : start + 1000]
+                    (job_value, index, question_id, encoded, input_index, pending, False)
+                    for index, question_id, encoded, input_index in rows[start : start + 1000]
                 ],
             )
 
@@ -362,6 +404,8 @@ class ClaimedRow:
     index: int
     question_id: str
     data: dict[str, Any]
+    # The caller's index of the row (see ExtractRow.input_index).
+    input_index: int | None = None
 
 
 @dataclass(frozen=True)
@@ -420,7 +464,9 @@ def claim_rows(*, job_id, worker_id: str, limit: int) -> Claim:
         running = job_rows.filter(status=RowStatus.RUNNING).count()
         pending = job_rows.filter(status=RowStatus.PENDING).order_by("index")
         picked = list(
-            pending.select_for_update(skip_locked=True).values("id", "index", "question_id", "data")[:limit]
+            pending.select_for_update(skip_locked=True).values(
+                "id", "index", "question_id", "data", "input_index"
+            )[:limit]
         )
         daily_left = None
         if daily is not None and job.has_prices:
@@ -530,7 +576,7 @@ def _take_pending(job_id, *, worker_id: str, limit: int, now) -> list[ClaimedRow
             f"UPDATE {table} SET status = %s, claimed_by = %s, lease_expires_at = %s, started_at = %s "
             f"WHERE id IN (SELECT id FROM {table} WHERE job_id = %s AND status = %s "
             f"ORDER BY {quote('index')} LIMIT %s{skip_locked}) "
-            f"RETURNING id, {quote('index')}, question_id, data",
+            f"RETURNING id, {quote('index')}, question_id, data, input_index",
             [
                 RowStatus.RUNNING,
                 worker_id,
@@ -545,8 +591,14 @@ def _take_pending(job_id, *, worker_id: str, limit: int, now) -> list[ClaimedRow
         )
         returned = cursor.fetchall()
     rows = [
-        ClaimedRow(id=row_id, index=index, question_id=question_id, data=data_field.to_python(data))
-        for row_id, index, question_id, data in returned
+        ClaimedRow(
+            id=row_id,
+            index=index,
+            question_id=question_id,
+            data=data_field.to_python(data),
+            input_index=input_index,
+        )
+        for row_id, index, question_id, data, input_index in returned
     ]
     return sorted(rows, key=lambda row: row.index)
 
@@ -808,7 +860,7 @@ def _finish_rows(
     return [(row, outcome) for row, outcome in results if row.id in ours]
 
 
-PROPERTY_COLUMNS = ("id", "job_id", "row_id", "row_index", "position", *PROPERTY_CONTENT)
+PROPERTY_COLUMNS = ("id", "job_id", "row_id", "row_index", "input_index", "position", *PROPERTY_CONTENT)
 
 
 def _insert_properties(job_id, results: list[tuple[ClaimedRow, RowOutcome]]) -> None:
@@ -828,6 +880,7 @@ def _insert_properties(job_id, results: list[tuple[ClaimedRow, RowOutcome]]) -> 
                     job_value,
                     row.id,
                     row.index,
+                    row.input_index,
                     position,
                     *(prop[name] for name in PROPERTY_CONTENT[:-1]),
                     fields["evidence"].get_db_prep_value(prop["evidence"], connection),

@@ -177,6 +177,16 @@ def test_job_list_filters_by_state_and_model(admin_client, jobs, query, expected
     assert ids == [str(jobs[state].pk) for state in expected]
 
 
+def test_job_list_shows_and_filters_one_row_jobs_from_extract_single(admin_client, jobs):
+    ExtractJob.objects.filter(pk=jobs["done"].pk).update(kind="single")
+
+    html = admin_client.get(JOBS_URL).content.decode()
+    ids = listed_ids(admin_client.get(JOBS_URL, {"kind__exact": "single"}))
+
+    assert [cells_of(html, jobs[state])["kind"] for state in ("done", "running")] == ["Single", "Batch"]
+    assert ids == [str(jobs["done"].pk)]
+
+
 def test_job_list_filters_by_owner(admin_client, jobs, other_user):
     ids = listed_ids(admin_client.get(JOBS_URL, {"owner__id__exact": other_user.pk}))
 

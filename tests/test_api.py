@@ -6,6 +6,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
 
+from extraction.rows import sample_indexes
 from jobs import services
 from jobs.models import ExtractJob, ExtractRow, Property
 from tests.factories import done_outcome, make_job, property_dict, simple_rows
@@ -299,14 +300,33 @@ def test_cancel_twice_answers_200_both_times(api, user):
 
 
 @pytest.mark.parametrize("state", ["done", "error"])
-def test_cancel_of_a_finished_job_is_a_conflict(api, user, state):
+def test_restful_cancel_of_a_finished_job_is_a_conflict(api, user, state):
     job = make_job(user)
     ExtractJob.objects.filter(pk=job.id).update(state=state)
 
-    response = api.post("/extract/jobs/cancel", {"job_id": str(job.id)}, format="json")
+    response = api.post(f"/api/jobs/{job.id}/cancel/")
 
     assert response.status_code == 409
-    assert response.json()["detail"] == f"job already finished (state: {state})"
+    assert response.json() == {"detail": f"job already finished (state: {state})", "code": "conflict"}
+
+
+@pytest.mark.parametrize("state", ["done", "error"])
+def test_seed_cancel_of_a_finished_job_answers_its_final_state(api, user, state):
+    # The StringSight frontend shows any non-2xx as "Failed to cancel", also
+    # for a click that raced the job's last row; upstream answered 200.
+    job = finish_with_properties(make_job(user, simple_rows(2)), [["a", "b"], ["c"]], state=state)
+
+    response = api.post("/extract/jobs/cancel", {"job_id": str(job.id)}, format="json")
+
+    assert response.status_code == 200
+    assert response.json() == {
+        "job_id": str(job.id),
+        "state": state,
+        "message": f"job had already finished (state: {state}); nothing was cancelled",
+        "properties_count": 3,
+    }
+    job.refresh_from_db()
+    assert (job.state, job.cancelled_at) == (state, None)
 
 
 @pytest.mark.parametrize("body", [{}, {"job_id": "x"}, ["not", "an", "object"]])
@@ -328,36 +348,72 @@ def test_result_of_an_unfinished_job_is_a_conflict_naming_the_state(api, user, s
     assert f"(state: {state})" in response.json()["detail"]
 
 
+PROPERTY_CONTENT_KEYS = {
+    "id",
+    "question_id",
+    "model",
+    "property_description",
+    "category",
+    "reason",
+    "evidence",
+    "behavior_type",
+    "contains_errors",
+    "unexpected_behavior",
+}
+
+
 @pytest.mark.parametrize(("state", "cancelled"), [("done", False), ("cancelled", True), ("error", False)])
 def test_result_returns_properties_in_input_order(api, user, state, cancelled):
     job = finish_with_properties(
         make_job(user, simple_rows(2)), [["first", "second"], ["third"]], state=state
     )
 
-    for response in (
-        api.get("/extract/jobs/result", {"job_id": str(job.id)}),
-        api.get(f"/api/jobs/{job.id}/result/"),
-    ):
+    seed = api.get("/extract/jobs/result", {"job_id": str(job.id)})
+    restful = api.get(f"/api/jobs/{job.id}/result/")
+
+    for response in (seed, restful):
         assert response.status_code == 200
         body = response.json()
         assert (body["count"], body["cancelled"], body["state"]) == (3, cancelled, state)
         assert [p["property_description"] for p in body["properties"]] == ["first", "second", "third"]
         assert [p["question_id"] for p in body["properties"]] == ["q0", "q0", "q1"]
-        first = body["properties"][0]
-        assert set(first) == {
-            "id",
-            "question_id",
-            "row_index",
-            "model",
-            "property_description",
-            "category",
-            "reason",
-            "evidence",
-            "behavior_type",
-            "contains_errors",
-            "unexpected_behavior",
-        }
-        uuid.UUID(first["id"])
+        uuid.UUID(body["properties"][0]["id"])
+    assert set(seed.json()["properties"][0]) == PROPERTY_CONTENT_KEYS | {"row_index", "__index"}
+    assert set(restful.json()["properties"][0]) == PROPERTY_CONTENT_KEYS | {"row_index", "input_index"}
+
+
+def test_results_report_the_callers_row_index_after_sampling(api, user):
+    # The frontend numbers its rows in __index and opens the conversation whose
+    # __index equals a property's __index (else its row_index).
+    rows = simple_rows(10)
+    for position, row in enumerate(rows):
+        row["__index"] = 500 + position
+    picked = sample_indexes(10, 4)  # [0, 1, 4, 9]
+    rows[picked[2]]["__index"] = "not a number"  # then its position in the request stands in
+    started = api.post("/extract/jobs/start", {"rows": rows, "sample_size": 4}, format="json").json()
+    job = ExtractJob.objects.get(pk=started["job_id"])
+    services.job_mark_running(job_id=job.id)
+    claimed = services.claim_rows(job_id=job.id, worker_id="w", limit=4).rows
+    services.record_row_results(
+        job_id=job.id,
+        worker_id="w",
+        results=[
+            (row, done_outcome(1, properties=[property_dict(question_id=row.question_id)])) for row in claimed
+        ],
+    )
+    expected_index = [at if at == picked[2] else 500 + at for at in picked]
+
+    seed = api.get("/extract/jobs/result", {"job_id": str(job.id)}).json()["properties"]
+    restful = api.get(f"/api/jobs/{job.id}/result/").json()["properties"]
+    paged = api.get(f"/api/jobs/{job.id}/properties/").json()["results"]
+    job_rows = api.get(f"/api/jobs/{job.id}/rows/").json()["results"]
+
+    assert [(p["row_index"], p["__index"], p["question_id"]) for p in seed] == [
+        (index, index, f"q{at}") for index, at in zip(expected_index, picked, strict=True)
+    ]
+    assert [(p["row_index"], p["input_index"]) for p in restful] == list(enumerate(expected_index))
+    assert [(p["row_index"], p["input_index"]) for p in paged] == list(enumerate(expected_index))
+    assert [(r["index"], r["input_index"]) for r in job_rows] == list(enumerate(expected_index))
 
 
 def test_session_writes_need_a_csrf_token(user):

@@ -19,7 +19,11 @@ def stored(user):
     for row in job.rows.order_by("index"):
         Property.objects.bulk_create(
             [
-                Property(job=job, row=row, row_index=row.index, position=0, **tricky),
+                # The caller's own index of the row (its __index).
+                Property(
+                    job=job, row=row, row_index=row.index, input_index=row.index + 100, position=0, **tricky
+                ),
+                # Stored before input_index was recorded: its position stands in.
                 Property(
                     job=job, row=row, row_index=row.index, position=1, **property_dict(f"Row {row.index}.")
                 ),
@@ -43,10 +47,11 @@ def from_the_orm(job) -> list[dict]:
             "id": str(prop.id),
             "job_id": str(prop.job_id),
             "row_index": prop.row_index,
+            "input_index": prop.row_index if prop.input_index is None else prop.input_index,
             **{
                 name: getattr(prop, name)
                 for name in exports.EXPORT_FIELDS
-                if name not in ("id", "job_id", "row_index")
+                if name not in ("id", "job_id", "row_index", "input_index")
             },
         }
         for prop in Property.objects.filter(job=job).order_by("row_index", "position")
@@ -69,8 +74,10 @@ def test_every_format_round_trips_through_pandas(stored, export_format):
         record["contains_errors"] = bool(record["contains_errors"])
         record["unexpected_behavior"] = bool(record["unexpected_behavior"])
         record["row_index"] = int(record["row_index"])
+        record["input_index"] = int(record["input_index"])
     assert read_back == expected
     assert len(expected) == 6
+    assert [record["input_index"] for record in expected] == [100, 0, 101, 1, 102, 2]
     assert expected[0]["question_id"] == "007"
 
 

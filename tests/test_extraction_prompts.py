@@ -1,11 +1,13 @@
 import pytest
 
 from extraction.prompts import (
+    DEFAULT_TASK_DESCRIPTIONS,
     PROMPT_NAMES,
     PROPERTY_JSON_SCHEMA,
     UnknownPromptError,
     list_prompts,
     named_prompt,
+    prompt_catalogue,
     resolve_system_prompt,
     response_format,
 )
@@ -212,3 +214,32 @@ def test_response_format_adds_the_model_label_for_side_by_side():
 def test_response_format_rejects_an_unknown_method():
     with pytest.raises(ValueError, match="unknown method 'pairwise'"):
         response_format("pairwise")
+
+
+def test_the_prompt_catalogue_offers_each_named_prompt_with_its_defaults():
+    catalogue = prompt_catalogue()
+
+    assert [(p["name"], p["label"], p["has_task_description"]) for p in catalogue] == [
+        ("default", "Default", True),
+        ("agent", "Agent", True),
+    ]
+    for prompt in catalogue:
+        assert prompt["preview"] == named_prompt(prompt["name"], "single_model")[:180]
+        assert (
+            prompt["default_task_description_single"]
+            == DEFAULT_TASK_DESCRIPTIONS[prompt["name"], "single_model"]
+        )
+        assert (
+            prompt["default_task_description_sbs"]
+            == DEFAULT_TASK_DESCRIPTIONS[prompt["name"], "side_by_side"]
+        )
+
+
+@pytest.mark.parametrize(("name", "method"), list(DEFAULT_TASK_DESCRIPTIONS))
+def test_a_default_task_description_lands_verbatim_in_its_prompt(name, method):
+    task = DEFAULT_TASK_DESCRIPTIONS[name, method]
+
+    text = named_prompt(name, method, task_description=task)
+
+    assert text.count(task) == 1
+    assert len(task) < 300

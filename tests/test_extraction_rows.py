@@ -8,6 +8,7 @@ from extraction.rows import (
     RowError,
     encode_row,
     holds_lone_surrogates,
+    input_index_for,
     pair_side_by_side,
     question_id_for,
     validate_rows,
@@ -347,3 +348,22 @@ def test_holds_lone_surrogates_finds_half_a_pair_only(text, lone):
 
 def stdlib_text(value) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (14, 14),
+        (0, 0),
+        (2**31 - 1, 2**31 - 1),
+        (2**31, 5),  # more than the database column holds
+        (-1, 5),
+        (True, 5),  # a boolean is not an index
+        (3.0, 5),
+        ("14", 5),
+        (None, 5),
+    ],
+)
+def test_input_index_is_the_rows_own_integer_index_else_its_position(value, expected):
+    assert input_index_for(single(__index=value), 5) == expected
+    assert input_index_for(single(), 5) == 5

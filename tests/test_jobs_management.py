@@ -290,6 +290,7 @@ def test_property_fields_match_the_documented_ones(api, user):
         "id",
         "question_id",
         "row_index",
+        "input_index",
         "model",
         "property_description",
         "category",

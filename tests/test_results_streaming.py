@@ -51,8 +51,10 @@ def stored_properties(job, per_row: int, description=lambda index, position: f"R
     return job
 
 
-@pytest.mark.parametrize("path", ["/api/jobs/{id}/result/", "/extract/jobs/result?job_id={id}"])
-def test_a_streamed_result_is_the_bytes_drf_would_have_written(api, user, settings, path):
+@pytest.mark.parametrize(
+    ("path", "seed"), [("/api/jobs/{id}/result/", False), ("/extract/jobs/result?job_id={id}", True)]
+)
+def test_a_streamed_result_is_the_bytes_drf_would_have_written(api, user, path, seed):
     job = stored_properties(
         make_job(user, simple_rows(3)),
         per_row=900,
@@ -64,11 +66,13 @@ def test_a_streamed_result_is_the_bytes_drf_would_have_written(api, user, settin
     assert response.streaming
     assert response["Content-Type"] == "application/json"
     streamed = b"".join(response.streaming_content)
-    assert streamed == JSONRenderer().render(payloads.result_payload(job))
-    assert len(list(payloads.result_chunks(job))) == 4  # head, two batches of 2,000 and less, tail
+    assert streamed == JSONRenderer().render(payloads.result_payload(job, seed=seed))
+    assert len(list(payloads.result_chunks(job, seed=seed))) == 4  # head, two batches of 2,000 and less, tail
     body = json.loads(streamed)
     assert (body["count"], len(body["properties"])) == (2700, 2700)
     assert body["properties"][0]["property_description"] == f"{TRICKY} 0.0"
+    last = body["properties"][-1]
+    assert (last["row_index"], last.get("__index", last.get("input_index"))) == (2, 2)
 
 
 def test_a_result_with_no_properties_is_valid_json(api, user):

@@ -1,6 +1,9 @@
 """The OpenAPI schema is complete and real responses match it."""
 
+import json
+
 import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management import call_command
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
@@ -24,6 +27,11 @@ PATHS = {
     "/extract/prompts": {"get"},
     "/extract/jobs/cancel": {"post"},
     "/extract/jobs/result": {"get"},
+    "/health": {"get"},
+    "/prompts": {"get"},
+    "/prompt-text": {"get"},
+    "/extract/single": {"post"},
+    "/detect-and-validate": {"post"},
 }
 
 
@@ -79,3 +87,29 @@ def test_responses_match_the_schema(api, user, openapi):
     assert result["count"] == 2
     assert_matches(openapi, "Result", result)
     assert_matches(openapi, "Error", api.post("/extract/jobs/start", {}, format="json").json())
+    assert_matches(openapi, "SeedResult", api.get("/extract/jobs/result", {"job_id": str(job.id)}).json())
+
+
+def test_frontend_responses_match_the_schema(api, openapi, sim, monkeypatch):
+    monkeypatch.setenv("OPENAI_BASE_URL", sim.base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", "sim-key")
+    row = {"prompt": "p", "model": "m", "model_response": "An answer.", "__index": 3}
+    upload = SimpleUploadedFile("rows.jsonl", json.dumps(row).encode())
+
+    assert_matches(openapi, "Health", api.get("/health").json())
+    assert_matches(openapi, "PromptCatalogue", api.get("/prompts").json())
+    assert_matches(openapi, "PromptText", api.get("/prompt-text", {"name": "agent"}).json())
+    assert_matches(openapi, "Error", api.get("/prompt-text", {"name": "nope"}).json())
+    for debug in (False, True):
+        single = api.post("/extract/single", {"row": row, "return_debug": debug}, format="json").json()
+        assert single["properties"]
+        assert_matches(openapi, "ExtractSingleResponse", single)
+    detected = api.post("/detect-and-validate", {"file": upload}, format="multipart").json()
+    assert detected["valid"] is True
+    assert_matches(openapi, "DetectResponse", detected)
+    no_method = SimpleUploadedFile("rows.jsonl", b'{"a": 1}')
+    assert_matches(
+        openapi,
+        "DetectResponse",
+        api.post("/detect-and-validate", {"file": no_method}, format="multipart").json(),
+    )

@@ -130,3 +130,16 @@ def test_a_running_job_stops_at_the_daily_budget(user, sim, settings, no_backgro
     assert 0 < done < 20
     assert len(sim.requests()) == done
     assert services.spent_today(owner_id=user.pk) <= 0.01
+
+
+def test_a_single_extraction_the_daily_budget_cannot_pay_for_answers_429(api, settings):
+    from tests.test_extract_single import extract, frontend_row
+
+    settings.STRINGSIGHT_USER_DAILY_BUDGET_USD = 0.000001
+
+    refused = extract(api, frontend_row())
+
+    assert refused.status_code == 429
+    assert refused.json()["code"] == "daily_budget_exceeded"
+    assert refused.json()["detail"].endswith("(STRINGSIGHT_USER_DAILY_BUDGET_USD)")
+    assert ExtractJob.objects.count() == 0

@@ -56,10 +56,13 @@ def node_modules():
 @pytest.mark.e2e
 @pytest.mark.django_db(transaction=True)
 def test_typescript_client_suite_passes_against_a_live_server(
-    live_server, qcluster, sim, node_modules, user, other_user
+    live_server, qcluster, sim, node_modules, user, other_user, monkeypatch
 ):
     # Slow enough that a job is still running when the suite cancels it.
     sim.configure(latency_ms=200)
+    # The live server runs in this process: /extract/single calls the simulator too.
+    monkeypatch.setenv("OPENAI_BASE_URL", sim.base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", "sim-key")
     env = {
         **os.environ,
         "STRINGSIGHT_BASE_URL": live_server.url,

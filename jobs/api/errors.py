@@ -6,6 +6,7 @@
 maps every failing field to its messages.
 """
 
+from django.http import JsonResponse
 from rest_framework import status
 from rest_framework.exceptions import APIException, ValidationError
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -21,6 +22,11 @@ class DailyBudgetExceeded(APIException):
     status_code = status.HTTP_429_TOO_MANY_REQUESTS
     default_code = "daily_budget_exceeded"
     default_detail = "The daily budget cannot pay for this job."
+
+
+def error_response(status: int, detail: str, code: str, **extra) -> JsonResponse:
+    """The shape, for answers built outside DRF's exception handler."""
+    return JsonResponse({"detail": detail, "code": code, **extra}, status=status)
 
 
 def exception_handler(exc, context):

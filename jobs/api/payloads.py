@@ -5,17 +5,25 @@ from collections.abc import Iterator
 from itertools import islice
 
 import orjson
+from django.db.models import F
+from django.db.models.functions import Coalesce
 from django.utils import timezone
+
+from extraction.rows import INDEX_COLUMN
 
 from ..models import PROPERTY_CONTENT, ExtractJob, JobState, RowStatus
 
-PROPERTY_FIELDS = ("id", "row_index", *PROPERTY_CONTENT)
+PROPERTY_FIELDS = ("id", "row_index", "input_index", *PROPERTY_CONTENT)
+# Properties stored before input_index was recorded have none: their
+# position in the job stands in for it.
+CALLER_INDEX = Coalesce(F("input_index"), F("row_index"))
 
 
 def status_payload(job: ExtractJob) -> dict:
     return {
         "job_id": job.id,
         "state": job.state,
+        "kind": job.kind,
         "progress": job.progress,
         "count_done": job.count_done,
         "count_failed": job.count_failed,
@@ -40,8 +48,8 @@ def status_payload(job: ExtractJob) -> dict:
     }
 
 
-def result_payload(job: ExtractJob) -> dict:
-    properties = list(job.properties.order_by("row_index", "position").values(*PROPERTY_FIELDS))
+def result_payload(job: ExtractJob, *, seed: bool = False) -> dict:
+    properties = property_payloads(job.properties.order_by("row_index", "position"), seed=seed)
     return {
         "job_id": job.id,
         "state": job.state,
@@ -51,10 +59,33 @@ def result_payload(job: ExtractJob) -> dict:
     }
 
 
+def property_payloads(properties, *, seed: bool) -> list[dict]:
+    """Properties as the API lists them. The RESTful API reports a row's
+    position in the job as `row_index` and the caller's index of the row as
+    `input_index`. The seed paths report the caller's index as `row_index`
+    and `__index`, as upstream StringSight does: the StringSight frontend
+    opens the conversation whose `__index` equals them."""
+    return [as_listed(record, seed=seed) for record in _property_values(properties)]
+
+
+def _property_values(properties):
+    return properties.annotate(caller_index=CALLER_INDEX).values("caller_index", *PROPERTY_FIELDS)
+
+
+def as_listed(record: dict, *, seed: bool) -> dict:
+    caller_index = record.pop("caller_index")
+    if seed:
+        del record["input_index"]
+        record["row_index"] = record[INDEX_COLUMN] = caller_index
+    else:
+        record["input_index"] = caller_index
+    return record
+
+
 RESULT_CHUNK = 2000
 
 
-def result_chunks(job: ExtractJob) -> Iterator[bytes]:
+def result_chunks(job: ExtractJob, *, seed: bool = False) -> Iterator[bytes]:
     """result_payload as the bytes DRF's JSONRenderer writes for it, a batch
     of properties at a time from a database cursor. A finished job's
     properties no longer change, so the count read first is the count sent."""
@@ -66,10 +97,11 @@ def result_chunks(job: ExtractJob) -> Iterator[bytes]:
         "count": properties.count(),
     }
     yield _as_drf_writes(orjson.dumps(head)[:-1] + b',"properties":[')
-    rows = properties.values(*PROPERTY_FIELDS).iterator(chunk_size=RESULT_CHUNK)
+    rows = _property_values(properties).iterator(chunk_size=RESULT_CHUNK)
     separator = b""
     while batch := list(islice(rows, RESULT_CHUNK)):
-        yield separator + _as_drf_writes(b",".join(orjson.dumps(prop) for prop in batch))
+        encoded = b",".join(orjson.dumps(as_listed(record, seed=seed)) for record in batch)
+        yield separator + _as_drf_writes(encoded)
         separator = b","
     yield b"]}"
 
@@ -81,6 +113,7 @@ def _as_drf_writes(data: bytes) -> bytes:
 
 ROW_FIELDS = (
     "index",
+    "input_index",
     "question_id",
     "status",
     "attempts",

@@ -14,7 +14,7 @@ from rest_framework import serializers
 from extraction.prompts import UnknownPromptError, resolve_system_prompt
 from extraction.rows import RowError, encode_row, json_type, nul_path, validate_rows
 
-from ..models import JobState, Method, RowStatus
+from ..models import JobKind, JobState, Method, RowStatus
 from ..services import JobParams, model_allowed, price_for
 
 # Upstream StringSight's frontend sends these; a caller who omits a value
@@ -317,6 +317,10 @@ class BudgetSerializer(serializers.Serializer):
 class JobStatusSerializer(serializers.Serializer):
     job_id = serializers.UUIDField()
     state = serializers.ChoiceField(choices=JobState.choices)
+    kind = serializers.ChoiceField(
+        choices=JobKind.choices,
+        help_text="rows: rows run by workers; single: one row extracted by /extract/single.",
+    )
     progress = serializers.FloatField(help_text="Finished rows (done or failed) over all rows, 0..1.")
     count_done = serializers.IntegerField()
     count_failed = serializers.IntegerField()
@@ -352,10 +356,9 @@ class CancelResponseSerializer(serializers.Serializer):
     properties_count = serializers.IntegerField(help_text="Final: it never changes after the cancel.")
 
 
-class PropertySerializer(serializers.Serializer):
+class _PropertyContentSerializer(serializers.Serializer):
     id = serializers.UUIDField()
     question_id = serializers.CharField()
-    row_index = serializers.IntegerField()
     model = serializers.CharField()
     property_description = serializers.CharField()
     category = serializers.CharField(allow_blank=True)
@@ -366,12 +369,39 @@ class PropertySerializer(serializers.Serializer):
     unexpected_behavior = serializers.BooleanField()
 
 
+class PropertySerializer(_PropertyContentSerializer):
+    row_index = serializers.IntegerField(help_text="The row's position in the job (after sampling).")
+    input_index = serializers.IntegerField(
+        help_text="The caller's index of the row: its __index when it had one, else its position "
+        "in the request."
+    )
+
+
+# The seed paths' property: the caller's index of the row is its row_index,
+# and its __index (a name a class body would mangle).
+SeedPropertySerializer = type(
+    "SeedPropertySerializer",
+    (_PropertyContentSerializer,),
+    {
+        "row_index": serializers.IntegerField(
+            help_text="The caller's index of the row: its __index when it had one, else its position "
+            "in the request."
+        ),
+        "__index": serializers.IntegerField(help_text="The same as row_index."),
+    },
+)
+
+
 class ResultSerializer(serializers.Serializer):
     job_id = serializers.UUIDField()
     state = serializers.ChoiceField(choices=JobState.choices)
     cancelled = serializers.BooleanField()
     count = serializers.IntegerField()
     properties = PropertySerializer(many=True)
+
+
+class SeedResultSerializer(ResultSerializer):
+    properties = SeedPropertySerializer(many=True)
 
 
 class ErrorSerializer(serializers.Serializer):
@@ -412,6 +442,10 @@ class JobDetailSerializer(JobStatusSerializer):
 
 class RowOutcomeSerializer(serializers.Serializer):
     index = serializers.IntegerField()
+    input_index = serializers.IntegerField(
+        help_text="The caller's index of the row: its __index when it had one, else its position "
+        "in the request."
+    )
     question_id = serializers.CharField()
     status = serializers.ChoiceField(choices=RowStatus.choices)
     attempts = serializers.IntegerField(help_text="LLM calls made for the row.")
@@ -438,6 +472,7 @@ class ResumeRequestSerializer(serializers.Serializer):
 
 class JobListQuerySerializer(serializers.Serializer):
     state = serializers.ChoiceField(choices=JobState.choices, required=False)
+    kind = serializers.ChoiceField(choices=JobKind.choices, required=False)
     model = serializers.CharField(required=False, max_length=200)
     created_after = serializers.DateTimeField(required=False)
     created_before = serializers.DateTimeField(required=False)

@@ -21,7 +21,7 @@ from extraction.prompts import PROMPT_NAMES, list_prompts
 from .. import exports, services
 from ..models import ExtractJob, JobState
 from .errors import Conflict, DailyBudgetExceeded
-from .payloads import ROW_FIELDS, detail_payload, result_chunks, status_payload
+from .payloads import CALLER_INDEX, ROW_FIELDS, detail_payload, result_chunks, status_payload
 from .permissions import JobAPIPermission
 from .renderers import DOWNLOAD_FORMATS, CSVRenderer, JSONLRenderer, ParquetRenderer
 from .serializers import (
@@ -39,6 +39,7 @@ from .serializers import (
     ResumeRequestSerializer,
     RowPageSerializer,
     RowQuerySerializer,
+    SeedResultSerializer,
     StartJobSerializer,
 )
 
@@ -192,33 +193,41 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
     @extend_schema(
         operation_id="extract_jobs_cancel",
         summary="Cancel a job at once (StringSight path)",
+        description="A job that had already finished is left as it is: the answer is 200 with its "
+        "final state, as upstream StringSight answers (the RESTful path answers 409).",
         request=CancelRequestSerializer,
-        responses={200: CancelResponseSerializer, 409: ErrorSerializer, **ERRORS},
+        responses={200: CancelResponseSerializer, **ERRORS},
     )
     def seed_cancel(self, request):
         body = request.data if isinstance(request.data, dict) else {}
-        return self.cancel_response(self.find_job(body.get("job_id")))
+        return self.cancel_response(self.find_job(body.get("job_id")), finished_is_ok=True)
 
     @extend_schema(
         operation_id="extract_jobs_result",
         summary="A finished job's properties (StringSight path)",
+        description="row_index and __index are the caller's index of each property's row.",
         parameters=[JOB_ID_QUERY],
-        responses={200: ResultSerializer, 409: ErrorSerializer, **ERRORS},
+        responses={200: SeedResultSerializer, 409: ErrorSerializer, **ERRORS},
     )
     def seed_result(self, request):
-        return self.result_response(self.find_job(request.query_params.get("job_id")))
+        return self.result_response(self.find_job(request.query_params.get("job_id")), seed=True)
 
     def require_change(self, job: ExtractJob, verb: str) -> None:
         if not services.may_change(self.request.user, job):
             raise PermissionDenied(f"{verb} another user's job needs the jobs.change_extractjob permission")
 
-    def cancel_response(self, job: ExtractJob) -> Response:
+    def cancel_response(self, job: ExtractJob, *, finished_is_ok: bool = False) -> Response:
         self.require_change(job, "cancelling")
         outcome = services.job_cancel(job=job)
         job = outcome.job
-        if job.state != JobState.CANCELLED:
+        if job.state == JobState.CANCELLED:
+            message = "job cancelled" if outcome.cancelled_now else "job was already cancelled"
+        elif finished_is_ok:
+            # The StringSight frontend shows any non-2xx as "Failed to cancel",
+            # also for a click that raced the job's last row.
+            message = f"job had already finished (state: {job.state}); nothing was cancelled"
+        else:
             raise Conflict(f"job already finished (state: {job.state})")
-        message = "job cancelled" if outcome.cancelled_now else "job was already cancelled"
         return Response(
             {
                 "job_id": job.id,
@@ -228,7 +237,7 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
             }
         )
 
-    def result_response(self, job: ExtractJob) -> StreamingHttpResponse:
+    def result_response(self, job: ExtractJob, *, seed: bool = False) -> StreamingHttpResponse:
         if job.is_active:
             raise Conflict(
                 f"job is not finished (state: {job.state}); results are ready once it is done, "
@@ -236,7 +245,7 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
             )
         # Streamed a batch of properties at a time: built whole, 100,000
         # properties held the web process's memory many times over.
-        return StreamingHttpResponse(result_chunks(job), content_type="application/json")
+        return StreamingHttpResponse(result_chunks(job, seed=seed), content_type="application/json")
 
     @extend_schema(
         operation_id="jobs_list",
@@ -249,6 +258,7 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
         query.is_valid(raise_exception=True)
         filters = {
             "state": query.validated_data.get("state"),
+            "kind": query.validated_data.get("kind"),
             "model_name": query.validated_data.get("model"),
             "created_at__gte": query.validated_data.get("created_after"),
             "created_at__lt": query.validated_data.get("created_before"),
@@ -312,7 +322,14 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
         paginator = RowCursor()
         page = paginator.paginate_queryset(rows, request, view=self)
         return paginator.get_paginated_response(
-            [{field: getattr(row, field) for field in ROW_FIELDS} for row in page]
+            [
+                {
+                    **{field: getattr(row, field) for field in ROW_FIELDS},
+                    # Rows stored before it was recorded have none: their position stands in.
+                    "input_index": row.index if row.input_index is None else row.input_index,
+                }
+                for row in page
+            ]
         )
 
     @extend_schema(
@@ -343,9 +360,13 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
         if download in DOWNLOAD_FORMATS:
             return self.download(job, download)
         paginator = PropertyCursor()
-        page = paginator.paginate_queryset(job.properties.all(), request, view=self)
-        fields = PropertySerializer().fields
-        return paginator.get_paginated_response([{name: getattr(p, name) for name in fields} for p in page])
+        page = paginator.paginate_queryset(
+            job.properties.annotate(caller_index=CALLER_INDEX), request, view=self
+        )
+        fields = [name for name in PropertySerializer().fields if name != "input_index"]
+        return paginator.get_paginated_response(
+            [{**{name: getattr(p, name) for name in fields}, "input_index": p.caller_index} for p in page]
+        )
 
     def get_renderers(self):
         if self.action == "properties":

@@ -1,8 +1,10 @@
 /**
  * A small client for the StringSight Jobs API, with no dependency beyond the
  * platform's `fetch`. Request and response types come from the generated
- * `schema.ts`; `extractJobStart|Status|Result|Cancel` keep the StringSight
- * frontend's own names, paths and shapes.
+ * `schema.ts`; `extractJobStart|Status|Result|Cancel`, `getPrompts`,
+ * `getPromptText`, `extractSingle`, `detectAndValidate` and
+ * `checkBackendHealth` keep the StringSight frontend's own names, paths and
+ * arguments.
  */
 import type { components, paths } from "./schema.js";
 
@@ -12,7 +14,12 @@ type Schemas = components["schemas"];
 export type JobState = Schemas["StateEnum"];
 export type JobStatus = Schemas["JobStatus"];
 export type Property = Schemas["Property"];
+/** A property on the StringSight paths: `row_index` and `__index` are the
+ * caller's index of its row. */
+export type SeedProperty = Schemas["SeedProperty"];
+export type PromptInfo = Schemas["PromptInfo"];
 export type ErrorBody = Schemas["Error"];
+export type Method = Schemas["MethodEnum"];
 
 type JsonContent<T> = T extends { content: { "application/json": infer Body } } ? Body : never;
 type Ok<Operation> = Operation extends { responses: infer R }
@@ -46,6 +53,19 @@ export type StartJobResponse = Ok<StartOperation>;
 export type StatusResponse = Ok<paths["/extract/jobs/status"]["get"]>;
 export type ResultResponse = Ok<paths["/extract/jobs/result"]["get"]>;
 export type CancelJobResponse = Ok<paths["/extract/jobs/cancel"]["post"]>;
+export type HealthResponse = Ok<paths["/health"]["get"]>;
+export type PromptsResponse = Ok<paths["/prompts"]["get"]>;
+export type PromptTextResponse = Ok<paths["/prompt-text"]["get"]>;
+type SingleOperation = paths["/extract/single"]["post"];
+type SingleRequest = RequestJson<SingleOperation>;
+/** The body of `extractSingle`, with the row as loose as the frontend holds it. */
+export type ExtractSingleBody = Omit<SingleRequest, "row"> & {
+  row: Record<string, unknown>;
+  /** Sent by the StringSight frontend; the server ignores it. */
+  use_wandb?: boolean;
+};
+export type ExtractSingleResponse = Ok<SingleOperation>;
+export type DetectResponse = Ok<paths["/detect-and-validate"]["post"]>;
 export type JobPage = Ok<ListOperation>;
 export type JobDetail = Ok<paths["/api/jobs/{job_id}/"]["get"]>;
 export type ResumeResponse = Ok<ResumeOperation>;
@@ -141,6 +161,8 @@ type QueryValue = string | number | boolean | Date | null | undefined;
 interface SendOptions {
   query?: Record<string, QueryValue>;
   json?: unknown;
+  /** A multipart body; fetch sets its Content-Type (with the boundary). */
+  form?: FormData;
   accept?: string;
 }
 
@@ -179,6 +201,25 @@ function jobPath(jobId: string, rest = ""): string {
 }
 
 export interface Client {
+  /** `GET /health`: `{ok: true}` while the server answers (no database or worker involved). */
+  health(): Promise<HealthResponse>;
+  /** The frontend's check: true when `/health` answers 2xx with `ok: true`;
+   * false on any failure (it never throws). */
+  checkBackendHealth(): Promise<boolean>;
+  /** `GET /prompts`: the named prompts (`default`, `agent`) with their labels,
+   * a preview and the task description each method starts with. */
+  getPrompts(): Promise<PromptsResponse>;
+  /** `GET /prompt-text`: a named prompt's full text, with the task
+   * description (sent only when not blank) and method applied; exactly what
+   * a job started with them sends. An unknown name is a 400 ApiError. */
+  getPromptText(name: string, task_description?: string | null, method?: Method): Promise<PromptTextResponse>;
+  /** `POST /extract/single`: extract one row now, in the request; recorded as
+   * a one-row job (kind `single`). With `return_debug`, the parse failures,
+   * raw answer, tokens and cost. */
+  extractSingle(body: ExtractSingleBody): Promise<ExtractSingleResponse>;
+  /** `POST /detect-and-validate`: upload a file of rows (.jsonl, .json, .csv,
+   * .parquet); answers its method, validity, missing columns and a preview. */
+  detectAndValidate(file: Blob, filename?: string): Promise<DetectResponse>;
   /** `POST /extract/jobs/start`: start a job; answers its status (state `queued`). */
   extractJobStart(body: StartJobBody): Promise<StartJobResponse>;
   /** `GET /extract/jobs/status?job_id=`: state, progress and counters. */
@@ -186,7 +227,8 @@ export interface Client {
   /** `GET /extract/jobs/result?job_id=`: every property once the job is done,
    * cancelled or error; a 409 ApiError while it is queued or running. */
   extractJobResult(jobId: string): Promise<ResultResponse>;
-  /** `POST /extract/jobs/cancel`: cancel at once; `properties_count` is final. */
+  /** `POST /extract/jobs/cancel`: cancel at once; `properties_count` is final.
+   * A job that had already finished answers its final state (not an error). */
   extractJobCancel(jobId: string): Promise<CancelJobResponse>;
   /** `GET /api/jobs/`: one page of the caller's jobs, newest first. */
   listJobs(filters?: JobFilters): Promise<JobPage>;
@@ -214,14 +256,14 @@ export function createClient(options: ClientOptions = {}): Client {
   const fetchImpl = options.fetch ?? ((input, init) => globalThis.fetch(input, init));
 
   async function send(method: string, path: string, request: SendOptions = {}): Promise<Response> {
-    const { query, json, accept = "application/json" } = request;
+    const { query, json, form, accept = "application/json" } = request;
     const headers: Record<string, string> = { Accept: accept, ...options.headers };
     if (options.token) headers.Authorization = `Token ${options.token}`;
     if (json !== undefined) headers["Content-Type"] = "application/json";
     const response = await fetchImpl(baseUrl + path + queryString(query), {
       method,
       headers,
-      body: json === undefined ? undefined : JSON.stringify(json),
+      body: form ?? (json === undefined ? undefined : JSON.stringify(json)),
     });
     if (!response.ok) throw await apiError(response);
     return response;
@@ -233,6 +275,26 @@ export function createClient(options: ClientOptions = {}): Client {
   }
 
   const client: Client = {
+    health: () => call("GET", "/health"),
+    async checkBackendHealth() {
+      try {
+        const body: HealthResponse = await call("GET", "/health");
+        return body.ok === true;
+      } catch {
+        return false;
+      }
+    },
+    getPrompts: () => call("GET", "/prompts"),
+    // As the frontend sends them: a blank task description or no method is left out.
+    getPromptText: (name, task_description, method) =>
+      call("GET", "/prompt-text", { query: { name, task_description: task_description || undefined, method } }),
+    extractSingle: (body) => call("POST", "/extract/single", { json: body }),
+    detectAndValidate(file, filename) {
+      const form = new FormData();
+      if (filename === undefined) form.append("file", file);
+      else form.append("file", file, filename);
+      return call("POST", "/detect-and-validate", { form });
+    },
     extractJobStart: (body) => call("POST", "/extract/jobs/start", { json: body }),
     extractJobStatus: (jobId) => call("GET", "/extract/jobs/status", { query: { job_id: jobId } }),
     extractJobResult: (jobId) => call("GET", "/extract/jobs/result", { query: { job_id: jobId } }),
@@ -271,6 +333,12 @@ export function configure(options: ClientOptions): void {
 
 // The module-level functions: each is the default client's method, typed by
 // the Client interface so the two cannot drift apart.
+export const health: Client["health"] = (...args) => defaultClient.health(...args);
+export const checkBackendHealth: Client["checkBackendHealth"] = (...args) => defaultClient.checkBackendHealth(...args);
+export const getPrompts: Client["getPrompts"] = (...args) => defaultClient.getPrompts(...args);
+export const getPromptText: Client["getPromptText"] = (...args) => defaultClient.getPromptText(...args);
+export const extractSingle: Client["extractSingle"] = (...args) => defaultClient.extractSingle(...args);
+export const detectAndValidate: Client["detectAndValidate"] = (...args) => defaultClient.detectAndValidate(...args);
 export const extractJobStart: Client["extractJobStart"] = (...args) => defaultClient.extractJobStart(...args);
 export const extractJobStatus: Client["extractJobStatus"] = (...args) => defaultClient.extractJobStatus(...args);
 export const extractJobResult: Client["extractJobResult"] = (...args) => defaultClient.extractJobResult(...args);

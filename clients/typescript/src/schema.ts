@@ -123,6 +123,23 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/detect-and-validate": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Read an uploaded file of rows: its method, whether it is valid, a preview */
+        post: operations["detect_and_validate"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/extract/jobs/cancel": {
         parameters: {
             query?: never;
@@ -132,7 +149,10 @@ export interface paths {
         };
         get?: never;
         put?: never;
-        /** Cancel a job at once (StringSight path) */
+        /**
+         * Cancel a job at once (StringSight path)
+         * @description A job that had already finished is left as it is: the answer is 200 with its final state, as upstream StringSight answers (the RESTful path answers 409).
+         */
         post: operations["extract_jobs_cancel"];
         delete?: never;
         options?: never;
@@ -147,7 +167,10 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** A finished job's properties (StringSight path) */
+        /**
+         * A finished job's properties (StringSight path)
+         * @description row_index and __index are the caller's index of each property's row.
+         */
         get: operations["extract_jobs_result"];
         put?: never;
         post?: never;
@@ -212,6 +235,84 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/extract/single": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Extract one row now, in this request
+         * @description Recorded as a one-row job (kind single) owned by the caller. A row whose answer held no valid property answers 200 with an error; 502 when the LLM refused the job (credentials, model), 504 when it gave no answer in time.
+         */
+        post: operations["extract_single"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/health": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * The server answers (for the StringSight frontend)
+         * @description Up means this process answers: no database, no worker (GET /healthz
+         *     reports those). The frontend treats anything but `ok: true` as down.
+         */
+        get: operations["health"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/prompt-text": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** A named prompt's full text, with the task description placed in it */
+        get: operations["prompt_text"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/prompts": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * The named prompts, with their labels and default task descriptions
+         * @description The same for everyone, so no one needs to sign in for it.
+         */
+        get: operations["prompts"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
 }
 export type webhooks = Record<string, never>;
 export interface components {
@@ -233,6 +334,35 @@ export interface components {
             /** @description Final: it never changes after the cancel. */
             properties_count: number;
         };
+        DetectResponse: {
+            /**
+             * @description Null when the columns fit neither method.
+             *
+             *     * `single_model` - Single Model
+             *     * `side_by_side` - Side By Side
+             */
+            method: components["schemas"]["MethodEnum"] | components["schemas"]["NullEnum"];
+            /** @description Whether a job could start with these rows. */
+            valid: boolean;
+            /** @description Columns the method needs that some row lacks. */
+            missing: string[];
+            row_count: number;
+            /** @description Every row's columns, in order. */
+            columns: string[];
+            /** @description The first 50 rows. */
+            preview: {
+                [key: string]: unknown;
+            }[];
+            /** @description Why the rows are not valid, naming the row. */
+            error: string | null;
+        };
+        DetectUploadRequest: {
+            /**
+             * Format: binary
+             * @description Rows as .jsonl, .json, .csv or .parquet.
+             */
+            file: string;
+        };
         Error: {
             detail: string;
             code: string;
@@ -241,10 +371,84 @@ export interface components {
                 [key: string]: string[];
             };
         };
+        ExtractSingleDebug: {
+            raw_answer: string;
+            prompt_tokens: number;
+            completion_tokens: number;
+            total_tokens: number;
+            /**
+             * Format: double
+             * @description Null when no price is known for the model.
+             */
+            cost_usd: number | null;
+            /** @description The answer came from the completion cache. */
+            cached: boolean;
+            attempts: number;
+            /** @description Items of the answer that were not valid properties. */
+            dropped: number;
+        };
+        /** @description The start's own fields and rules, for one row. */
+        ExtractSingleRequest: {
+            /**
+             * @description Detected from the rows' columns when omitted.
+             *
+             *     * `single_model` - Single Model
+             *     * `side_by_side` - Side By Side
+             */
+            method?: components["schemas"]["MethodEnum"] | components["schemas"]["NullEnum"];
+            /** @description A prompt name (default, agent) or literal prompt text. */
+            system_prompt?: string | null;
+            /** @description Literal system prompt text; wins over system_prompt. */
+            custom_system_prompt?: string | null;
+            task_description?: string | null;
+            model_name?: string | null;
+            /** Format: double */
+            temperature?: number | null;
+            /** Format: double */
+            top_p?: number | null;
+            max_tokens?: number | null;
+            max_workers?: number | null;
+            include_scores_in_prompt?: boolean | null;
+            /** @description Reuse identical earlier answers (default true). */
+            use_cache?: boolean | null;
+            /** @description Accepted for compatibility with StringSight; ignored. */
+            output_dir?: string | null;
+            /** @description One StringSight row (single_model or side_by_side columns); its __index, if any, is reported back as each property's row_index and __index. */
+            row: {
+                [key: string]: unknown;
+            };
+            /** @description Also answer the parse failures (up to 5), the raw answer, tokens and cost. */
+            return_debug?: boolean | null;
+        };
+        ExtractSingleResponse: {
+            /**
+             * Format: uuid
+             * @description The one-row job (kind single) that records this extraction.
+             */
+            job_id: string;
+            properties: components["schemas"]["SeedProperty"][];
+            counts: components["schemas"]["PropertyCounts"];
+            /** @description With return_debug: up to 5 parse failures. */
+            failures: string[];
+            /** @description Why the row failed (no valid property, or the LLM call failed). */
+            error: string | null;
+            /** @description Only with return_debug. */
+            debug?: components["schemas"]["ExtractSingleDebug"];
+        };
+        Health: {
+            ok: boolean;
+        };
         JobDetail: {
             /** Format: uuid */
             job_id: string;
             state: components["schemas"]["StateEnum"];
+            /**
+             * @description rows: rows run by workers; single: one row extracted by /extract/single.
+             *
+             *     * `rows` - Rows
+             *     * `single` - Single
+             */
+            kind: components["schemas"]["KindEnum"];
             /**
              * Format: double
              * @description Finished rows (done or failed) over all rows, 0..1.
@@ -303,6 +507,13 @@ export interface components {
             job_id: string;
             state: components["schemas"]["StateEnum"];
             /**
+             * @description rows: rows run by workers; single: one row extracted by /extract/single.
+             *
+             *     * `rows` - Rows
+             *     * `single` - Single
+             */
+            kind: components["schemas"]["KindEnum"];
+            /**
              * Format: double
              * @description Finished rows (done or failed) over all rows, 0..1.
              */
@@ -334,6 +545,12 @@ export interface components {
             budget: components["schemas"]["Budget"];
         };
         /**
+         * @description * `rows` - Rows
+         *     * `single` - Single
+         * @enum {string}
+         */
+        KindEnum: "rows" | "single";
+        /**
          * @description * `single_model` - Single Model
          *     * `side_by_side` - Side By Side
          * @enum {string}
@@ -352,15 +569,32 @@ export interface components {
             method: components["schemas"]["MethodEnum"];
             text: string;
         };
+        PromptCatalogue: {
+            prompts: components["schemas"]["PromptInfo"][];
+        };
+        PromptInfo: {
+            /** @description Sent back as system_prompt. */
+            name: string;
+            label: string;
+            has_task_description: boolean;
+            /** @description The start of the single-model text. */
+            preview: string;
+            default_task_description_single: string | null;
+            default_task_description_sbs: string | null;
+        };
         PromptList: {
             names: string[];
             prompts: components["schemas"]["Prompt"][];
+        };
+        PromptText: {
+            name: string;
+            /** @description Exactly the system prompt a job started with these values sends. */
+            text: string;
         };
         Property: {
             /** Format: uuid */
             id: string;
             question_id: string;
-            row_index: number;
             model: string;
             property_description: string;
             category: string;
@@ -369,6 +603,13 @@ export interface components {
             behavior_type: string;
             contains_errors: boolean;
             unexpected_behavior: boolean;
+            /** @description The row's position in the job (after sampling). */
+            row_index: number;
+            /** @description The caller's index of the row: its __index when it had one, else its position in the request. */
+            input_index: number;
+        };
+        PropertyCounts: {
+            properties: number;
         };
         PropertyPage: {
             /**
@@ -401,6 +642,8 @@ export interface components {
         };
         RowOutcome: {
             index: number;
+            /** @description The caller's index of the row: its __index when it had one, else its position in the request. */
+            input_index: number;
             question_id: string;
             status: components["schemas"]["StatusEnum"];
             /** @description LLM calls made for the row. */
@@ -429,6 +672,34 @@ export interface components {
             /** Format: uri */
             previous: string | null;
             results: components["schemas"]["RowOutcome"][];
+        };
+        SeedProperty: {
+            /** Format: uuid */
+            id: string;
+            question_id: string;
+            model: string;
+            property_description: string;
+            category: string;
+            reason: string;
+            evidence: string[];
+            behavior_type: string;
+            contains_errors: boolean;
+            unexpected_behavior: boolean;
+            /** @description The caller's index of the row: its __index when it had one, else its position in the request. */
+            row_index: number;
+            /**
+             * index
+             * @description The same as row_index.
+             */
+            __index: number;
+        };
+        SeedResult: {
+            /** Format: uuid */
+            job_id: string;
+            state: components["schemas"]["StateEnum"];
+            cancelled: boolean;
+            count: number;
+            properties: components["schemas"]["SeedProperty"][];
         };
         StartJobRequest: {
             /** @description StringSight rows, all of one method. Other columns are kept as they are. */
@@ -539,6 +810,11 @@ export interface operations {
                 created_before?: string;
                 /** @description From a page's next or previous link. */
                 cursor?: string;
+                /**
+                 * @description * `rows` - Rows
+                 *     * `single` - Single
+                 */
+                kind?: "rows" | "single";
                 model?: string;
                 page_size?: number;
                 /**
@@ -1227,6 +1503,45 @@ export interface operations {
             };
         };
     };
+    detect_and_validate: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "multipart/form-data": components["schemas"]["DetectUploadRequest"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["DetectResponse"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
     extract_jobs_cancel: {
         parameters: {
             query?: never;
@@ -1280,14 +1595,6 @@ export interface operations {
                     "application/json": components["schemas"]["Error"];
                 };
             };
-            409: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["Error"];
-                };
-            };
             413: {
                 headers: {
                     [name: string]: unknown;
@@ -1323,7 +1630,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "application/json": components["schemas"]["Result"];
+                    "application/json": components["schemas"]["SeedResult"];
                 };
             };
             400: {
@@ -1551,6 +1858,178 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["PromptList"];
+                };
+            };
+        };
+    };
+    extract_single: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["ExtractSingleRequest"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ExtractSingleResponse"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    health: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Health"];
+                };
+            };
+        };
+    };
+    prompt_text: {
+        parameters: {
+            query: {
+                /**
+                 * @description Default single_model.
+                 *
+                 *     * `single_model` - Single Model
+                 *     * `side_by_side` - Side By Side
+                 */
+                method?: "single_model" | "side_by_side" | "";
+                /** @description A prompt name: default, agent. */
+                name: string;
+                /** @description Placed in the prompt's task section. */
+                task_description?: string;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PromptText"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    prompts: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PromptCatalogue"];
                 };
             };
         };

@@ -9,16 +9,22 @@ import { after, before, describe, test } from "node:test";
 
 import {
   ApiError,
+  checkBackendHealth,
   configure,
   createClient,
   cursorOf,
   deleteJob,
+  detectAndValidate,
   downloadProperties,
   extractJobCancel,
   extractJobResult,
   extractJobStart,
   extractJobStatus,
+  extractSingle,
   getJob,
+  getPrompts,
+  getPromptText,
+  health,
   iterateJobs,
   jobProperties,
   jobPropertiesPage,
@@ -317,7 +323,7 @@ describe("a finished job", () => {
     assert.equal(new TextDecoder().decode(bytes.slice(0, 4)), "PAR1");
   });
 
-  test("cancelling it is a 409 ApiError, sent as the seed sends it (fetch injected)", async () => {
+  test("cancelling it answers its final state, sent as the seed sends it (fetch injected)", async () => {
     const sent = [];
     const recording = createClient({
       baseUrl: `${BASE_URL}/`,
@@ -328,10 +334,15 @@ describe("a finished job", () => {
       },
     });
 
-    const error = await apiError(recording.extractJobCancel(job.job_id));
+    const cancel = await recording.extractJobCancel(job.job_id);
     await recording.extractJobStatus(job.job_id);
 
-    assert.deepEqual([error.status, error.detail], [409, "job already finished (state: done)"]);
+    assert.deepEqual(cancel, {
+      job_id: job.job_id,
+      state: "done",
+      message: "job had already finished (state: done); nothing was cancelled",
+      properties_count: done.properties_count,
+    });
     assert.deepEqual(
       sent.map(({ url, method, body }) => [url, method, body]),
       [
@@ -372,5 +383,92 @@ describe("a finished job", () => {
         [404, "not_found", `job_id: no job ${job.job_id}`],
       );
     }
+  });
+});
+
+describe("the StringSight frontend's other calls", () => {
+  test("health and checkBackendHealth say the server is up", async () => {
+    assert.deepEqual(await health(), { ok: true });
+    assert.equal(await checkBackendHealth(), true);
+    const nowhere = createClient({ baseUrl: "http://127.0.0.1:9" });
+    assert.equal(await nowhere.checkBackendHealth(), false);
+  });
+
+  test("getPrompts lists default and agent, and getPromptText places the task description", async () => {
+    const { prompts } = await getPrompts();
+    assert.deepEqual(
+      prompts.map((prompt) => [prompt.name, prompt.label, prompt.has_task_description, prompt.preview.length]),
+      [["default", "Default", true, 180], ["agent", "Agent", true, 180]],
+    );
+
+    const agent = prompts[1];
+    const sbs = await getPromptText("agent", agent.default_task_description_sbs, "side_by_side");
+    const plain = await getPromptText("agent");
+
+    assert.equal(sbs.name, "agent");
+    assert.ok(sbs.text.includes(agent.default_task_description_sbs), "the task description, verbatim");
+    assert.ok(sbs.text.includes('"model": "Model A" or "Model B"'), "the side-by-side form");
+    assert.ok(plain.text.startsWith(agent.preview) && !plain.text.includes(agent.default_task_description_single));
+    const unknown = await apiError(getPromptText("defualt"));
+    assert.deepEqual(
+      [unknown.status, unknown.field, unknown.detail],
+      [400, "name", "name: unknown prompt name 'defualt'; known names: default, agent"],
+    );
+  });
+
+  test("extractSingle extracts the row now, with the frontend's body and its __index", async () => {
+    const row = {
+      __index: 7,
+      question_id: "7",
+      prompt: `single ${RUN}: can I change my flight?`,
+      model: "demo-model",
+      model_response: "Yes. I called get_reservation_details with your booking and moved it to Friday.",
+    };
+
+    const result = await extractSingle({
+      row,
+      method: "single_model",
+      system_prompt: "default",
+      task_description: "Help airline customers.",
+      model_name: "gpt-4o-mini",
+      temperature: 0.6,
+      top_p: 0.95,
+      max_tokens: 2048,
+      max_workers: 16,
+      return_debug: true,
+    });
+
+    assert.ok(result.properties.length >= 3);
+    assert.deepEqual(result.counts, { properties: result.properties.length });
+    assert.deepEqual([result.failures, result.error, result.debug.cached], [[], null, false]);
+    assert.ok(result.debug.total_tokens > 0 && result.debug.raw_answer.length > 0);
+    for (const property of result.properties) {
+      assert.deepEqual(
+        [property.question_id, property.model, property.row_index, property.__index],
+        ["7", "demo-model", 7, 7],
+      );
+    }
+    const job = await getJob(result.job_id);
+    assert.deepEqual(
+      [job.kind, job.state, job.count_done, job.properties_count],
+      ["single", "done", 1, result.properties.length],
+    );
+    const refused = await apiError(extractSingle({ row: { prompt: "p", model: "m" }, method: "single_model" }));
+    assert.deepEqual([refused.status, refused.field], [400, "row.model_response"]);
+  });
+
+  test("detectAndValidate reads an uploaded file", async () => {
+    const lines = rows(3, "detect").map((row) => JSON.stringify(row)).join("\n");
+
+    const detected = await detectAndValidate(new Blob([lines]), "rows.jsonl");
+
+    assert.deepEqual(
+      [detected.method, detected.valid, detected.missing, detected.row_count, detected.error],
+      ["single_model", true, [], 3, null],
+    );
+    assert.deepEqual(detected.columns, ["prompt", "model", "model_response", "question_id"]);
+    assert.deepEqual(detected.preview, rows(3, "detect"));
+    const unreadable = await apiError(detectAndValidate(new Blob(["hello"]), "rows.txt"));
+    assert.deepEqual([unreadable.status, unreadable.field], [400, "file"]);
   });
 });

@@ -2,13 +2,19 @@
 // as written against its seed `lib/api.ts`, must type-check unchanged.
 import {
   ApiError,
+  checkBackendHealth,
   configure,
+  detectAndValidate,
   downloadProperties,
   extractJobCancel,
   extractJobResult,
   extractJobStart,
   extractJobStatus,
+  extractSingle,
   getJob,
+  getPrompts,
+  getPromptText,
+  health,
   iterateJobs,
   jobProperties,
   listJobs,
@@ -73,4 +79,39 @@ export async function typedUsage(): Promise<void> {
   } catch (error) {
     if (error instanceof ApiError && error.status === 409) console.log(error.detail, error.field);
   }
+}
+
+// The frontend's other calls, as its panel makes them.
+declare const selectedRow: Record<string, any>;
+declare const uploaded: File;
+
+export async function panelUsage(method?: "single_model" | "side_by_side"): Promise<void> {
+  const connected: boolean = await checkBackendHealth();
+  const { ok } = await health();
+  const { prompts } = await getPrompts();
+  const choices = prompts.filter((prompt) => prompt.name === "default" || prompt.name === "agent");
+  const prefill: string | null | undefined =
+    method === "side_by_side" ? choices[0].default_task_description_sbs : choices[0].default_task_description_single;
+  const { text } = await getPromptText(choices[0].name, prefill, method);
+  const result = await extractSingle({
+    row: selectedRow,
+    method,
+    system_prompt: "default",
+    task_description: prefill,
+    model_name: "gpt-4o-mini",
+    temperature: 0.6,
+    top_p: 0.95,
+    max_tokens: 2048,
+    max_workers: 16,
+    use_wandb: false,
+    return_debug: true,
+  });
+  const descriptions: string[] = result.properties.map((property) => property.property_description);
+  const rowIndexes: number[] = result.properties.map((property) => property.__index);
+  if (result.failures.length > 0) console.log(`Parsing issues detected (${result.failures.length})`);
+  const detected = await detectAndValidate(uploaded);
+  const columns: string[] = detected.columns;
+  console.log(connected, ok, text, descriptions, rowIndexes, columns, detected.valid, detected.method);
+  // @ts-expect-error: a method the server does not know
+  await getPromptText("default", null, "pairwise");
 }

@@ -50,3 +50,49 @@ test("the token, extra headers and the base URL reach fetch; no token sends no A
   await createClient({ baseUrl: "http://api.invalid", token: null, fetch: anonymous.fetch }).extractJobStatus("j");
   assert.equal("Authorization" in anonymous.calls[0].init.headers, false);
 });
+
+test("getPromptText leaves out a blank task description and a missing method, as the frontend does", async () => {
+  const { calls, fetch } = recording(() => Response.json({ name: "default", text: "…" }));
+  const client = createClient({ baseUrl: "/api", fetch });
+
+  await client.getPromptText("default", "Book flights & more", "side_by_side");
+  await client.getPromptText("agent", "");
+  await client.getPromptText("agent", null);
+
+  assert.deepEqual(
+    calls.map((call) => call.url),
+    [
+      "/api/prompt-text?name=default&task_description=Book+flights+%26+more&method=side_by_side",
+      "/api/prompt-text?name=agent",
+      "/api/prompt-text?name=agent",
+    ],
+  );
+});
+
+test("checkBackendHealth is false, never an exception, when the server is down or not ok", async () => {
+  const answers = [
+    () => Promise.reject(new TypeError("fetch failed")),
+    () => new Response("<html>502</html>", { status: 502 }),
+    () => Response.json({ status: "degraded" }),
+    () => Response.json({ ok: true }),
+  ];
+  const results = [];
+  for (const answer of answers) {
+    results.push(await createClient({ fetch: recording(answer).fetch }).checkBackendHealth());
+  }
+
+  assert.deepEqual(results, [false, false, false, true]);
+});
+
+test("detectAndValidate posts the file as multipart field `file`, with no JSON content type", async () => {
+  const { calls, fetch } = recording(() => Response.json({ method: null }));
+
+  await createClient({ fetch }).detectAndValidate(new Blob(["{}"]), "rows.json");
+
+  const [call] = calls;
+  assert.equal(call.url, "/detect-and-validate");
+  assert.equal(call.init.method, "POST");
+  assert.equal("Content-Type" in call.init.headers, false);
+  const file = call.init.body.get("file");
+  assert.deepEqual([file.name, await file.text()], ["rows.json", "{}"]);
+});

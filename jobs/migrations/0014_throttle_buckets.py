@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('jobs', '0011_row_text_lz4_on_postgresql'),
+        ('jobs', '0013_job_kind_rows_or_single'),
     ]
 
     operations = [

@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('jobs', '0012_throttle_buckets'),
+        ('jobs', '0014_throttle_buckets'),
     ]
 
     operations = [
