@@ -24,6 +24,7 @@ from bench import (
     b5_start,
     b6_worker_memory,
     b7_naive,
+    b8_body_memory,
     harness,
 )
 
@@ -36,6 +37,7 @@ BENCHMARKS = {
     "5": b5_start,
     "6": b6_worker_memory,
     "7": b7_naive,
+    "8": b8_body_memory,
 }
 
 

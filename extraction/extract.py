@@ -8,7 +8,7 @@ from typing import Any
 
 import openai
 
-from .llm import CallSettings, Completion, LLMCallError, complete
+from .llm import CallSettings, Completion, LLMCallError, complete, redact
 from .parse import parse_properties
 from .render import render_row
 
@@ -21,6 +21,9 @@ class ExtractionSpec:
     system_prompt: str
     call: CallSettings
     include_scores: bool = False
+    # An answer's properties beyond this many are dropped (and counted as
+    # dropped): one answer could otherwise fill a job with thousands.
+    max_properties: int = 50
 
 
 @dataclass
@@ -95,8 +98,10 @@ def outcome_from_answer(
     parsed = parse_properties(
         text, method=spec.method, model_names=model_names(row, spec.method), question_id=question_id
     )
+    kept = parsed.properties[: spec.max_properties]
+    beyond = len(parsed.properties) - len(kept)
     outcome = RowOutcome(
-        properties=parsed.properties, raw_answer=text, dropped=parsed.dropped, problems=parsed.problems
+        properties=kept, raw_answer=text, dropped=parsed.dropped + beyond, problems=parsed.problems
     )
     if completion is None:
         outcome.cached = True
@@ -126,15 +131,16 @@ async def extract_row(
         if exc.fatal_for_job:
             raise
         return RowOutcome(
-            raw_answer=exc.raw_answer,
+            raw_answer=redact(exc.raw_answer, client.api_key),
             prompt_tokens=exc.prompt_tokens,
             completion_tokens=exc.completion_tokens,
             attempts=exc.attempts,
             error=str(exc),
         )
-    outcome = outcome_from_answer(
-        completion.text, row, question_id=question_id, spec=spec, completion=completion
-    )
+    # An answer can quote the key back (from a transcript, or a prompt
+    # that asks for it): what is stored, cached and shown never holds it.
+    text = redact(completion.text, client.api_key)
+    outcome = outcome_from_answer(text, row, question_id=question_id, spec=spec, completion=completion)
     # Only answers that gave properties are worth reusing: a failed answer
     # should be asked again next time.
     if outcome.error is None:

@@ -8,9 +8,11 @@ interrupts at once.
 
 import asyncio
 import email.utils
+import functools
 import random
 import re
 import time
+import urllib.parse
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -196,12 +198,54 @@ def describe(exc: openai.APIError, api_key: str | None = None) -> str:
 
 
 _CREDENTIALS = re.compile(r"(?i)\b(?:bearer\s+\S+|sk-[a-z0-9_\-*]{6,})")
+# A run this long of the key is taken for the key: enough to cut a guess
+# at it short, too long to strike ordinary words.
+KEY_FRAGMENT = 8
 
 
 def redact(text: str, api_key: str | None = None) -> str:
-    if api_key:
-        text = text.replace(api_key, "[redacted]")
+    """`text` with the key struck out: the whole key, any run of
+    KEY_FRAGMENT or more of its characters, its URL-encoded forms, and
+    anything that looks like a bearer token or an OpenAI key."""
+    if api_key and text:
+        spans = sorted(span for pattern in _key_patterns(api_key) for span in _runs(text, *pattern))
+        parts, position = [], 0
+        for start, end in spans:
+            if end <= position:
+                continue
+            if start > position:
+                parts.append(text[position:start])
+            if not parts or parts[-1] != "[redacted]":
+                parts.append("[redacted]")
+            position = end
+        parts.append(text[position:])
+        text = "".join(parts)
     return _CREDENTIALS.sub("[redacted]", text)
+
+
+@functools.lru_cache(maxsize=8)
+def _key_patterns(api_key: str) -> tuple[tuple[re.Pattern, str], ...]:
+    """For the key and each URL-encoded spelling of it: a pattern finding
+    any KEY_FRAGMENT characters of it, and the spelling."""
+    patterns = []
+    for key in {api_key, urllib.parse.quote(api_key, safe=""), urllib.parse.quote_plus(api_key)}:
+        run = min(KEY_FRAGMENT, len(key))
+        grams = sorted({key[at : at + run] for at in range(len(key) - run + 1)})
+        patterns.append((re.compile("|".join(map(re.escape, grams))), key))
+    return tuple(patterns)
+
+
+def _runs(text: str, fragments: re.Pattern, key: str) -> list[tuple[int, int]]:
+    """Where runs of `key`'s characters stand in `text`: each fragment found,
+    stretched as far as the run goes on matching the key."""
+    spans, position = [], 0
+    while found := fragments.search(text, position):
+        start, end = found.span()
+        while end < len(text) and text[start : end + 1] in key:
+            end += 1
+        spans.append((start, end))
+        position = end
+    return spans
 
 
 def rejects_response_format(exc: openai.BadRequestError) -> bool:

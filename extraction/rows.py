@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import math
 import random
 import re
 
@@ -22,6 +23,14 @@ _TEXT_COLUMNS = {
 _RESPONSE_COLUMNS = {
     "single_model": ("model_response",),
     "side_by_side": ("model_a_response", "model_b_response"),
+}
+
+# Stored in columns of 200 characters (rows' question_id, properties' model):
+# a longer value used to pass the start and crash the worker's insert.
+MAX_NAME_CHARS = 200
+_NAME_COLUMNS = {
+    "single_model": ("model", "question_id"),
+    "side_by_side": ("model_a", "model_b", "question_id"),
 }
 
 
@@ -58,6 +67,11 @@ def json_type(value) -> str:
 def _is_number(value) -> bool:
     # JSON booleans arrive as bool, which is an int subclass; they are not scores.
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_finite_number(value) -> bool:
+    # 1e400 reads as infinity, which JSON cannot write back (it became null).
+    return _is_number(value) and (isinstance(value, int) or math.isfinite(value))
 
 
 def _is_empty(value) -> bool:
@@ -152,18 +166,40 @@ def _check_types(row: dict, index: int, method: str) -> None:
     question_id = row.get("question_id")
     if question_id is not None and not isinstance(question_id, str) and not _is_number(question_id):
         raise fail("question_id", "a string or a number", question_id)
+    for column in _NAME_COLUMNS[method]:
+        value = row.get(column)
+        if value is not None and len(str(value)) > MAX_NAME_CHARS:
+            raise RowError(
+                f"rows[{index}].{column}: {len(str(value))} characters is more than the limit of "
+                f"{MAX_NAME_CHARS} characters",
+                field=f"rows[{index}].{column}",
+                index=index,
+            )
     for column in ("score", "score_a", "score_b"):
         score = row.get(column)
-        if score is None or _is_number(score):
+        if score is None or _is_finite_number(score):
             continue
+        if _is_number(score):
+            raise _not_finite(index, column)
         if not isinstance(score, dict):
             raise fail(column, "a number or an object of metric to number", score)
         for metric, value in score.items():
+            if _is_number(value) and not _is_finite_number(value):
+                raise _not_finite(index, f"{column}.{metric}")
             if not _is_number(value):
                 raise fail(f"{column}.{metric}", "a number", value)
     winner = row.get("winner")
     if winner is not None and not isinstance(winner, str):
         raise fail("winner", "a string", winner)
+
+
+def _not_finite(index: int, column: str) -> RowError:
+    return RowError(
+        f"rows[{index}].{column}: expected a finite number, got one too large for a float "
+        "(JSON has no infinity)",
+        field=f"rows[{index}].{column}",
+        index=index,
+    )
 
 
 def _check_response(response, index: int, column: str) -> None:
@@ -256,6 +292,27 @@ def sample_indexes(count: int, size: int | None, *, seed: int = DEFAULT_SAMPLE_S
 
 def sample_rows(rows: list[dict], size: int | None, *, seed: int = DEFAULT_SAMPLE_SEED) -> list[dict]:
     return [rows[index] for index in sample_indexes(len(rows), size, seed=seed)]
+
+
+def nul_path(value, path: str = "") -> str | None:
+    """Where a NUL character stands in `value` (a key or a string), as
+    "prompt" or "model_response[2].content", or None. PostgreSQL cannot
+    store NUL in text, nor \\u0000 in jsonb."""
+    stack = [(path, value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return where
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                name = f"{where}.{key}" if where else str(key)
+                if "\x00" in str(key):
+                    return name
+                stack.append((name, child))
+        elif isinstance(item, list):
+            stack.extend((f"{where}[{position}]", child) for position, child in enumerate(item))
+    return None
 
 
 def encode_row(row: dict) -> str:

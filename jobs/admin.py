@@ -2,13 +2,16 @@
 cancel goes through `services.job_cancel`, as the API's does. On a job the
 change permission is the right to cancel it."""
 
+import math
 import uuid
 
+from django.conf import settings
 from django.contrib import admin, messages
+from django.contrib.admin.forms import AdminAuthenticationForm
 from django.contrib.admin.options import IncorrectLookupParameters
 from django.contrib.admin.utils import quote, unquote
 from django.contrib.auth import get_permission_codename
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.paginator import Paginator
 from django.db.models import F
 from django.http import Http404, HttpResponseRedirect, JsonResponse, StreamingHttpResponse
@@ -19,8 +22,35 @@ from django.utils.html import format_html
 from django.views.decorators.http import require_GET, require_POST
 
 from . import exports, services
+from .api.throttling import client_address
 from .formatting import format_cost, format_duration, job_id_search
 from .models import ExtractJob, ExtractRow, JobState, Property
+
+
+class LimitedAdminLoginForm(AdminAuthenticationForm):
+    """The admin's sign-in, with failures limited per username and address
+    (STRINGSIGHT_ADMIN_LOGIN_RATE, counted like the start throttle): past
+    the limit even the right password is refused until the wait is over,
+    so a password cannot be guessed at speed."""
+
+    def clean(self):
+        rate = services.Rate.parse(settings.STRINGSIGHT_ADMIN_LOGIN_RATE)
+        ident = f"{(self.cleaned_data.get('username') or '').lower()}|{client_address(self.request)}"
+        wait = services.throttle_wait(scope="admin_login", ident=ident, rate=rate)
+        if wait is not None:
+            raise ValidationError(
+                f"Too many failed sign-ins for this username from your address: try again in "
+                f"{math.ceil(wait / 60)} minute{'s' if wait > 60 else ''}.",
+                code="too_many_attempts",
+            )
+        try:
+            return super().clean()
+        except ValidationError:
+            services.throttle_take(scope="admin_login", ident=ident, rate=rate)
+            raise
+
+
+admin.site.login_form = LimitedAdminLoginForm
 
 STATE_COLOURS = {
     JobState.QUEUED: "#6c757d",
@@ -78,7 +108,15 @@ class JobFilter(admin.SimpleListFilter):
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
-    """View-only pages: state and counters change only through the services."""
+    """View-only pages: state and counters change only through the services.
+    Seeing needs the view permission itself, as in the API (Django's admin
+    lets the change permission see too); a job's rows and properties also
+    need the permission to see jobs."""
+
+    def has_view_permission(self, request, obj=None):
+        opts = self.opts
+        own = request.user.has_perm(f"{opts.app_label}.{get_permission_codename('view', opts)}")
+        return own and (opts.model is ExtractJob or request.user.has_perm("jobs.view_extractjob"))
 
     def has_add_permission(self, request):
         return False
@@ -140,7 +178,16 @@ class ExtractJobAdmin(ReadOnlyAdmin):
 
     def has_cancel_permission(self, request, obj=None):
         codename = get_permission_codename("change", self.opts)
-        return request.user.has_perm(f"{self.opts.app_label}.{codename}")
+        may_cancel = self.has_view_permission(request) and request.user.has_perm(
+            f"{self.opts.app_label}.{codename}"
+        )
+        return may_cancel and (obj is None or services.may_change(request.user, obj))
+
+    def get_queryset(self, request):
+        # The jobs the API shows this user: with the view permission, everyone's.
+        return (
+            super().get_queryset(request).filter(pk__in=services.jobs_visible_to(request.user).values("pk"))
+        )
 
     @admin.display(description="id", ordering="id")
     def short_id(self, job):
@@ -182,7 +229,9 @@ class ExtractJobAdmin(ReadOnlyAdmin):
 
     @admin.action(description="Cancel selected jobs", permissions=["cancel"])
     def cancel_jobs(self, request, queryset):
-        outcomes = [services.job_cancel(job=job) for job in queryset]
+        outcomes = [
+            services.job_cancel(job=job) for job in queryset if services.may_change(request.user, job)
+        ]
         cancelled = sum(outcome.cancelled_now for outcome in outcomes)
         self.message_user(
             request,
@@ -227,6 +276,8 @@ class ExtractJobAdmin(ReadOnlyAdmin):
         if not self.has_cancel_permission(request):
             raise PermissionDenied
         job = self.find_job(request, object_id)
+        if not self.has_cancel_permission(request, job):
+            raise PermissionDenied
         outcome = services.job_cancel(job=job)
         if outcome.cancelled_now:
             self.message_user(

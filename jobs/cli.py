@@ -69,7 +69,9 @@ def write_properties(job: ExtractJob, path: Path) -> int:
     partial = path.with_name(path.name + ".partial")
     try:
         if kind == "parquet":
-            partial.write_bytes(exports.parquet_bytes(counted()))
+            with partial.open("wb") as out:
+                for chunk in exports.parquet_chunks(counted()):
+                    out.write(chunk)
         else:
             with partial.open("w", encoding="utf-8", newline="") as out:
                 for chunk in exports.TEXT_WRITERS[kind](counted()):

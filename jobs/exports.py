@@ -1,17 +1,20 @@
 """Properties as downloadable files: JSONL, CSV and Parquet.
 
-JSONL and CSV stream chunk by chunk from a database cursor, so memory stays
-bounded however many properties a job has; Parquet is written by pandas
-(pyarrow) from the whole set, as the format needs.
+Every format streams chunk by chunk from a database cursor, so memory stays
+bounded however many properties a job has: Parquet is written a row group
+per chunk.
 """
 
 import io
 import json
+import re
 from collections.abc import Iterable, Iterator
 from itertools import islice
 
 import orjson
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from django.db.models import F, TextField
 from django.db.models.functions import Cast, Coalesce
 
@@ -89,6 +92,25 @@ def _jsonl_line(record: dict) -> str:
     return f'{head[:-1]},"evidence":{evidence}}}\n'
 
 
+# A cell a spreadsheet would read as a formula (=, +, -, @, or a tab or CR
+# before one) gets a leading apostrophe, as OWASP advises; so does a cell
+# that already starts with apostrophes before one, so the escape reads back
+# exactly (read_export removes one apostrophe).
+_FORMULA = re.compile(r"'*[=+\-@\t\r]")
+
+
+def csv_safe(value):
+    if isinstance(value, str) and _FORMULA.match(value):
+        return "'" + value
+    return value
+
+
+def _csv_unescape(value):
+    if isinstance(value, str) and value.startswith("'") and _FORMULA.match(value, 1):
+        return value[1:]
+    return value
+
+
 def csv_chunks(records: Iterable[dict]) -> Iterator[str]:
     """CSV with `evidence` as a JSON list in its cell, so it reads back exactly."""
     header = True
@@ -97,14 +119,18 @@ def csv_chunks(records: Iterable[dict]) -> Iterator[str]:
             evidence = record["evidence"]
             if not isinstance(evidence, JSONText):
                 record["evidence"] = json.dumps(evidence, ensure_ascii=False)
+            for name, value in record.items():
+                record[name] = csv_safe(value)
         frame = pd.DataFrame.from_records(chunk, columns=list(EXPORT_FIELDS))
-        yield frame.to_csv(index=False, header=header)
+        # CRLF, as RFC 4180 has it: then a cell holding a lone CR is quoted
+        # too, where with LF lines it split the row.
+        yield frame.to_csv(index=False, header=header, lineterminator="\r\n")
         header = False
     if header:
-        yield ",".join(EXPORT_FIELDS) + "\n"
+        yield ",".join(EXPORT_FIELDS) + "\r\n"
 
 
-# The streamed formats, by name; parquet is written whole (parquet_bytes).
+# The text formats, by name; parquet is binary (parquet_chunks).
 TEXT_WRITERS = {"jsonl": jsonl_chunks, "csv": csv_chunks}
 
 
@@ -114,11 +140,62 @@ def export_records(properties, export_format: str) -> Iterator[dict]:
     return property_records(properties, evidence_as_json=export_format in TEXT_WRITERS)
 
 
+PARQUET_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("job_id", pa.string()),
+        ("row_index", pa.int64()),
+        ("input_index", pa.int64()),
+        ("question_id", pa.string()),
+        ("model", pa.string()),
+        ("property_description", pa.string()),
+        ("category", pa.string()),
+        ("reason", pa.string()),
+        ("behavior_type", pa.string()),
+        ("contains_errors", pa.bool_()),
+        ("unexpected_behavior", pa.bool_()),
+        ("evidence", pa.list_(pa.string())),
+    ]
+)
+
+
+class _Sink(io.RawIOBase):
+    """Where ParquetWriter writes: the bytes are handed on after each row group."""
+
+    def __init__(self):
+        self.parts: list[bytes] = []
+        self.position = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.parts.append(bytes(data))
+        self.position += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.position
+
+    def take(self) -> bytes:
+        data = b"".join(self.parts)
+        self.parts.clear()
+        return data
+
+
+def parquet_chunks(records: Iterable[dict]) -> Iterator[bytes]:
+    """A Parquet file written a row group per chunk of records, its bytes
+    handed on as they are written: the whole set used to be built first."""
+    sink = _Sink()
+    with pq.ParquetWriter(sink, PARQUET_SCHEMA) as writer:
+        for chunk in _chunked(records):
+            writer.write_table(pa.Table.from_pylist(chunk, schema=PARQUET_SCHEMA))
+            yield sink.take()
+    yield sink.take()
+
+
 def parquet_bytes(records: Iterable[dict]) -> bytes:
-    frame = pd.DataFrame.from_records(list(records), columns=list(EXPORT_FIELDS))
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    return buffer.getvalue()
+    return b"".join(parquet_chunks(records))
 
 
 def read_export(data: bytes, export_format: str) -> pd.DataFrame:
@@ -127,6 +204,9 @@ def read_export(data: bytes, export_format: str) -> pd.DataFrame:
         return pd.read_json(io.BytesIO(data), lines=True, dtype={"question_id": str})
     if export_format == "csv":
         frame = pd.read_csv(io.BytesIO(data), dtype={"question_id": str}, keep_default_na=False)
+        for column in frame.columns:
+            if not pd.api.types.is_numeric_dtype(frame[column]):
+                frame[column] = frame[column].map(_csv_unescape)
         frame["evidence"] = frame["evidence"].map(json.loads)
         return frame
     return pd.read_parquet(io.BytesIO(data))

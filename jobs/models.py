@@ -70,6 +70,10 @@ class ExtractJob(models.Model):
     # when the price table does. Null: no price known for the model.
     price_input_per_mtok = models.FloatField(null=True, blank=True)
     price_output_per_mtok = models.FloatField(null=True, blank=True)
+    # What the job may cost at most, estimated at start (every row's prompt
+    # and max_tokens of answer): its share of the owner's daily budget
+    # while it runs. Null without a price.
+    estimated_cost_usd = models.FloatField(null=True, blank=True)
 
     count_total = models.PositiveIntegerField(default=0)
     count_done = models.PositiveIntegerField(default=0)
@@ -288,3 +292,21 @@ class Heartbeat(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} at {self.at:%Y-%m-%d %H:%M:%S}"
+
+
+class ThrottleBucket(models.Model):
+    """An allowance of requests for one caller in one scope (job starts, admin
+    login failures), kept in the database so every web process shares it.
+    `tat` is the generic cell rate algorithm's theoretical arrival time in
+    epoch seconds: taking from the allowance is one conditional UPDATE, so
+    parallel requests cannot all read the same count and pass."""
+
+    scope = models.CharField(max_length=32)
+    ident = models.CharField(max_length=300)
+    tat = models.FloatField(default=0.0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["scope", "ident"], name="throttle_scope_ident")]
+
+    def __str__(self) -> str:
+        return f"{self.scope} {self.ident}"

@@ -86,6 +86,7 @@ def extraction_spec(job: ExtractJob, config: RunnerSettings) -> ExtractionSpec:
         method=job.method,
         system_prompt=job.resolved_system_prompt,
         include_scores=job.include_scores_in_prompt,
+        max_properties=settings.STRINGSIGHT_MAX_PROPERTIES_PER_ROW,
         call=CallSettings(
             model=job.model_name,
             temperature=job.temperature,
@@ -216,7 +217,11 @@ class ChunkRunner:
         # With a budget a claim commits it to a call, so no rows are kept
         # ready (they would commit it before the answers so far tell what
         # a call costs), and each result is recorded before the next claim.
-        budgeted = job.max_total_tokens is not None or job.max_cost_usd is not None
+        budgeted = (
+            job.max_total_tokens is not None
+            or job.max_cost_usd is not None
+            or settings.STRINGSIGHT_USER_DAILY_BUDGET_USD is not None
+        )
         self.keeps_rows_ready = not budgeted
         self.record_seconds = 0.0 if budgeted else RECORD_SECONDS
         self.spec = extraction_spec(job, self.config)

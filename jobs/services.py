@@ -8,15 +8,19 @@ second, so they never deadlock each other; on SQLite, IMMEDIATE
 transactions serialise them outright.
 """
 
+import itertools
+import logging
 import math
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import connection, transaction
-from django.db.models import F, Q, Sum
+from django.db import DatabaseError, connection, transaction
+from django.db.models import F, FloatField, Q, Sum, Value
+from django.db.models.functions import Greatest
 from django.utils import timezone
 from django_q.brokers import get_broker
 from django_q.tasks import async_task
@@ -37,8 +41,11 @@ from .models import (
     JobState,
     Property,
     RowStatus,
+    ThrottleBucket,
     WorkerSlots,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,24 +71,33 @@ def price_for(model_name: str) -> tuple[float, float] | None:
     return settings.STRINGSIGHT_PRICES.get(model_name)
 
 
+def model_allowed(model_name: str) -> bool:
+    """Whether the operator lets jobs use this model (STRINGSIGHT_ALLOWED_MODELS)."""
+    allowed = settings.STRINGSIGHT_ALLOWED_MODELS
+    return "*" in allowed or model_name in allowed
+
+
+class DailyBudgetExceeded(Exception):
+    pass
+
+
 def job_start(
     *, owner, rows: list[dict[str, Any]], params: JobParams, encoded_rows: list[str] | None = None
 ) -> ExtractJob:
     """Store the job and its (sampled) rows in one transaction, then enqueue
     its work. `encoded_rows` are the rows' JSON texts when the caller has
-    them already (the API measured each row's size with them)."""
+    them already (the API measured each row's size with them). Raises
+    DailyBudgetExceeded when the owner's daily budget cannot pay for it."""
     picked = sample_indexes(len(rows), params.sample_size)
+    texts = [encoded_rows[at] if encoded_rows else encode_row(rows[at]) for at in picked]
+    estimate = estimate_cost(params, texts)
     with transaction.atomic():
-        job = _create_job(owner=owner, params=params, count_total=len(picked))
+        check_daily_budget(owner=owner, model_name=params.model_name, estimate=estimate)
+        job = _create_job(owner=owner, params=params, count_total=len(picked), estimated_cost_usd=estimate)
         _insert_rows(
             job,
             [
-                (
-                    index,
-                    question_id_for(rows[at], index),
-                    encoded_rows[at] if encoded_rows else encode_row(rows[at]),
-                    input_index_for(rows[at], at),
-                )
+                (index, question_id_for(rows[at], index), texts[index], input_index_for(rows[at], at))
                 for index, at in enumerate(picked)
             ],
         )
@@ -110,9 +126,13 @@ def single_row_start(
     `worker_id`, as a worker would, so recording its result, a cancel and
     the sweep treat it like any other job. The row is None when the claim
     found nothing to take (the job was cancelled at once, or a budget could
-    not pay for the call)."""
+    not pay for the call). Raises DailyBudgetExceeded as job_start does."""
+    estimate = estimate_cost(params, [encoded_row])
     with transaction.atomic():
-        job = _create_job(owner=owner, params=params, count_total=1, kind=JobKind.SINGLE)
+        check_daily_budget(owner=owner, model_name=params.model_name, estimate=estimate)
+        job = _create_job(
+            owner=owner, params=params, count_total=1, kind=JobKind.SINGLE, estimated_cost_usd=estimate
+        )
         _insert_rows(job, [(0, question_id_for(row, 0), encoded_row, input_index_for(row, 0))])
     log_event(
         "job_started", job_id=job.id, rows=1, model=params.model_name, method=params.method, kind=job.kind
@@ -121,6 +141,75 @@ def single_row_start(
     claim = claim_rows(job_id=job.id, worker_id=worker_id, limit=1)
     job.refresh_from_db()
     return job, (claim.rows[0] if claim.rows else None)
+
+
+def estimate_cost(params: JobParams, texts: list[str]) -> float | None:
+    """The most a job of these rows (their JSON texts) may cost, or None
+    without a price: a row's prompt is about its JSON text (a little more
+    than what is rendered), four characters a token; its answer at most
+    max_tokens."""
+    price_input, price_output = price_for(params.model_name) or (None, None)
+    if price_input is None:
+        return None
+    prompt_chars = len(texts) * len(params.resolved_system_prompt) + sum(map(len, texts))
+    prompt_tokens = prompt_chars / 4 + len(texts)
+    return (prompt_tokens * price_input + len(texts) * params.max_tokens * price_output) / 1e6
+
+
+def _start_of_day(now=None):
+    return (now or timezone.now()).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def _jobs_of_today(owner_id):
+    jobs = ExtractJob.objects.filter(created_at__gte=_start_of_day())
+    return jobs.filter(owner_id=owner_id) if owner_id is not None else jobs.filter(owner__isnull=True)
+
+
+_COST = (
+    F("prompt_tokens") * F("price_input_per_mtok") + F("completion_tokens") * F("price_output_per_mtok")
+) / 1e6
+
+
+def spent_today(*, owner_id) -> float:
+    """What the owner's jobs started today (UTC) have cost so far; anonymous
+    callers share one budget."""
+    return _jobs_of_today(owner_id).aggregate(spent=Sum(_COST, output_field=FloatField()))["spent"] or 0.0
+
+
+def check_daily_budget(*, owner, model_name: str, estimate: float | None) -> None:
+    """At start: the owner's spend today, plus what their running jobs may
+    still spend (their estimates less their cost so far), plus this job's
+    estimate, must stay within STRINGSIGHT_USER_DAILY_BUDGET_USD. The owner's
+    row is locked meanwhile, so two starts cannot both take the last of it."""
+    limit = settings.STRINGSIGHT_USER_DAILY_BUDGET_USD
+    if limit is None:
+        return
+    if estimate is None:
+        raise DailyBudgetExceeded(
+            f"no price is known for model {model_name!r}, so STRINGSIGHT_USER_DAILY_BUDGET_USD "
+            "cannot be kept; add it to STRINGSIGHT_PRICES"
+        )
+    owner_id = owner.pk if owner is not None else None
+    if owner is not None:
+        type(owner).objects.select_for_update().filter(pk=owner_id).exists()
+    jobs = _jobs_of_today(owner_id)
+    reserved = sum(
+        max(0.0, (job.estimated_cost_usd or 0.0) - (job.cost_usd or 0.0))
+        for job in jobs.filter(state__in=ACTIVE_STATES).only(
+            "estimated_cost_usd",
+            "prompt_tokens",
+            "completion_tokens",
+            "price_input_per_mtok",
+            "price_output_per_mtok",
+        )
+    )
+    spent = spent_today(owner_id=owner_id)
+    if spent + reserved + estimate > limit:
+        raise DailyBudgetExceeded(
+            f"daily budget exceeded: ${spent:.4f} spent today and ${reserved:.4f} held by running jobs, "
+            f"and this job may cost up to ${estimate:.4f}, more than the ${limit:.4f} a user may spend "
+            "a day (STRINGSIGHT_USER_DAILY_BUDGET_USD)"
+        )
 
 
 _STORED_ROW_FIELDS = (
@@ -336,6 +425,7 @@ def _lock_if_running(job_id) -> dict | None:
 # What a claim reads of the job: its state and what its budget needs.
 CLAIM_FIELDS = (
     "state",
+    "owner_id",
     "max_tokens",
     "max_total_tokens",
     "max_cost_usd",
@@ -364,7 +454,8 @@ def claim_rows(*, job_id, worker_id: str, limit: int) -> Claim:
         job = ExtractJob.objects.select_for_update().filter(pk=job_id).only(*CLAIM_FIELDS).first()
         if job is None or job.state != JobState.RUNNING:
             return Claim(rows=[], job_running=False, pending_left=False)
-        if job.max_total_tokens is None and job.max_cost_usd is None:
+        daily = settings.STRINGSIGHT_USER_DAILY_BUDGET_USD
+        if job.max_total_tokens is None and job.max_cost_usd is None and daily is None:
             picked = _take_pending(job_id, worker_id=worker_id, limit=limit, now=now)
             return Claim(rows=picked, job_running=True, pending_left=len(picked) == limit)
         # With a budget the rows are read first: whether each is affordable
@@ -377,9 +468,14 @@ def claim_rows(*, job_id, worker_id: str, limit: int) -> Claim:
                 "id", "index", "question_id", "data", "input_index"
             )[:limit]
         )
-        affordable = within_budget(job, picked, running)
+        daily_left = None
+        if daily is not None and job.has_prices:
+            # The owner's spend today includes this job's; its calls in
+            # flight are counted by within_budget.
+            daily_left = daily - spent_today(owner_id=job.owner_id)
+        affordable = within_budget(job, picked, running, daily_left=daily_left)
         if picked and not affordable and not running:
-            _end_over_budget(job, now=now)
+            _end_over_budget(job, now=now, daily_left=daily_left)
             return Claim(rows=[], job_running=False, pending_left=False)
         ExtractRow.objects.filter(pk__in=[row["id"] for row in affordable]).update(
             status=RowStatus.RUNNING,
@@ -507,11 +603,14 @@ def _take_pending(job_id, *, worker_id: str, limit: int, now) -> list[ClaimedRow
     return sorted(rows, key=lambda row: row.index)
 
 
-def within_budget(job: ExtractJob, rows: list[dict], running: int) -> list[dict]:
+def within_budget(
+    job: ExtractJob, rows: list[dict], running: int, daily_left: float | None = None
+) -> list[dict]:
     """The leading rows whose calls the budget can still pay for, counting
     the calls already in flight. A call's cost is estimated: its prompt from
     the rendered messages (about four characters a token), its answer from
-    the average so far, or max_tokens before any answer is in."""
+    the average so far, or max_tokens before any answer is in. `daily_left`
+    is what the owner's daily budget has left beyond this job's cost so far."""
     calls = job.count_done + job.count_failed - job.cache_hits
     answer_tokens = job.completion_tokens / calls if calls > 0 else job.max_tokens
     estimates = [(estimate_prompt_tokens(job, row["data"]), answer_tokens) for row in rows]
@@ -524,10 +623,12 @@ def within_budget(job: ExtractJob, rows: list[dict], running: int) -> list[dict]
         tokens_left = job.max_total_tokens - job.total_tokens - running * sum(in_flight)
     if job.max_cost_usd is not None:
         cost_left = job.max_cost_usd - job.cost_usd - running * job.cost_of(*in_flight)
+    if daily_left is not None:
+        cost_left = min(cost_left, daily_left - running * job.cost_of(*in_flight))
     affordable = []
     for row, (prompt, answer) in zip(rows, estimates, strict=True):
         tokens_left -= prompt + answer
-        if job.max_cost_usd is not None:
+        if job.max_cost_usd is not None or daily_left is not None:
             cost_left -= job.cost_of(prompt, answer)
         if tokens_left < 0 or cost_left < 0:
             break
@@ -540,17 +641,30 @@ def estimate_prompt_tokens(job: ExtractJob, row: dict[str, Any]) -> int:
     return (len(job.resolved_system_prompt) + len(rendered)) // 4 + 1
 
 
-def _end_over_budget(job: ExtractJob, *, now) -> None:
+def _end_over_budget(job: ExtractJob, *, now, daily_left: float | None = None) -> None:
+    unfinished = job.count_total - job.count_done - job.count_failed
+    daily = settings.STRINGSIGHT_USER_DAILY_BUDGET_USD
+    job_budget_left = job.max_cost_usd - job.cost_usd if job.max_cost_usd is not None else float("inf")
+    if daily_left is not None and daily_left < job_budget_left:
+        error = (
+            f"daily budget exceeded: ${daily - daily_left:.4f} of STRINGSIGHT_USER_DAILY_BUDGET_USD "
+            f"${daily:.4f} spent today; the next call would go over it, so {unfinished} rows were not run"
+        )
+        _end_job(job, error=error, now=now)
+        return
     spent = []
     if job.max_cost_usd is not None:
         spent.append(f"${job.cost_usd:.4f} of max_cost_usd ${job.max_cost_usd:.4f} spent")
     if job.max_total_tokens is not None:
         spent.append(f"{job.total_tokens:,} of max_total_tokens {job.max_total_tokens:,} tokens used")
-    unfinished = job.count_total - job.count_done - job.count_failed
     error = (
         f"budget exceeded: {' and '.join(spent)}; the next call would go over it, "
         f"so {unfinished} rows were not run"
     )
+    _end_job(job, error=error, now=now)
+
+
+def _end_job(job: ExtractJob, *, error: str, now) -> None:
     ExtractJob.objects.filter(pk=job.pk, state=JobState.RUNNING).update(
         state=JobState.ERROR, error=error, finished_at=now
     )
@@ -581,7 +695,89 @@ def record_row_results(
     and only for rows that are still ours. Results that arrive together
     commit together, in four statements whatever their number: one
     transaction per row, and one round trip per statement, were what bounded
-    a worker at high throughput."""
+    a worker at high throughput.
+
+    A database error in the batch is one row's (a value its column refuses,
+    say) or the database's: the rows are then recorded one by one, and a
+    row that still fails alone is recorded as failed with the reason, so the
+    other rows are kept and the worker goes on."""
+    results = [(row, storable(outcome)) for row, outcome in results]
+    try:
+        return _record_batch(job_id=job_id, worker_id=worker_id, results=results, model_name=model_name)
+    except DatabaseError as exc:
+        if len(results) == 1:
+            return _record_refused(job_id, worker_id, *results[0], exc)
+        log.warning("job %s: recording %d results failed (%s); one by one now", job_id, len(results), exc)
+    stored, running = 0, True
+    for row, outcome in results:
+        try:
+            recorded = _record_batch(
+                job_id=job_id, worker_id=worker_id, results=[(row, outcome)], model_name=model_name
+            )
+        except DatabaseError as exc:
+            recorded = _record_refused(job_id, worker_id, row, outcome, exc)
+        stored += recorded.stored
+        running = running and recorded.job_running
+    return Recorded(stored=stored, job_running=running)
+
+
+def _record_refused(job_id, worker_id: str, row: ClaimedRow, outcome: RowOutcome, exc) -> Recorded:
+    """Record a row whose result the database refused as failed, saying why,
+    with its raw answer and tokens (spent all the same), or without them if
+    they were what it refused. If even that fails, the database itself is at
+    fault: the error goes up, and the row's lease brings the row back."""
+    lines = str(exc).strip().splitlines()
+    reason = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    log.error("job %s row %d: the database refused its result: %s", job_id, row.index, reason)
+    failed = RowOutcome(
+        raw_answer=outcome.raw_answer,
+        prompt_tokens=outcome.prompt_tokens,
+        completion_tokens=outcome.completion_tokens,
+        attempts=outcome.attempts,
+        dropped=outcome.dropped + len(outcome.properties),
+        error=f"the result could not be stored: {reason}"[:500],
+    )
+    try:
+        return _record_batch(job_id=job_id, worker_id=worker_id, results=[(row, failed)])
+    except DatabaseError:
+        bare = RowOutcome(attempts=outcome.attempts, error=failed.error)
+        return _record_batch(job_id=job_id, worker_id=worker_id, results=[(row, bare)])
+
+
+# Text columns of 200 characters that an LLM's answer fills.
+_PROPERTY_CHARS = {"category": 200, "model": 200, "question_id": 200}
+
+
+def storable(outcome: RowOutcome) -> RowOutcome:
+    """The outcome as the database can store it: PostgreSQL refuses NUL in
+    text (and \\u0000 in jsonb), so an answer quoting one has it replaced by
+    U+FFFD; names longer than their columns are cut to fit."""
+    properties = [
+        {
+            name: _clean(value)[: _PROPERTY_CHARS[name]] if name in _PROPERTY_CHARS else _clean(value)
+            for name, value in prop.items()
+        }
+        for prop in outcome.properties
+    ]
+    return replace(
+        outcome,
+        properties=properties,
+        raw_answer=_clean(outcome.raw_answer),
+        error=None if outcome.error is None else _clean(outcome.error),
+    )
+
+
+def _clean(value):
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, list):
+        return [_clean(item) for item in value]
+    return value
+
+
+def _record_batch(
+    *, job_id, worker_id: str, results: list[tuple[ClaimedRow, RowOutcome]], model_name: str = ""
+) -> Recorded:
     now = timezone.now()
     with transaction.atomic():
         # The job row first: this takes its lock, so a cancel (or a claim, or
@@ -751,6 +947,67 @@ def remember_answers(*, model_name: str, outcomes: list[RowOutcome]) -> None:
 
 def cached_answers(*, keys: list[str]) -> dict[str, str]:
     return dict(CompletionCache.objects.filter(key__in=keys).values_list("key", "answer"))
+
+
+@dataclass(frozen=True)
+class Rate:
+    """`count` requests per `seconds`, as a burst or spread out."""
+
+    count: int
+    seconds: float
+
+    @classmethod
+    def parse(cls, text: str) -> "Rate":
+        """ "120/min", "5/h", "10/15min": a count over a period of s, min, h or d."""
+        count, _, period = text.strip().partition("/")
+        digits = "".join(itertools.takewhile(str.isdigit, period))
+        unit = period[len(digits) :].strip().lower()
+        seconds = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hour": 3600, "d": 86400, "day": 86400}
+        if not count.strip().isdigit() or int(count) < 1 or unit not in seconds or digits in ("0",):
+            raise ValueError(f"{text!r} is not a rate such as 120/min, 5/h or 10/15min")
+        return cls(count=int(count), seconds=int(digits or 1) * seconds[unit])
+
+
+def throttle_take(*, scope: str, ident: str, rate: Rate, now: float | None = None) -> float | None:
+    """Take one request from the caller's allowance: None when it is taken,
+    else the seconds until one is free. A burst of up to `rate.count` passes
+    at once, then one per `rate.seconds / rate.count`. One conditional
+    UPDATE decides (the database serialises updates of the row), so the
+    rate holds however many web processes take at once."""
+    now = time.time() if now is None else now
+    interval = rate.seconds / rate.count
+    slack = rate.seconds - interval
+    bucket = ThrottleBucket.objects.filter(scope=scope, ident=ident)
+    for _ in range(5):
+        taken = bucket.filter(tat__lte=now + slack + 1e-6).update(
+            tat=Greatest(F("tat"), Value(now, output_field=FloatField())) + interval
+        )
+        if taken:
+            return None
+        tat = bucket.values_list("tat", flat=True).first()
+        if tat is not None and tat > now + slack + 1e-6:
+            return float(math.ceil(tat - slack - now))  # whole seconds: Retry-After rounds down
+        if tat is None:
+            # A new caller (or one forgotten): their allowance starts whole.
+            # Callers whose allowance has been whole for an hour are forgotten.
+            ThrottleBucket.objects.filter(scope=scope, tat__lt=now - 3600).delete()
+            ThrottleBucket.objects.bulk_create(
+                [ThrottleBucket(scope=scope, ident=ident, tat=now)], ignore_conflicts=True
+            )
+        # Else the bucket was created after the UPDATE began (PostgreSQL's
+        # UPDATE sees only rows committed before it): take again.
+    raise AssertionError(f"throttle bucket {scope} {ident} could not be taken from")  # pragma: no cover
+
+
+def throttle_wait(*, scope: str, ident: str, rate: Rate, now: float | None = None) -> float | None:
+    """Seconds until the caller's allowance has room, or None if it has now
+    (nothing is taken)."""
+    now = time.time() if now is None else now
+    tat = ThrottleBucket.objects.filter(scope=scope, ident=ident).values_list("tat", flat=True).first()
+    slack = rate.seconds - rate.seconds / rate.count
+    if tat is None or tat <= now + slack + 1e-6:
+        return None
+    return tat - slack - now
 
 
 def jobs_visible_to(user):

@@ -6,6 +6,7 @@ loudly on values they cannot read, so a typo never becomes a silent default.
 
 import json
 import os
+import re
 from pathlib import Path
 
 import dj_database_url
@@ -38,7 +39,7 @@ def envint(name: str, default: int, minimum: int = 0) -> int:
     return number
 
 
-def envfloat(name: str, default: float, minimum: float = 0.0) -> float:
+def envfloat(name: str, default: float | None, minimum: float = 0.0) -> float | None:
     value = os.environ.get(name)
     if value is None or value == "":
         return default
@@ -63,6 +64,14 @@ def envprices(name: str) -> dict[str, tuple[float, float]]:
             f"{name} must be JSON mapping each model to [input, output] USD per million tokens, "
             'e.g. {"my-model": [0.5, 1.5]}'
         ) from None
+
+
+def envrate(name: str, default: str) -> str:
+    value = os.environ.get(name) or default
+    count, _, period = value.partition("/")
+    if not (count.isdigit() and re.fullmatch(r"\d*\s*(s|sec|m|min|h|hour|d|day)", period.strip().lower())):
+        raise ImproperlyConfigured(f"{name}={value!r} is not a rate such as 120/min, 5/h or 10/15min")
+    return value
 
 
 def envlist(name: str, default: str = "") -> list[str]:
@@ -178,7 +187,7 @@ STORAGES = {
 
 LOGIN_URL = "/admin/login/"
 
-# Throttle counts live in the database so every web process shares them.
+# A cache every web process shares (throttles count in ThrottleBucket instead).
 CACHES = {
     "default": {
         "BACKEND": "django.core.cache.backends.db.DatabaseCache",
@@ -190,6 +199,12 @@ CACHES = {
 # Anonymous mode, for a single-user local setup whose frontend sends no
 # credentials: anonymous callers then share every job that has no owner.
 STRINGSIGHT_ALLOW_ANONYMOUS = envbool("STRINGSIGHT_ALLOW_ANONYMOUS", False)
+# How many proxies stand in front of the web processes: anonymous callers
+# (and admin logins) are then told apart by the address the farthest one
+# saw in X-Forwarded-For; with none, by the connection's address.
+STRINGSIGHT_TRUSTED_PROXIES = envint("STRINGSIGHT_TRUSTED_PROXIES", 0)
+# Failed admin sign-ins per username and address.
+STRINGSIGHT_ADMIN_LOGIN_RATE = envrate("STRINGSIGHT_ADMIN_LOGIN_RATE", "10/15min")
 
 # Frontends on other origins (django-cors-headers); none are allowed by default.
 CORS_ALLOWED_ORIGINS = envlist("CORS_ALLOWED_ORIGINS")
@@ -214,8 +229,10 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "jobs.api.errors.exception_handler",
-    "DEFAULT_THROTTLE_CLASSES": ["rest_framework.throttling.ScopedRateThrottle"],
-    "DEFAULT_THROTTLE_RATES": {"job_start": os.environ.get("STRINGSIGHT_START_RATE", "120/min")},
+    # Views with a throttle_scope are throttled at its rate, counted in the
+    # database (an atomic update, shared by every web process).
+    "DEFAULT_THROTTLE_CLASSES": ["jobs.api.throttling.ScopedDatabaseThrottle"],
+    "DEFAULT_THROTTLE_RATES": {"job_start": envrate("STRINGSIGHT_START_RATE", "120/min")},
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["jobs.api.parsers.LimitedJSONParser"],
 }
@@ -290,6 +307,17 @@ STRINGSIGHT_PRICES = {
 }
 STRINGSIGHT_PRICES.update(envprices("STRINGSIGHT_PRICES"))
 
+# Spending, bounded by the operator. Models a start may name: by default
+# those with a price (so every job's cost is known) and the default model;
+# "*" allows any. A job without its own max_cost_usd gets the default one
+# (when its model has a price). A user's jobs started in one UTC day may
+# cost at most the daily budget together.
+STRINGSIGHT_ALLOWED_MODELS = envlist(
+    "STRINGSIGHT_ALLOWED_MODELS", ",".join(sorted({*STRINGSIGHT_PRICES, STRINGSIGHT_DEFAULT_MODEL}))
+)
+STRINGSIGHT_DEFAULT_MAX_COST_USD = envfloat("STRINGSIGHT_DEFAULT_MAX_COST_USD", None)
+STRINGSIGHT_USER_DAILY_BUDGET_USD = envfloat("STRINGSIGHT_USER_DAILY_BUDGET_USD", None)
+
 # Orchestration. A start enqueues one task per CHUNK_SIZE rows, so at most
 # that many worker processes share a job; a task claims rows until none are
 # left (or half of Q_TASK_TIMEOUT has passed). The worker re-reads the job
@@ -310,9 +338,23 @@ STRINGSIGHT_MAX_ROWS = envint("STRINGSIGHT_MAX_ROWS", 50_000, minimum=1)
 STRINGSIGHT_MAX_ROW_BYTES = envint("STRINGSIGHT_MAX_ROW_BYTES", 2 * 1024 * 1024, minimum=256)
 STRINGSIGHT_MAX_WORKERS = envint("STRINGSIGHT_MAX_WORKERS", 256, minimum=1)
 STRINGSIGHT_MAX_TOKENS_CAP = envint("STRINGSIGHT_MAX_TOKENS_CAP", 32_768, minimum=1)
-STRINGSIGHT_MAX_REQUEST_BYTES = envint("STRINGSIGHT_MAX_REQUEST_BYTES", 256 * 1024 * 1024, minimum=1024)
+# What one start may cost the web process: its memory is a few bytes per
+# byte of real transcripts (body, Python objects, stored text; measured in
+# BENCHMARKS.md, "Memory per request").
+STRINGSIGHT_MAX_REQUEST_BYTES = envint("STRINGSIGHT_MAX_REQUEST_BYTES", 128 * 1024 * 1024, minimum=1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = STRINGSIGHT_MAX_REQUEST_BYTES
 STRINGSIGHT_MAX_JSON_DEPTH = envint("STRINGSIGHT_MAX_JSON_DEPTH", 64, minimum=4)
+# JSON values (objects, arrays, strings, numbers) in one body. A value costs
+# Python a hundred bytes or so however short its text; the default is what
+# real transcripts at the body limit hold (30 per KiB, rounded up), so no
+# body costs more than those do.
+STRINGSIGHT_MAX_JSON_VALUES = envint(
+    "STRINGSIGHT_MAX_JSON_VALUES", STRINGSIGHT_MAX_REQUEST_BYTES // 1024 * 30, minimum=1000
+)
+# Properties kept from one LLM answer; the rest are counted as dropped.
+STRINGSIGHT_MAX_PROPERTIES_PER_ROW = envint("STRINGSIGHT_MAX_PROPERTIES_PER_ROW", 50, minimum=1)
+# system_prompt, custom_system_prompt and task_description, each.
+STRINGSIGHT_MAX_PROMPT_BYTES = envint("STRINGSIGHT_MAX_PROMPT_BYTES", 64 * 1024, minimum=1024)
 
 LOGGING = {
     "version": 1,

@@ -7,6 +7,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from tests.fixtures_simulator import llm_simulator, sim  # noqa: F401  (shared fixtures)
+from tests.fixtures_web import web_server  # noqa: F401  (shared fixtures)
 from tests.fixtures_worker import (  # noqa: F401  (shared fixtures)
     no_background_worker,
     qcluster,
@@ -82,8 +83,21 @@ def staff_user(django_user_model):
     return grant(staff, "view_extractjob", "change_extractjob")
 
 
+class Client(APIClient):
+    """APIClient whose streamed responses (results, downloads) also answer
+    .json(), as the whole body read back."""
+
+    def request(self, *args, **kwargs):
+        response = super().request(*args, **kwargs)
+        if response.streaming:
+            body = b"".join(response.streaming_content)
+            response.streaming_content = [body]
+            response.json = lambda: json.loads(body)
+        return response
+
+
 def token_client(user) -> APIClient:
-    client = APIClient()
+    client = Client()
     client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
     return client
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from django.test import Client
 from rest_framework.test import APIClient
-from rest_framework.throttling import ScopedRateThrottle
 
 from jobs.models import ExtractJob, ExtractRow
 from tests.conftest import grant, token_client
@@ -159,8 +158,8 @@ def test_cors_allows_the_configured_origins(settings, api):
     assert "access-control-allow-origin" not in other.headers
 
 
-def test_starting_jobs_is_throttled_per_user_with_retry_after(api, other_api, monkeypatch):
-    monkeypatch.setattr(ScopedRateThrottle, "THROTTLE_RATES", {"job_start": "2/min"})
+def test_starting_jobs_is_throttled_per_user_with_retry_after(api, other_api, settings):
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": {"job_start": "2/min"}}
 
     answers = [api.post("/extract/jobs/start", {"rows": simple_rows(1)}, format="json") for _ in range(3)]
 
@@ -247,7 +246,7 @@ def test_the_llm_key_never_reaches_errors_logs_or_responses(api, user, sim, capl
     assert failing.error == "LLM authentication failed (401): check OPENAI_API_KEY"
     responses = [
         api.get(f"/api/jobs/{job.id}/").content,
-        api.get(f"/api/jobs/{job.id}/result/").content,
+        b"".join(api.get(f"/api/jobs/{job.id}/result/").streaming_content),
         api.get(f"/api/jobs/{failing.id}/").content,
     ]
     stored = [str(row) for row in ExtractRow.objects.values_list("error", "raw_answer")]

@@ -449,7 +449,8 @@ def test_drf_create_token_makes_a_working_token(user):
     assert client.post("/extract/jobs/start", {"rows": simple_rows(1)}, format="json").status_code == 201
 
 
-def test_start_refuses_a_cost_budget_for_a_model_without_a_price(api):
+def test_start_refuses_a_cost_budget_for_a_model_without_a_price(api, settings):
+    settings.STRINGSIGHT_ALLOWED_MODELS = ["*"]
     response = api.post(
         "/extract/jobs/start",
         {"rows": simple_rows(1), "model_name": "my-local-model", "max_cost_usd": 1.0},

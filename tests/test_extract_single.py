@@ -9,7 +9,6 @@ from urllib.parse import urlsplit
 
 import pytest
 from rest_framework.test import APIClient
-from rest_framework.throttling import ScopedRateThrottle
 
 from extraction.parse import parse_properties
 from extraction.prompts import named_prompt
@@ -288,8 +287,8 @@ def test_it_needs_a_user_unless_anonymous_mode_is_on(llm, settings):
     assert (status["kind"], status["state"], status["count_done"]) == ("single", "done", 1)
 
 
-def test_it_counts_against_the_job_start_throttle(api, llm, monkeypatch):
-    monkeypatch.setattr(ScopedRateThrottle, "THROTTLE_RATES", {"job_start": "2/min"})
+def test_it_counts_against_the_job_start_throttle(api, llm, settings):
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": {"job_start": "2/h"}}
 
     started = api.post("/extract/jobs/start", {"rows": simple_rows(1)}, format="json")
     single = extract(api, frontend_row())

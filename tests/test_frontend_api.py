@@ -13,6 +13,7 @@ from rest_framework.test import APIClient
 
 from extraction.prompts import DEFAULT_TASK_DESCRIPTIONS, named_prompt
 from jobs.models import ExtractJob
+from tests.conftest import Client
 from tests.factories import simple_rows
 
 pytestmark = pytest.mark.django_db
@@ -276,7 +277,7 @@ def test_every_frontend_path_also_answers_under_the_api_prefix(settings, sim, mo
     settings.STRINGSIGHT_ALLOW_ANONYMOUS = True
     monkeypatch.setenv("OPENAI_BASE_URL", sim.base_url)
     monkeypatch.setenv("OPENAI_API_KEY", "sim-key")
-    client = APIClient()
+    client = Client()  # reads streamed results back too
 
     health = client.get("/api/health")
     prompts = client.get("/api/prompts")

@@ -18,6 +18,12 @@ class Conflict(APIException):
     default_detail = "The job is not in a state that allows this."
 
 
+class DailyBudgetExceeded(APIException):
+    status_code = status.HTTP_429_TOO_MANY_REQUESTS
+    default_code = "daily_budget_exceeded"
+    default_detail = "The daily budget cannot pay for this job."
+
+
 def error_response(status: int, detail: str, code: str, **extra) -> JsonResponse:
     """The shape, for answers built outside DRF's exception handler."""
     return JsonResponse({"detail": detail, "code": code, **extra}, status=status)

@@ -13,9 +13,9 @@ from rest_framework.views import APIView
 from extraction.prompts import PROMPT_NAMES, named_prompt, prompt_catalogue
 from extraction.rows import REQUIRED_COLUMNS, RowError, detect_method, json_type
 
-from .. import rowfiles, single
+from .. import rowfiles, services, single
 from ..models import Method
-from .errors import error_response, flatten_errors, with_field
+from .errors import DailyBudgetExceeded, error_response, flatten_errors, with_field
 from .hangup import client_socket, hung_up
 from .payloads import property_payloads
 from .permissions import JobAPIPermission
@@ -232,13 +232,16 @@ class ExtractSingleView(APIView):
         body = ExtractSingleSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         sock = client_socket(request.META)
-        result = single.extract_single(
-            owner=request.user if request.user.is_authenticated else None,
-            row=body.validated_data["row"],
-            params=body.validated_data["params"],
-            encoded_row=body.validated_data["encoded_row"],
-            hung_up=(lambda: hung_up(sock)) if sock is not None else (lambda: False),
-        )
+        try:
+            result = single.extract_single(
+                owner=request.user if request.user.is_authenticated else None,
+                row=body.validated_data["row"],
+                params=body.validated_data["params"],
+                encoded_row=body.validated_data["encoded_row"],
+                hung_up=(lambda: hung_up(sock)) if sock is not None else (lambda: False),
+            )
+        except services.DailyBudgetExceeded as exc:
+            raise DailyBudgetExceeded(str(exc)) from None
         return single_response(result, return_debug=body.validated_data["return_debug"])
 
 

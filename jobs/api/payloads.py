@@ -1,6 +1,10 @@
 """Response bodies as plain dicts: a job's status is one row read, and a
 result is one query over the job's properties in input order."""
 
+from collections.abc import Iterator
+from itertools import islice
+
+import orjson
 from django.db.models import F
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -61,15 +65,50 @@ def property_payloads(properties, *, seed: bool) -> list[dict]:
     `input_index`. The seed paths report the caller's index as `row_index`
     and `__index`, as upstream StringSight does: the StringSight frontend
     opens the conversation whose `__index` equals them."""
-    records = list(properties.annotate(caller_index=CALLER_INDEX).values("caller_index", *PROPERTY_FIELDS))
-    for record in records:
-        caller_index = record.pop("caller_index")
-        if seed:
-            del record["input_index"]
-            record["row_index"] = record[INDEX_COLUMN] = caller_index
-        else:
-            record["input_index"] = caller_index
-    return records
+    return [as_listed(record, seed=seed) for record in _property_values(properties)]
+
+
+def _property_values(properties):
+    return properties.annotate(caller_index=CALLER_INDEX).values("caller_index", *PROPERTY_FIELDS)
+
+
+def as_listed(record: dict, *, seed: bool) -> dict:
+    caller_index = record.pop("caller_index")
+    if seed:
+        del record["input_index"]
+        record["row_index"] = record[INDEX_COLUMN] = caller_index
+    else:
+        record["input_index"] = caller_index
+    return record
+
+
+RESULT_CHUNK = 2000
+
+
+def result_chunks(job: ExtractJob, *, seed: bool = False) -> Iterator[bytes]:
+    """result_payload as the bytes DRF's JSONRenderer writes for it, a batch
+    of properties at a time from a database cursor. A finished job's
+    properties no longer change, so the count read first is the count sent."""
+    properties = job.properties.order_by("row_index", "position")
+    head = {
+        "job_id": job.id,
+        "state": job.state,
+        "cancelled": job.state == JobState.CANCELLED,
+        "count": properties.count(),
+    }
+    yield _as_drf_writes(orjson.dumps(head)[:-1] + b',"properties":[')
+    rows = _property_values(properties).iterator(chunk_size=RESULT_CHUNK)
+    separator = b""
+    while batch := list(islice(rows, RESULT_CHUNK)):
+        encoded = b",".join(orjson.dumps(as_listed(record, seed=seed)) for record in batch)
+        yield separator + _as_drf_writes(encoded)
+        separator = b","
+    yield b"]}"
+
+
+def _as_drf_writes(data: bytes) -> bytes:
+    # DRF's renderer escapes these two for JavaScript; orjson writes them as they are.
+    return data.replace("\u2028".encode(), b"\\u2028").replace("\u2029".encode(), b"\\u2029")
 
 
 ROW_FIELDS = (

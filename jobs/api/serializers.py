@@ -5,15 +5,17 @@ serializers here describe them for the OpenAPI schema, and a test checks
 that real responses match it.
 """
 
+import re
+
 from django.conf import settings
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from extraction.prompts import UnknownPromptError, resolve_system_prompt
-from extraction.rows import RowError, encode_row, validate_rows
+from extraction.rows import RowError, encode_row, json_type, nul_path, validate_rows
 
 from ..models import JobKind, JobState, Method, RowStatus
-from ..services import JobParams, price_for
+from ..services import JobParams, model_allowed, price_for
 
 # Upstream StringSight's frontend sends these; a caller who omits a value
 # (or sends null) gets the same.
@@ -86,6 +88,42 @@ class RowsField(serializers.JSONField):
         return data
 
 
+# The largest values the columns hold (PositiveIntegerField on PostgreSQL,
+# PositiveBigIntegerField): beyond them an insert fails with a 500.
+MAX_INT32 = 2**31 - 1
+MAX_INT64 = 2**63 - 1
+
+
+@extend_schema_field({"type": "number", "format": "double"})
+class NumberField(serializers.FloatField):
+    """A JSON number. DRF's FloatField also takes `true` (as 1.0) and
+    strings such as "0.5"; a sampling parameter is sent to the LLM as given,
+    so only a number is one."""
+
+    default_error_messages = {"not_a_number": "expected a number, got {type}"}
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, int | float):
+            self.fail("not_a_number", type=json_type(data))
+        return super().to_internal_value(data)
+
+
+# C0 and C1 controls and DEL: a model id is sent in a JSON body, logged and
+# shown; CR, LF or ESC in it could forge log lines or terminal output.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def prompt_within_limit(value: str | None) -> str | None:
+    """A prompt is copied into every LLM call in flight: its size is a
+    worker's memory and every call's cost."""
+    limit = settings.STRINGSIGHT_MAX_PROMPT_BYTES
+    if value is not None and len(value) * 4 > limit and (size := len(value.encode())) > limit:
+        raise serializers.ValidationError(
+            f"{size} bytes is more than the limit of {limit} bytes (STRINGSIGHT_MAX_PROMPT_BYTES)"
+        )
+    return value
+
+
 class StartJobSerializer(serializers.Serializer):
     rows = RowsField()
     method = serializers.ChoiceField(
@@ -110,8 +148,8 @@ class StartJobSerializer(serializers.Serializer):
     )
     task_description = serializers.CharField(required=False, allow_null=True, allow_blank=True)
     model_name = serializers.CharField(required=False, allow_null=True, max_length=200)
-    temperature = serializers.FloatField(required=False, allow_null=True, min_value=0.0, max_value=2.0)
-    top_p = serializers.FloatField(required=False, allow_null=True, min_value=0.0, max_value=1.0)
+    temperature = NumberField(required=False, allow_null=True, min_value=0.0, max_value=2.0)
+    top_p = NumberField(required=False, allow_null=True, min_value=0.0, max_value=1.0)
     max_tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1)
     max_workers = serializers.IntegerField(required=False, allow_null=True, min_value=1)
     include_scores_in_prompt = serializers.BooleanField(required=False, allow_null=True)
@@ -119,12 +157,13 @@ class StartJobSerializer(serializers.Serializer):
         required=False,
         allow_null=True,
         min_value=1,
+        max_value=MAX_INT32,
         help_text="Run a deterministic (seeded) sample of this many rows instead of all of them.",
     )
     use_cache = serializers.BooleanField(
         required=False, allow_null=True, help_text="Reuse identical earlier answers (default true)."
     )
-    max_cost_usd = serializers.FloatField(
+    max_cost_usd = NumberField(
         required=False,
         allow_null=True,
         min_value=0.0,
@@ -134,6 +173,7 @@ class StartJobSerializer(serializers.Serializer):
         required=False,
         allow_null=True,
         min_value=1,
+        max_value=MAX_INT64,
         help_text="Stop (state error) before a call would take the tokens used over this.",
     )
     output_dir = serializers.CharField(
@@ -142,6 +182,22 @@ class StartJobSerializer(serializers.Serializer):
         allow_blank=True,
         help_text="Accepted for compatibility with StringSight; ignored.",
     )
+
+    def validate_system_prompt(self, value):
+        return prompt_within_limit(value)
+
+    def validate_custom_system_prompt(self, value):
+        return prompt_within_limit(value)
+
+    def validate_task_description(self, value):
+        return prompt_within_limit(value)
+
+    def validate_model_name(self, value):
+        if value is not None and CONTROL_CHARACTERS.search(value):
+            raise serializers.ValidationError(
+                "a model id holds no control characters (such as CR, LF, tab or ESC)"
+            )
+        return value
 
     def validate_max_tokens(self, value):
         cap = settings.STRINGSIGHT_MAX_TOKENS_CAP
@@ -170,6 +226,11 @@ class StartJobSerializer(serializers.Serializer):
             # Encoded once: the size check's text is what the rows are stored as.
             self.encoded_rows = [encode_row(row) for row in rows]
             for index, encoded in enumerate(self.encoded_rows):
+                # orjson writes NUL as \u0000: a cheap test before the walk.
+                if "\\u0000" in encoded and (where := nul_path(rows[index])) is not None:
+                    raise serializers.ValidationError(
+                        {index: {where: ["holds a NUL character (\\u0000), which cannot be stored"]}}
+                    )
                 size = len(encoded.encode())
                 if size > row_limit:
                     raise serializers.ValidationError(
@@ -202,6 +263,18 @@ class StartJobSerializer(serializers.Serializer):
             raise serializers.ValidationError({"system_prompt": [str(exc)]}) from None
         system_prompt = attrs.get("custom_system_prompt") or values["system_prompt"]
         model_name = attrs.get("model_name") or settings.STRINGSIGHT_DEFAULT_MODEL
+        if not model_allowed(model_name):
+            raise serializers.ValidationError(
+                {
+                    "model_name": [
+                        f"{model_name!r} is not an allowed model; allowed: "
+                        f"{', '.join(settings.STRINGSIGHT_ALLOWED_MODELS)} (STRINGSIGHT_ALLOWED_MODELS)"
+                    ]
+                }
+            )
+        max_cost_usd = attrs.get("max_cost_usd")
+        if max_cost_usd is None and price_for(model_name) is not None:
+            max_cost_usd = settings.STRINGSIGHT_DEFAULT_MAX_COST_USD
         if attrs.get("max_cost_usd") is not None and price_for(model_name) is None:
             raise serializers.ValidationError(
                 {
@@ -224,7 +297,7 @@ class StartJobSerializer(serializers.Serializer):
             include_scores_in_prompt=values["include_scores_in_prompt"],
             sample_size=attrs.get("sample_size"),
             use_cache=values["use_cache"],
-            max_cost_usd=attrs.get("max_cost_usd"),
+            max_cost_usd=max_cost_usd,
             max_total_tokens=attrs.get("max_total_tokens"),
         )
         return {"rows": attrs["rows"], "params": params, "encoded_rows": getattr(self, "encoded_rows", None)}
@@ -391,8 +464,10 @@ class RowOutcomeSerializer(serializers.Serializer):
 
 class ResumeRequestSerializer(serializers.Serializer):
     retry_failed = serializers.BooleanField(default=False, help_text="Also run the failed rows again.")
-    max_cost_usd = serializers.FloatField(required=False, allow_null=True, min_value=0.0)
-    max_total_tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1)
+    max_cost_usd = NumberField(required=False, allow_null=True, min_value=0.0)
+    max_total_tokens = serializers.IntegerField(
+        required=False, allow_null=True, min_value=1, max_value=MAX_INT64
+    )
 
 
 class JobListQuerySerializer(serializers.Serializer):

@@ -4,7 +4,8 @@ service calls and back."""
 
 import uuid
 
-from django.http import Http404, HttpResponse, StreamingHttpResponse
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.http import Http404, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status, viewsets
@@ -19,14 +20,8 @@ from extraction.prompts import PROMPT_NAMES, list_prompts
 
 from .. import exports, services
 from ..models import ExtractJob, JobState
-from .errors import Conflict
-from .payloads import (
-    CALLER_INDEX,
-    ROW_FIELDS,
-    detail_payload,
-    result_payload,
-    status_payload,
-)
+from .errors import Conflict, DailyBudgetExceeded
+from .payloads import CALLER_INDEX, ROW_FIELDS, detail_payload, result_chunks, status_payload
 from .permissions import JobAPIPermission
 from .renderers import DOWNLOAD_FORMATS, CSVRenderer, JSONLRenderer, ParquetRenderer
 from .serializers import (
@@ -59,11 +54,25 @@ class _Cursor(CursorPagination):
     page_size_query_param = "page_size"
     invalid_cursor_message = "cursor: not a cursor this API gave out; follow the next and previous links"
 
+    def paginate_queryset(self, queryset, request, view=None):
+        self.model = queryset.model
+        return super().paginate_queryset(queryset, request, view)
+
     def decode_cursor(self, request):
         try:
-            return super().decode_cursor(request)
+            cursor = super().decode_cursor(request)
         except NotFound:
             raise ValidationError({"cursor": [self.invalid_cursor_message]}) from None
+        if cursor is not None and cursor.position is not None:
+            # The position goes into the query as it is: one the ordering's
+            # column cannot hold ("x" for a date, 10**20 for an integer) was a 500.
+            first = self.ordering if isinstance(self.ordering, str) else self.ordering[0]
+            field = self.model._meta.get_field(first.lstrip("-"))
+            try:
+                field.clean(cursor.position, None)
+            except (DjangoValidationError, ValueError, TypeError, OverflowError):
+                raise ValidationError({"cursor": [self.invalid_cursor_message]}) from None
+        return cursor
 
 
 PAGE_PARAMETERS = [
@@ -129,7 +138,10 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
         serializer = StartJobSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         owner = request.user if request.user.is_authenticated else None
-        job = services.job_start(owner=owner, **serializer.validated_data)
+        try:
+            job = services.job_start(owner=owner, **serializer.validated_data)
+        except services.DailyBudgetExceeded as exc:
+            raise DailyBudgetExceeded(str(exc)) from None
         return Response(status_payload(job), status=status.HTTP_201_CREATED)
 
     @extend_schema(
@@ -225,13 +237,15 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
             }
         )
 
-    def result_response(self, job: ExtractJob, *, seed: bool = False) -> Response:
+    def result_response(self, job: ExtractJob, *, seed: bool = False) -> StreamingHttpResponse:
         if job.is_active:
             raise Conflict(
                 f"job is not finished (state: {job.state}); results are ready once it is done, "
                 "cancelled or error"
             )
-        return Response(result_payload(job, seed=seed))
+        # Streamed a batch of properties at a time: built whole, 100,000
+        # properties held the web process's memory many times over.
+        return StreamingHttpResponse(result_chunks(job, seed=seed), content_type="application/json")
 
     @extend_schema(
         operation_id="jobs_list",
@@ -378,14 +392,8 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
 
     def download(self, job: ExtractJob, download: str):
         records = exports.export_records(job.properties.all(), download)
-        if download == "parquet":
-            response = HttpResponse(
-                exports.parquet_bytes(records), content_type=exports.CONTENT_TYPES["parquet"]
-            )
-        else:
-            response = StreamingHttpResponse(
-                exports.TEXT_WRITERS[download](records), content_type=exports.CONTENT_TYPES[download]
-            )
+        writer = exports.parquet_chunks if download == "parquet" else exports.TEXT_WRITERS[download]
+        response = StreamingHttpResponse(writer(records), content_type=exports.CONTENT_TYPES[download])
         response["Content-Disposition"] = f'attachment; filename="job-{job.id}-properties.{download}"'
         return response
 

@@ -637,6 +637,7 @@ export interface components {
             retry_failed?: boolean;
             /** Format: double */
             max_cost_usd?: number | null;
+            /** Format: int64 */
             max_total_tokens?: number | null;
         };
         RowOutcome: {
@@ -762,7 +763,10 @@ export interface components {
              * @description Stop (state error) before a call would take the estimated cost over this.
              */
             max_cost_usd?: number | null;
-            /** @description Stop (state error) before a call would take the tokens used over this. */
+            /**
+             * Format: int64
+             * @description Stop (state error) before a call would take the tokens used over this.
+             */
             max_total_tokens?: number | null;
             /** @description Accepted for compatibility with StringSight; ignored. */
             output_dir?: string | null;

@@ -168,7 +168,10 @@ def start_job(source: Path, username: str | None, options: dict) -> ExtractJob:
     serializer = StartJobSerializer(data=request)
     if not serializer.is_valid():
         raise CommandError(validation_message(serializer.errors))
-    return services.job_start(owner=user_named(username), **serializer.validated_data)
+    try:
+        return services.job_start(owner=user_named(username), **serializer.validated_data)
+    except services.DailyBudgetExceeded as exc:
+        raise CommandError(str(exc)) from None
 
 
 def validation_message(errors) -> str:

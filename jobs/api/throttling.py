@@ -1,0 +1,46 @@
+"""The start throttle: per user (or per client address in anonymous mode),
+counted in the database with one conditional UPDATE (services.throttle_take),
+so the rate holds across web processes and parallel requests. A view opts
+in with `throttle_scope`; the scope's rate comes from DEFAULT_THROTTLE_RATES."""
+
+from django.conf import settings
+from rest_framework.settings import api_settings
+from rest_framework.throttling import BaseThrottle
+
+from .. import services
+
+
+class ScopedDatabaseThrottle(BaseThrottle):
+    def allow_request(self, request, view):
+        scope = getattr(view, "throttle_scope", None)
+        rate = api_settings.DEFAULT_THROTTLE_RATES.get(scope) if scope else None
+        if rate is None:
+            return True
+        self.wait_seconds = services.throttle_take(
+            scope=scope, ident=caller_ident(request), rate=services.Rate.parse(rate)
+        )
+        return self.wait_seconds is None
+
+    def wait(self):
+        return self.wait_seconds
+
+
+def caller_ident(request) -> str:
+    """The signed-in user, else the client's address."""
+    user = getattr(request, "user", None)
+    if user is not None and user.is_authenticated:
+        return f"user:{user.pk}"
+    return f"address:{client_address(request)}"
+
+
+def client_address(request) -> str:
+    """The connection's address; behind STRINGSIGHT_TRUSTED_PROXIES proxies,
+    the address the farthest of them saw (each proxy appends the address it
+    was reached from to X-Forwarded-For, so entries to the left of those
+    are whatever the client chose to send)."""
+    remote = request.META.get("REMOTE_ADDR", "")
+    proxies = settings.STRINGSIGHT_TRUSTED_PROXIES
+    if not proxies:
+        return remote
+    hops = [hop.strip() for hop in request.META.get("HTTP_X_FORWARDED_FOR", "").split(",") if hop.strip()]
+    return hops[-proxies] if len(hops) >= proxies else remote
