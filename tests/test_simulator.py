@@ -463,3 +463,58 @@ def test_command_exits_cleanly_on_sigterm():
 def test_serve_refuses_a_non_loopback_host():
     with pytest.raises(ValueError, match="loopback only"):
         asyncio.run(serve("0.0.0.0", 0))
+
+
+def test_bad_json_first_answers_a_requests_first_call_badly_and_the_second_well(client, sim):
+    sim.configure(rate_bad_json_first=1.0)
+
+    answers = [
+        ask(client, content).choices[0].message.content for content in (TRANSCRIPT, TRANSCRIPT, "other")
+    ]
+
+    assert not set("{}[]") & set(answers[0])
+    assert 3 <= len(fenced_json(answers[1])) <= 6
+    assert not set("{}[]") & set(answers[2])  # another request's first call
+    assert [r["outcome"] for r in sim.requests()] == ["bad_json", "ok", "bad_json"]
+    assert sim.config()["rate_bad_json_first"] == 1.0
+    sim.reset()  # forgets which requests were asked
+    assert not set("{}[]") & set(ask(client, TRANSCRIPT).choices[0].message.content)
+
+
+def test_a_paused_simulator_holds_answers_until_it_resumes(sim):
+    sim.configure(paused=True)
+
+    async def held_call():
+        async with openai.AsyncOpenAI(base_url=sim.base_url, api_key="sim-key", max_retries=0) as client:
+            call = asyncio.ensure_future(
+                client.chat.completions.create(
+                    model="sim-model", messages=[{"role": "user", "content": TRANSCRIPT}]
+                )
+            )
+            while sim.stats()["in_flight"] < 1:
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.3)  # a paused answer stays held, however long
+            held = not call.done()
+            resumed_at = time.time()
+            sim.configure(paused=False)
+            return held, resumed_at, await call
+
+    held, resumed_at, response = asyncio.run(held_call())
+
+    [record] = sim.requests()
+    assert held is True
+    assert response.choices[0].finish_reason == "stop"
+    assert (record["outcome"], record["started_at"] < resumed_at <= record["ended_at"]) == ("ok", True)
+
+
+def test_a_call_whose_client_leaves_while_paused_is_aborted(sim):
+    sim.configure(paused=True)
+
+    with (
+        openai.OpenAI(base_url=sim.base_url, api_key="sim-key", max_retries=0, timeout=0.3) as client,
+        pytest.raises(openai.APITimeoutError),
+    ):
+        ask(client, TRANSCRIPT)
+
+    [record] = wait_until_ended(sim)
+    assert (record["outcome"], record["status"]) == ("aborted", None)
