@@ -146,7 +146,7 @@ def test_rows_list_outcomes_with_errors_and_filter_by_status(api, user, sim):
     assert [row["index"] for row in failed] == [2]
     assert failed[0]["error"].startswith("no valid property in the LLM answer")
     assert failed[0]["raw_answer"] != ""
-    assert failed[0]["attempts"] == 1
+    assert failed[0]["attempts"] == 2  # the bad answer was asked once more
     assert api.get(f"/api/jobs/{job.id}/rows/", {"status": "lost"}).status_code == 400
 
 

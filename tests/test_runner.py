@@ -104,10 +104,14 @@ def test_runner_fails_a_row_with_a_bad_answer_and_goes_on(user, sim):
     job.refresh_from_db()
     assert (job.state, job.count_done, job.count_failed) == ("done", 2, 1)
     failed = ExtractRow.objects.get(job=job, index=1)
-    assert failed.status == "failed"
-    assert failed.error.startswith("no valid property in the LLM answer")
+    assert (failed.status, failed.attempts) == ("failed", 2)  # asked once more first
+    assert failed.error == (
+        "no valid property in the LLM answer, asked twice. First answer: no JSON found in the answer. "
+        "Second answer: no JSON found in the answer"
+    )
     assert failed.raw_answer != ""
     assert failed.properties.count() == 0
+    assert len(sim.requests()) == 4
 
 
 @pytest.mark.django_db
