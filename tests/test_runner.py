@@ -16,9 +16,11 @@ from extraction.extract import RowOutcome
 from extraction.llm import LLMCallError
 from extraction.render import render_row
 from jobs import services
+from jobs.apps import BACKGROUND_SWEEPS
 from jobs.models import ExtractJob, ExtractRow, Property, WorkerSlots
 from jobs.runner import ChunkRunner, RunnerSettings, _CallPool, _LoopThread
 from jobs.services import ClaimedRow
+from jobs.sweeper import start_background_sweeps
 from tests.factories import make_job, simple_rows
 
 
@@ -229,6 +231,45 @@ def test_two_runners_on_one_job_share_its_max_workers(user, sim, no_background_w
     assert not WorkerSlots.objects.exists()  # each runner gave its grant back
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_whose_calls_outlast_the_lease_keeps_its_rows(user, sim, settings, no_background_worker):
+    settings.STRINGSIGHT_LEASE_SECONDS = 2
+    sim.configure(latency_ms=5000)
+    job = make_job(user, simple_rows(4), max_workers=4)
+    finished, taken_by_rival = threading.Event(), []
+
+    def rival():
+        """Once the worker holds every row: another worker on the job, and
+        the sweep, as often as they can."""
+        try:
+            while ExtractRow.objects.filter(job=job, status="running").count() < 4:
+                if finished.wait(0.05):
+                    return
+            while not finished.wait(0.05):
+                services.sweep()
+                taken_by_rival.extend(services.claim_rows(job_id=job.id, worker_id="rival", limit=4).rows)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=rival)
+    thread.start()
+    try:
+        run_chunk(job, sim, lease_seconds=2)
+    finally:
+        finished.set()
+        thread.join()
+
+    job.refresh_from_db()
+    rows = list(ExtractRow.objects.filter(job=job))
+    assert (job.state, job.count_done) == ("done", 4)
+    assert taken_by_rival == []
+    assert {(row.status, row.lease_expiries) for row in rows} == {("done", 0)}  # never released
+    assert len({row.claimed_by for row in rows}) == 1
+    requests = sim.requests()
+    assert len(requests) == len({r["user_sha256"] for r in requests}) == 4  # each row asked once
+    assert min(r["ended_at"] - r["started_at"] for r in requests) >= 5.0  # each call outlasted the lease
+
+
 def test_no_call_starts_after_a_fatal_answer_whatever_is_added_or_allowed_later():
     loop_thread = _LoopThread()
     results: queue.SimpleQueue = queue.SimpleQueue()
@@ -262,7 +303,15 @@ class ClosedClient:
         pass
 
 
-def test_a_spawned_qcluster_process_hides_its_long_lived_objects_from_the_collector():
+def test_a_spawned_qcluster_process_hides_its_long_lived_objects_and_starts_sweeping():
+    # The background sweeps would outlive the test in this process: a stand-in records their start.
+    assert post_spawn.disconnect(dispatch_uid=BACKGROUND_SWEEPS)
+    sweeps_started = []
+    post_spawn.connect(
+        lambda proc_name, **kwargs: sweeps_started.append(proc_name),
+        dispatch_uid=BACKGROUND_SWEEPS,
+        weak=False,
+    )
     gc.unfreeze()
     try:
         post_spawn.send(sender="django_q", proc_name="Process-1")
@@ -270,5 +319,8 @@ def test_a_spawned_qcluster_process_hides_its_long_lived_objects_from_the_collec
         assert gc.get_freeze_count() > 10_000  # Django, the SDK, every module
         # The runner's own code too: frozen objects are no longer tracked.
         assert not any(tracked is ChunkRunner._work for tracked in gc.get_objects())
+        assert sweeps_started == ["Process-1"]
     finally:
         gc.unfreeze()
+        post_spawn.disconnect(dispatch_uid=BACKGROUND_SWEEPS)
+        post_spawn.connect(start_background_sweeps, dispatch_uid=BACKGROUND_SWEEPS)
