@@ -187,6 +187,22 @@ def test_every_download_format_reads_back_to_the_same_properties(api, user, down
     assert len(read_back) == 6
 
 
+def test_an_explicit_format_wins_over_the_accept_header(api, user):
+    job = finished_job(user, rows=2, properties_per_row=2)
+    path = f"/api/jobs/{job.id}/properties/"
+    csv = "".join(exports.TEXT_WRITERS["csv"](exports.export_records(job.properties.all(), "csv"))).encode()
+
+    as_csv = api.get(path, {"format": "csv"}, HTTP_ACCEPT="application/json")
+    as_json = api.get(path, {"format": "json"}, HTTP_ACCEPT="text/csv")
+    by_accept = api.get(path, HTTP_ACCEPT="text/csv")
+
+    assert (as_csv.status_code, as_csv["Content-Type"]) == (200, "text/csv; charset=utf-8")
+    assert b"".join(as_csv.streaming_content) == csv
+    assert (as_json.status_code, as_json["Content-Type"]) == (200, "application/json")
+    assert [p["row_index"] for p in as_json.json()["results"]] == [0, 0, 1, 1]
+    assert (by_accept.status_code, b"".join(by_accept.streaming_content)) == (200, csv)
+
+
 def test_an_unknown_download_format_is_a_400(api, user):
     job = finished_job(user)
     response = api.get(f"/api/jobs/{job.id}/properties/", {"format": "xlsx"})

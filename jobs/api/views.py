@@ -22,7 +22,7 @@ from ..models import ExtractJob, JobState
 from .errors import Conflict
 from .payloads import ROW_FIELDS, detail_payload, result_payload, status_payload
 from .permissions import JobAPIPermission
-from .renderers import DOWNLOAD_FORMATS, CSVRenderer, JSONLRenderer, ParquetRenderer
+from .renderers import DOWNLOAD_FORMATS, CSVRenderer, ExplicitFormatFirst, JSONLRenderer, ParquetRenderer
 from .serializers import (
     CancelRequestSerializer,
     CancelResponseSerializer,
@@ -90,6 +90,7 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
     serializer_class = JobStatusSerializer
     permission_classes = [JobAPIPermission]
     throttle_scope = "job_start"
+    content_negotiation_class = ExplicitFormatFirst
 
     def get_throttles(self):
         # Only starting a job is throttled: polling status must never be.
