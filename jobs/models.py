@@ -272,3 +272,37 @@ class Heartbeat(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} at {self.at:%Y-%m-%d %H:%M:%S}"
+
+
+class IdempotencyKey(models.Model):
+    """A start's Idempotency-Key: the same owner sending the same key again
+    (a client retrying after a network error) gets the job it started and
+    the answer it was given, not a second job. Kept 24 hours."""
+
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="+"
+    )
+    key = models.CharField(max_length=255)
+    # SHA-256 of the start request (its media type and raw body): the same
+    # key with another body is a client's mistake, answered 409.
+    request_hash = models.CharField(max_length=64)
+    job = models.ForeignKey(ExtractJob, on_delete=models.CASCADE, related_name="+")
+    # The start's response body (JSON text), given again on every replay.
+    answer = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        constraints = [
+            # One start per key and owner, whatever the concurrency: a
+            # second INSERT fails and that start answers with the first's job.
+            models.UniqueConstraint(
+                fields=["owner", "key"], condition=models.Q(owner__isnull=False), name="idempotency_owner_key"
+            ),
+            # Anonymous callers (anonymous mode) share one scope, as they share jobs.
+            models.UniqueConstraint(
+                fields=["key"], condition=models.Q(owner__isnull=True), name="idempotency_anonymous_key"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.key[:40]} → job {self.job_id}"

@@ -10,6 +10,7 @@ transactions serialise them outright.
 
 import math
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -33,6 +34,7 @@ from .models import (
     ExtractJob,
     ExtractRow,
     Heartbeat,
+    IdempotencyKey,
     JobState,
     Property,
     RowStatus,
@@ -63,12 +65,44 @@ def price_for(model_name: str) -> tuple[float, float] | None:
     return settings.STRINGSIGHT_PRICES.get(model_name)
 
 
+@dataclass(frozen=True)
+class IdempotentStart:
+    """A start sent with an Idempotency-Key. `request_hash` identifies its
+    request; `answer` renders the start's response body (JSON text) from
+    the new job, and every replay of the key gives that same text."""
+
+    key: str
+    request_hash: str
+    answer: Callable[[ExtractJob], str]
+
+
+@dataclass(frozen=True)
+class StartOutcome:
+    job_id: uuid.UUID
+    answer: str
+    replayed: bool
+
+
+class IdempotencyKeyReused(Exception):
+    pass
+
+
+IDEMPOTENCY_KEY_LIFETIME = timedelta(hours=24)
+
+
 def job_start(
-    *, owner, rows: list[dict[str, Any]], params: JobParams, encoded_rows: list[str] | None = None
+    *,
+    owner,
+    rows: list[dict[str, Any]],
+    params: JobParams,
+    encoded_rows: list[str] | None = None,
+    idempotency: IdempotentStart | None = None,
 ) -> ExtractJob:
     """Store the job and its (sampled) rows in one transaction, then enqueue
     its work. `encoded_rows` are the rows' JSON texts when the caller has
-    them already (the API measured each row's size with them)."""
+    them already (the API measured each row's size with them). With
+    `idempotency`, an IntegrityError means another start took the key
+    first (see job_start_once)."""
     picked = sample_indexes(len(rows), params.sample_size)
     price_input, price_output = price_for(params.model_name) or (None, None)
     with transaction.atomic():
@@ -79,6 +113,12 @@ def job_start(
             price_output_per_mtok=price_output,
             **vars(params),
         )
+        if idempotency is not None:
+            # Before the rows: a concurrent start with the same key waits
+            # here for this one to commit (PostgreSQL) or runs after it
+            # (SQLite), then fails on the unique constraint, having stored
+            # nothing.
+            key = _take_idempotency_key(owner=owner, idempotency=idempotency, job=job)
         _insert_rows(
             job,
             [
@@ -90,9 +130,72 @@ def job_start(
                 for index, at in enumerate(picked)
             ],
         )
+        if idempotency is not None:
+            IdempotencyKey.objects.filter(pk=key.pk).update(answer=idempotency.answer(job))
         transaction.on_commit(lambda: enqueue_job_work(job_id=job.id, row_count=len(picked)))
     log_event("job_started", job_id=job.id, rows=len(picked), model=params.model_name, method=params.method)
     return job
+
+
+def _take_idempotency_key(*, owner, idempotency: IdempotentStart, job: ExtractJob) -> IdempotencyKey:
+    now = timezone.now()
+    # An expired key is free again, even before the sweep deletes it.
+    IdempotencyKey.objects.filter(
+        owner=owner, key=idempotency.key, created_at__lt=now - IDEMPOTENCY_KEY_LIFETIME
+    ).delete()
+    return IdempotencyKey.objects.create(
+        owner=owner, key=idempotency.key, request_hash=idempotency.request_hash, job=job, created_at=now
+    )
+
+
+def job_start_once(
+    *,
+    owner,
+    idempotency: IdempotentStart,
+    rows: list[dict[str, Any]],
+    params: JobParams,
+    encoded_rows: list[str] | None = None,
+) -> StartOutcome:
+    """job_start for a start sent with an Idempotency-Key: of any number
+    of starts with one key, sent one after another or all at once, the
+    first creates the job and every other answers with it."""
+    try:
+        job = job_start(
+            owner=owner, rows=rows, params=params, encoded_rows=encoded_rows, idempotency=idempotency
+        )
+    except IntegrityError:
+        replay = start_replay(owner=owner, idempotency=idempotency)
+        if replay is None:
+            raise
+        return replay
+    return StartOutcome(job_id=job.id, answer=idempotency.answer(job), replayed=False)
+
+
+def start_replay(*, owner, idempotency: IdempotentStart) -> StartOutcome | None:
+    """The start its owner made with this key in the last 24 hours
+    (anonymous callers share one scope, as they share jobs), or None.
+    Raises IdempotencyKeyReused if that start's request was another."""
+    earlier = (
+        IdempotencyKey.objects.filter(
+            owner=owner,
+            key=idempotency.key,
+            created_at__gte=timezone.now() - IDEMPOTENCY_KEY_LIFETIME,
+        )
+        .only("request_hash", "job_id", "answer")
+        .first()
+    )
+    if earlier is None:
+        return None
+    if earlier.request_hash != idempotency.request_hash:
+        raise IdempotencyKeyReused(
+            "Idempotency-Key: this key started a job with a different request in the last 24 hours; "
+            "send a new key to start another job"
+        )
+    return StartOutcome(job_id=earlier.job_id, answer=earlier.answer, replayed=True)
+
+
+def forget_idempotency_keys(*, now) -> int:
+    return IdempotencyKey.objects.filter(created_at__lt=now - IDEMPOTENCY_KEY_LIFETIME).delete()[0]
 
 
 _STORED_ROW_FIELDS = (
@@ -789,6 +892,7 @@ def sweep(*, now=None) -> SweepReport:
     ).update(state=JobState.DONE, finished_at=now)
     requeued = requeue_abandoned_jobs(job_ids=abandoned, now=now) + requeue_stalled_jobs(now=now)
     report = SweepReport(released, failed, finished, requeued)
+    forget_idempotency_keys(now=now)
     Heartbeat.objects.update_or_create(name="sweep", defaults={"at": now})
     if report.released or report.failed or report.finished or report.requeued_jobs:
         log_event("sweep", **vars(report))

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import dj_database_url
+from corsheaders.defaults import default_headers as cors_default_headers
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -191,6 +192,8 @@ STRINGSIGHT_ALLOW_ANONYMOUS = envbool("STRINGSIGHT_ALLOW_ANONYMOUS", False)
 
 # Frontends on other origins (django-cors-headers); none are allowed by default.
 CORS_ALLOWED_ORIGINS = envlist("CORS_ALLOWED_ORIGINS")
+# A browser may send a start's Idempotency-Key too.
+CORS_ALLOW_HEADERS = (*cors_default_headers, "idempotency-key")
 
 # Behind TLS (directly or through a proxy that sets X-Forwarded-Proto).
 STRINGSIGHT_TLS = envbool("STRINGSIGHT_TLS", False)

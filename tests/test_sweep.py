@@ -11,7 +11,7 @@ from django.utils import timezone
 from django_q.models import OrmQ, Schedule
 
 from jobs import services, sweeper
-from jobs.models import ExtractJob, ExtractRow, Heartbeat, WorkerSlots
+from jobs.models import ExtractJob, ExtractRow, Heartbeat, IdempotencyKey, WorkerSlots
 from tests.factories import done_outcome, make_job, simple_rows
 
 pytestmark = pytest.mark.django_db
@@ -311,6 +311,17 @@ def test_sweep_if_due_lets_one_sweep_through_per_interval(user, settings):
 
     assert swept == [True, False, False, True, False, True]
     assert Heartbeat.objects.get(name="sweep").at == start + timedelta(seconds=10.1)
+
+
+def test_sweep_forgets_idempotency_keys_after_a_day(user):
+    job = make_job(user)
+    now = timezone.now()
+    for key, age in (("old", timedelta(hours=24, seconds=1)), ("recent", timedelta(hours=23))):
+        IdempotencyKey.objects.create(owner=user, key=key, request_hash="h", job=job, created_at=now - age)
+
+    services.sweep(now=now)
+
+    assert list(IdempotencyKey.objects.values_list("key", flat=True)) == ["recent"]
 
 
 @pytest.mark.django_db(transaction=True)

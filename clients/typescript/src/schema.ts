@@ -581,7 +581,10 @@ export interface operations {
     jobs_start: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description A key of your choosing (1-255 characters, e.g. a UUID) that makes a retried start safe: a start with a key you (or, anonymously, any anonymous caller) used in the last 24 hours answers 200 with that start's job and response instead of starting another job, or 409 if its body differs. */
+                "Idempotency-Key"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -591,6 +594,15 @@ export interface operations {
             };
         };
         responses: {
+            /** @description A replayed start: the job the key started. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["JobStatus"];
+                };
+            };
             201: {
                 headers: {
                     [name: string]: unknown;
@@ -624,6 +636,14 @@ export interface operations {
                 };
             };
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1383,7 +1403,10 @@ export interface operations {
     extract_jobs_start: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description A key of your choosing (1-255 characters, e.g. a UUID) that makes a retried start safe: a start with a key you (or, anonymously, any anonymous caller) used in the last 24 hours answers 200 with that start's job and response instead of starting another job, or 409 if its body differs. */
+                "Idempotency-Key"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -1393,6 +1416,15 @@ export interface operations {
             };
         };
         responses: {
+            /** @description A replayed start: the job the key started. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["JobStatus"];
+                };
+            };
             201: {
                 headers: {
                     [name: string]: unknown;
@@ -1426,6 +1458,14 @@ export interface operations {
                 };
             };
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -227,6 +227,22 @@ describe("bad input", () => {
   });
 });
 
+describe("a start sent again with its idempotencyKey", () => {
+  test("answers with the job the key started; another body with that key is a 409 ApiError", async () => {
+    const key = randomUUID();
+    const body = { rows: rows(2, "retried"), max_workers: 1, use_cache: false };
+    const first = await extractJobStart(body, { idempotencyKey: key });
+    started.push(first.job_id);
+
+    const again = await extractJobStart(body, { idempotencyKey: key });
+    const other = await apiError(extractJobStart({ ...body, max_workers: 2 }, { idempotencyKey: key }));
+
+    assert.deepEqual(again, first);
+    assert.deepEqual([other.status, other.code], [409, "conflict"]);
+    assert.match(other.detail, /^Idempotency-Key: this key started a job with a different request/);
+  });
+});
+
 describe("listing jobs", () => {
   const model = "gpt-4.1"; // no other test starts jobs with this model
   let jobs;
