@@ -58,8 +58,10 @@ def node_modules():
 def test_typescript_client_suite_passes_against_a_live_server(
     live_server, qcluster, sim, node_modules, user, other_user
 ):
-    # Slow enough that a job is still running when the suite cancels it.
-    sim.configure(latency_ms=200)
+    # Slow enough that a job is still running when the suite cancels it
+    # (the resume test cancels a 12-row job after its first row: 5 s
+    # later at 1 s a call, on however busy a machine).
+    sim.configure(latency_ms=1000)
     env = {
         **os.environ,
         "STRINGSIGHT_BASE_URL": live_server.url,

@@ -2,7 +2,7 @@
 //   STRINGSIGHT_BASE_URL    e.g. http://127.0.0.1:8000, with a worker running
 //   STRINGSIGHT_TOKEN       a user's API token
 //   STRINGSIGHT_OTHER_TOKEN another user's token (their jobs must stay hidden)
-// Jobs need an LLM slow enough to cancel mid-run (the simulator at 200 ms a call).
+// Jobs need an LLM slow enough to cancel mid-run (the simulator at 1 s a call).
 import assert from "node:assert/strict";
 import { randomUUID } from "node:crypto";
 import { after, before, describe, test } from "node:test";
