@@ -41,6 +41,7 @@ COUNT_DONE_JS = f"Number(document.querySelector({COUNT_DONE!r}).textContent)"
 
 pytestmark = [
     pytest.mark.e2e,
+    pytest.mark.browser,
     pytest.mark.django_db(transaction=True),
     pytest.mark.skipif(
         not CHROMIUM.exists(), reason="the browser tests need Debian's chromium (apt-get install -y chromium)"

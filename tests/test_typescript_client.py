@@ -15,10 +15,13 @@ from rest_framework.authtoken.models import Token
 
 CLIENT = Path(__file__).resolve().parent.parent / "clients" / "typescript"
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("node") is None or shutil.which("npm") is None,
-    reason="Node.js (node and npm) is not installed; the TypeScript client's tests need it",
-)
+pytestmark = [
+    pytest.mark.node,
+    pytest.mark.skipif(
+        shutil.which("node") is None or shutil.which("npm") is None,
+        reason="Node.js (node and npm) is not installed; the TypeScript client's tests need it",
+    ),
+]
 
 
 def npm(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> tuple[int, str]:
