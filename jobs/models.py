@@ -74,8 +74,9 @@ class ExtractJob(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     cancelled_at = models.DateTimeField(null=True, blank=True)
-    # When tasks were last enqueued for the job; the sweep re-enqueues only
-    # for a job that has gone a lease period without work or progress.
+    # When tasks were last enqueued for the job. Unless a worker died on it,
+    # the sweep re-enqueues only for a job that has gone a lease period
+    # without work or progress.
     work_enqueued_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
