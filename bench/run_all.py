@@ -24,6 +24,8 @@ from bench import (
     b5_start,
     b6_worker_memory,
     b7_naive,
+    b8_recovery,
+    b9_faults,
     harness,
 )
 
@@ -36,6 +38,8 @@ BENCHMARKS = {
     "5": b5_start,
     "6": b6_worker_memory,
     "7": b7_naive,
+    "8": b8_recovery,
+    "9": b9_faults,
 }
 
 
