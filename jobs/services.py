@@ -962,7 +962,7 @@ def release_expired_rows(*, job_id, now, noticed_by: str) -> tuple[int, int]:
     return released, poisoned
 
 
-def jobs_with_dead_workers(*, now) -> set:
+def jobs_with_dead_workers(*, now) -> set[uuid.UUID]:
     """Running jobs with a worker that has not renewed its slot grant for a
     lease period: it died (its process killed, its machine lost) and its
     task with it. A worker that ends normally gives its grant back, and
@@ -999,23 +999,27 @@ def requeue_stalled_jobs(*, now) -> int:
     right after start, or Redis losing its queue). While the broker still
     holds tasks, they may be this job's, so nothing is added."""
     quiet_since = now - timedelta(seconds=settings.STRINGSIGHT_LEASE_SECONDS)
-    stalled = ExtractJob.objects.filter(state__in=ACTIVE_STATES).filter(
-        Q(work_enqueued_at__lt=quiet_since) | Q(work_enqueued_at__isnull=True, created_at__lt=quiet_since)
+    stalled = (
+        ExtractJob.objects.filter(state__in=ACTIVE_STATES)
+        .filter(
+            Q(work_enqueued_at__lt=quiet_since) | Q(work_enqueued_at__isnull=True, created_at__lt=quiet_since)
+        )
+        .exclude(worker_slots__renewed_at__gte=_grants_alive_since(now))  # being worked on
     )
-    waiting = {}
-    for job_id in stalled.values_list("id", flat=True):
+    candidates = list(stalled.values_list("id", flat=True))
+    if not candidates or get_broker().queue_size():
+        return 0
+    requeued = 0
+    for job_id in candidates:
         rows = ExtractRow.objects.filter(job_id=job_id)
         if rows.filter(Q(status=RowStatus.RUNNING) | Q(finished_at__gte=quiet_since)).exists():
             continue
         pending = rows.filter(status=RowStatus.PENDING).count()
         if pending:
-            waiting[job_id] = pending
-    if not waiting or get_broker().queue_size():
-        return 0
-    for job_id, pending in waiting.items():
-        enqueue_job_work(job_id=job_id, row_count=pending)
-        log_event("job_requeued", job_id=job_id, rows=pending, reason="no worker and no progress")
-    return len(waiting)
+            enqueue_job_work(job_id=job_id, row_count=pending)
+            log_event("job_requeued", job_id=job_id, rows=pending, reason="no worker and no progress")
+            requeued += 1
+    return requeued
 
 
 SWEEP_SCHEDULE_NAME = "stringsight-sweep"
