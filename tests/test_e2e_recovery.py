@@ -167,7 +167,7 @@ def test_a_worker_whose_calls_outlast_the_lease_keeps_its_rows(api, start_worker
     assert {row.lease_expiries for row in rows} == {0}  # never released
     requests = sim.requests()
     assert sorted(Counter(request["user_sha256"] for request in requests).values()) == [1] * 4
-    assert min(request["ended_at"] - request["started_at"] for request in requests) >= 6.0
+    assert min(request["ended_at"] - request["started_at"] for request in requests) > 5  # twice the lease
     assert '"event": "leases_expired"' not in worker.log_path.read_text()
 
 

@@ -281,7 +281,7 @@ def test_a_worker_whose_calls_outlast_the_lease_keeps_its_rows(user, sim, settin
     assert len({row.claimed_by for row in rows}) == 1
     requests = sim.requests()
     assert len(requests) == len({r["user_sha256"] for r in requests}) == 4  # each row asked once
-    assert min(r["ended_at"] - r["started_at"] for r in requests) >= 5.0  # each call outlasted the lease
+    assert min(r["ended_at"] - r["started_at"] for r in requests) > 4  # each call outlasted the lease
 
 
 def test_no_call_starts_after_a_fatal_answer_whatever_is_added_or_allowed_later():
