@@ -114,13 +114,15 @@ def test_detail_counts_each_outcome_and_estimates_the_time_left(api, user):
         worker_id="w",
         outcome=done_outcome(0, error="bad"),
     )
-    ExtractJob.objects.filter(pk=job.id).update(started_at=timezone.now() - timedelta(seconds=8))
+    # Long enough ago that the time the request takes on a busy machine
+    # stays well within the tolerance.
+    ExtractJob.objects.filter(pk=job.id).update(started_at=timezone.now() - timedelta(seconds=80))
 
     body = api.get(f"/api/jobs/{job.id}/").json()
 
     assert body["outcomes"] == {"done": 3, "failed": 1, "running": 1, "pending": 5, "cancelled": 0}
-    assert body["rows_per_second"] == pytest.approx(0.5, rel=0.05)
-    assert body["eta_seconds"] == pytest.approx(12, rel=0.05)
+    assert body["rows_per_second"] == pytest.approx(0.05, rel=0.05)
+    assert body["eta_seconds"] == pytest.approx(120, rel=0.05)
     cancelled = api.post(f"/api/jobs/{job.id}/cancel/")
     assert cancelled.status_code == 200
     after = api.get(f"/api/jobs/{job.id}/").json()

@@ -75,5 +75,5 @@ def test_health_reports_the_database_and_the_workers_last_sweep(client):
         {"heartbeat_age_seconds": None, "ok": False},
     )
     assert (fresh.status_code, fresh.json()["status"], fresh.json()["database"]) == (200, "ok", "ok")
-    assert fresh.json()["worker"]["heartbeat_age_seconds"] < 5
+    assert fresh.json()["worker"]["heartbeat_age_seconds"] < 30  # just swept (stale is a minute)
     assert (stale.status_code, stale.json()["status"]) == (503, "degraded")
