@@ -61,6 +61,14 @@ def run(session: harness.Session, args) -> Report:
         target=f"<= {TARGET_FAILED_SHARE:.1%}",
         ok=share <= TARGET_FAILED_SHARE,
     )
+    from jobs.models import ExtractRow
+
+    errors = list(ExtractRow.objects.filter(status="failed").values_list("error", flat=True))
+    report.figure(
+        "of them: no valid property in either answer / a call's attempts all met 429 or 500",
+        f"{sum(error.startswith('no valid property') for error in errors):,} / "
+        f"{sum('gave up after' in error for error in errors):,}",
+    )
     outcomes = defaultdict(list)
     for request in requests:
         outcomes[request["user_sha256"]].append(request["outcome"])
