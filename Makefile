@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 POSTGRES_TEST_URL ?= postgres://postgres@127.0.0.1:5432/stringsight
 
-.PHONY: install run test test-sqlite test-postgres lint format screenshots bench
+.PHONY: install run test test-fast test-sqlite test-postgres lint format screenshots bench
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ run: install
 
 # The whole suite on SQLite, then again on PostgreSQL.
 test: test-sqlite test-postgres
+
+# Quick iterations: everything but the end-to-end, browser, Node and benchmark
+# tests (pytest markers), on SQLite unless DATABASE_URL says otherwise.
+test-fast: install
+	$(PY) -m pytest -m "not (e2e or browser or node or bench)" $(PYTEST_ARGS)
 
 test-sqlite: install
 	env -u DATABASE_URL $(PY) -m pytest $(PYTEST_ARGS)

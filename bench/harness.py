@@ -57,6 +57,11 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         help="a PostgreSQL server whose user may create databases (the database name is ignored)",
     )
     parser.add_argument(
+        "--database-name",
+        default=os.environ.get("BENCH_DATABASE_NAME", "stringsight_bench"),
+        help="the benchmark database's name (and its SQLite file's), to keep runs on one server apart",
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         metavar="DIR",
@@ -187,7 +192,7 @@ class Session:
         self.extra_env = parse_env_options(args.env)
         self.profile_dir = args.profile.resolve() if args.profile else None
         # A smoke run may overlap another engineer's on the same PostgreSQL server.
-        name = f"stringsight_bench_smoke_{os.getpid()}" if self.smoke else "stringsight_bench"
+        name = f"stringsight_bench_smoke_{os.getpid()}" if self.smoke else args.database_name
         self.database = BenchDatabase(
             self.kind, name=name, work_dir=self.work_dir, postgres_url=args.postgres_url
         )

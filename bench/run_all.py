@@ -24,7 +24,9 @@ from bench import (
     b5_start,
     b6_worker_memory,
     b7_naive,
-    b8_body_memory,
+    b8_recovery,
+    b9_faults,
+    b10_body_memory,
     harness,
 )
 
@@ -37,7 +39,9 @@ BENCHMARKS = {
     "5": b5_start,
     "6": b6_worker_memory,
     "7": b7_naive,
-    "8": b8_body_memory,
+    "8": b8_recovery,
+    "9": b9_faults,
+    "10": b10_body_memory,
 }
 
 

@@ -13,6 +13,7 @@ from .parse import parse_properties
 from .render import render_row
 
 OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+NO_PROPERTY = "no valid property in the LLM answer"
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,9 @@ def outcome_from_answer(
         outcome.attempts = completion.attempts
     if not parsed.properties:
         reasons = "; ".join(parsed.problems[:5]) or "the answer held no property"
-        outcome.error = f"no valid property in the LLM answer: {reasons}"
+        if completion is not None and completion.finish_reason == "length":
+            reasons = f"cut off at max_tokens (finish_reason: length); {reasons}"
+        outcome.error = f"{NO_PROPERTY}: {reasons}"
     return outcome
 
 
@@ -124,9 +127,35 @@ async def extract_row(
     messages: list[dict[str, str]] | None = None,
     key: str | None = None,
 ) -> RowOutcome:
-    """Raises LLMCallError only when the failure is fatal for the whole job."""
+    """A row's outcome from the LLM (never from the cache). An answer that
+    yields no valid property (prose instead of JSON, no item passing
+    validation, cut off by max_tokens with nothing usable) is asked once
+    more before the row fails: a model slips like that now and then, and
+    the second answer usually parses. Both calls count in `attempts` and
+    the tokens. Raises LLMCallError only when the failure is fatal for the
+    whole job."""
+    messages = messages or build_messages(row, spec)
+    first = await _ask(client, messages, row, question_id=question_id, spec=spec)
+    outcome = first
+    if _unusable_answer(first):
+        outcome = _asked_twice(first, await _ask(client, messages, row, question_id=question_id, spec=spec))
+    # Only answers that gave properties are worth reusing: a failed answer
+    # should be asked again next time.
+    if outcome.error is None:
+        outcome.cache_key = key
+    return outcome
+
+
+async def _ask(
+    client: openai.AsyncOpenAI,
+    messages: list[dict[str, str]],
+    row: dict[str, Any],
+    *,
+    question_id: str,
+    spec: ExtractionSpec,
+) -> RowOutcome:
     try:
-        completion = await complete(client, messages or build_messages(row, spec), spec.call)
+        completion = await complete(client, messages, spec.call)
     except LLMCallError as exc:
         if exc.fatal_for_job:
             raise
@@ -140,9 +169,25 @@ async def extract_row(
     # An answer can quote the key back (from a transcript, or a prompt
     # that asks for it): what is stored, cached and shown never holds it.
     text = redact(completion.text, client.api_key)
-    outcome = outcome_from_answer(text, row, question_id=question_id, spec=spec, completion=completion)
-    # Only answers that gave properties are worth reusing: a failed answer
-    # should be asked again next time.
-    if outcome.error is None:
-        outcome.cache_key = key
-    return outcome
+    return outcome_from_answer(text, row, question_id=question_id, spec=spec, completion=completion)
+
+
+def _unusable_answer(outcome: RowOutcome) -> bool:
+    """The LLM answered, but with no valid property (not a refusal, nor a
+    call that failed for good: asking again would not change those)."""
+    return outcome.error is not None and outcome.error.startswith(NO_PROPERTY)
+
+
+def _asked_twice(first: RowOutcome, second: RowOutcome) -> RowOutcome:
+    """The second answer's outcome, paying for both calls; if it failed
+    too, its error gives both reasons."""
+    second.attempts += first.attempts
+    second.prompt_tokens += first.prompt_tokens
+    second.completion_tokens += first.completion_tokens
+    if second.error is not None:
+        again = second.error.removeprefix(f"{NO_PROPERTY}: ")
+        second.error = (
+            f"{NO_PROPERTY}, asked twice. First answer: {first.error.removeprefix(f'{NO_PROPERTY}: ')}. "
+            f"Second answer: {again}"
+        )
+    return second

@@ -54,6 +54,9 @@ class SimulatorOptions:
     rate_bad_json: float = 0.0
     rate_truncated: float = 0.0
     rate_refusal: float = 0.0
+    # Bad JSON for the first answer to a request only (by its user message):
+    # the same request asked again is answered as usual.
+    rate_bad_json_first: float = 0.0
     retry_after: int = 1
     seed: int = 0
     api_key: str | None = None
@@ -61,11 +64,21 @@ class SimulatorOptions:
     # False plays an endpoint without structured outputs: a request with
     # response_format gets a 400, as such endpoints answer.
     structured_output: bool = True
+    # While true, answers wait (a request still arrives, is logged, and is
+    # aborted if its client leaves): lets a test hold a job open.
+    paused: bool = False
 
     def __post_init__(self):
         for name in ("latency_ms", "jitter_ms"):
             _check_number(name, getattr(self, name), maximum=math.inf)
-        for name in ("rate_429", "rate_500", "rate_bad_json", "rate_truncated", "rate_refusal"):
+        for name in (
+            "rate_429",
+            "rate_500",
+            "rate_bad_json",
+            "rate_truncated",
+            "rate_refusal",
+            "rate_bad_json_first",
+        ):
             _check_number(name, getattr(self, name), maximum=1.0)
         for name in ("retry_after", "seed"):
             if type(getattr(self, name)) is not int:
@@ -76,8 +89,9 @@ class SimulatorOptions:
             raise OptionError("api_key must be a string or null")
         if not isinstance(self.models, list) or not all(isinstance(m, str) for m in self.models):
             raise OptionError("models must be a list of strings")
-        if not isinstance(self.structured_output, bool):
-            raise OptionError("structured_output must be true or false")
+        for name in ("structured_output", "paused"):
+            if not isinstance(getattr(self, name), bool):
+                raise OptionError(f"{name} must be true or false")
 
     def updated(self, changes: dict) -> SimulatorOptions:
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
@@ -132,6 +146,7 @@ class Simulator:
         self._max_in_flight = 0
         self._outcomes = Counter()
         self._failures_left = {}
+        self._asked = set()  # user messages seen, for rate_bad_json_first
 
     def configure(self, changes: dict) -> SimulatorOptions:
         options = self.options.updated(changes)
@@ -214,6 +229,8 @@ class Simulator:
         roll = self._rng.random()
         jitter = self._rng.uniform(-1.0, 1.0) * self.options.jitter_ms
         kind, latency_ms = self._fault(user, record["user_sha256"], roll)
+        if kind == "ok" and self._bad_first_call(record["user_sha256"]):
+            kind = "bad_json"
         if kind == "400_echo_auth":
             # A careless proxy quoting the credentials back in its error.
             return error_reply(400, f"Bad request for credentials {authorization}", "invalid_request_error")
@@ -232,6 +249,14 @@ class Simulator:
             elif kind is None and name in _MARKER_KINDS and value is None:
                 kind = self._fail_first(user_sha256, name, int(times)) if times else name
         return kind or self._drawn_fault(roll), latency_ms
+
+    def _bad_first_call(self, user_sha256: str) -> bool:
+        """Whether this first answer to a request is bad JSON (rate_bad_json_first)."""
+        if not self.options.rate_bad_json_first or user_sha256 in self._asked:
+            return False
+        self._asked.add(user_sha256)
+        # A draw of its own, and only with the option on, so the other faults' draws are as before.
+        return self._rng.random() < self.options.rate_bad_json_first
 
     def _fail_first(self, user_sha256: str, name: str, times: int) -> str:
         left = self._failures_left.setdefault(user_sha256, times)
@@ -946,6 +971,9 @@ class _Server:
         call = simulator.start_call(request.body, request.headers.get("authorization"))
         headers = {"x-request-id": f"req_sim{call.record['id']}", **call.reply.headers}
         try:
+            if await self._held_while_paused(conn):
+                simulator.end_call(call, aborted=True)
+                return False
             delay = call.reply.delay
             if (delay is None or delay > 0) and await conn.closed_within(delay):
                 simulator.end_call(call, aborted=True)
@@ -958,6 +986,13 @@ class _Server:
             # Server shutdown or an unexpected error: the record must still end.
             simulator.end_call(call, aborted=True)
         return request.keep_alive
+
+    async def _held_while_paused(self, conn: _Connection) -> bool:
+        """Wait while the simulator is paused; True if the client left meanwhile."""
+        while self.simulator.options.paused:
+            if await conn.closed_within(0.02):
+                return True
+        return False
 
     def _models(self, request: _Request) -> tuple[int, dict]:
         if not self.simulator.authorized(request.headers.get("authorization")):

@@ -2,6 +2,9 @@ import gc
 
 from django.apps import AppConfig
 
+# post_spawn's receiver that sweeps in every worker process (jobs.sweeper).
+BACKGROUND_SWEEPS = "jobs.background_sweeps"
+
 
 class JobsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
@@ -10,7 +13,10 @@ class JobsConfig(AppConfig):
     def ready(self):
         from django_q.signals import post_spawn
 
+        from .sweeper import start_background_sweeps
+
         post_spawn.connect(settle_worker, dispatch_uid="jobs.settle_worker")
+        post_spawn.connect(start_background_sweeps, dispatch_uid=BACKGROUND_SWEEPS)
 
 
 def settle_worker(**kwargs) -> None:

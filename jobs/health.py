@@ -1,8 +1,8 @@
 """GET /healthz: is the database reachable, and how long ago did a worker
-last show a sign of life (the periodic sweep runs every minute on some
-worker). For load balancers: 200 while the database answers, 503 when it
-does not; `?require_worker=1` also answers 503 when no worker has been
-seen for WORKER_STALE_SECONDS."""
+last show a sign of life (some worker sweeps every STRINGSIGHT_SWEEP_SECONDS,
+5 s by default). For load balancers: 200 while the database answers, 503
+when it does not; `?require_worker=1` also answers 503 when no worker has
+been seen for WORKER_STALE_SECONDS."""
 
 from django.db import DatabaseError, connection
 from django.http import JsonResponse
@@ -11,8 +11,9 @@ from django.views.decorators.http import require_GET
 
 from .models import Heartbeat
 
-# The sweep runs each minute, on a scheduler that ticks every 30 s.
-WORKER_STALE_SECONDS = 180
+# Every worker process offers to sweep every few seconds: a minute without
+# a sweep means no worker is running (or none reaches the database).
+WORKER_STALE_SECONDS = 60
 
 
 @require_GET

@@ -87,8 +87,9 @@ class ExtractJob(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     cancelled_at = models.DateTimeField(null=True, blank=True)
-    # When tasks were last enqueued for the job; the sweep re-enqueues only
-    # for a job that has gone a lease period without work or progress.
+    # When tasks were last enqueued for the job. Unless a worker died on it,
+    # the sweep re-enqueues only for a job that has gone a lease period
+    # without work or progress.
     work_enqueued_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
@@ -310,3 +311,37 @@ class ThrottleBucket(models.Model):
 
     def __str__(self) -> str:
         return f"{self.scope} {self.ident}"
+
+
+class IdempotencyKey(models.Model):
+    """A start's Idempotency-Key: the same owner sending the same key again
+    (a client retrying after a network error) gets the job it started and
+    the answer it was given, not a second job. Kept 24 hours."""
+
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="+"
+    )
+    key = models.CharField(max_length=255)
+    # SHA-256 of the start request (its media type and raw body): the same
+    # key with another body is a client's mistake, answered 409.
+    request_hash = models.CharField(max_length=64)
+    job = models.ForeignKey(ExtractJob, on_delete=models.CASCADE, related_name="+")
+    # The start's response body (JSON text), given again on every replay.
+    answer = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        constraints = [
+            # One start per key and owner, whatever the concurrency: a
+            # second INSERT fails and that start answers with the first's job.
+            models.UniqueConstraint(
+                fields=["owner", "key"], condition=models.Q(owner__isnull=False), name="idempotency_owner_key"
+            ),
+            # Anonymous callers (anonymous mode) share one scope, as they share jobs.
+            models.UniqueConstraint(
+                fields=["key"], condition=models.Q(owner__isnull=True), name="idempotency_anonymous_key"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.key[:40]} → job {self.job_id}"

@@ -309,7 +309,10 @@ class ChunkRunner:
                 arrived = []
                 if stop:
                     return stop
-            if time.monotonic() - last_lease >= self.config.lease_seconds / 3:
+            # The heartbeat: on this thread's clock, whatever the calls are
+            # doing (a call may outlast a lease); the loop comes round at
+            # least every poll interval.
+            if time.monotonic() - last_lease >= self.config.lease_seconds / services.RENEWALS_PER_LEASE:
                 last_lease = time.monotonic()
                 services.renew_leases(job_id=self.job_id, worker_id=self.worker_id)
 

@@ -13,12 +13,13 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.db.models import F, FloatField, Q, Sum, Value
 from django.db.models.functions import Greatest
 from django.utils import timezone
@@ -37,6 +38,7 @@ from .models import (
     ExtractJob,
     ExtractRow,
     Heartbeat,
+    IdempotencyKey,
     JobKind,
     JobState,
     Property,
@@ -81,19 +83,57 @@ class DailyBudgetExceeded(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class IdempotentStart:
+    """A start sent with an Idempotency-Key. `request_hash` identifies its
+    request; `answer` renders the start's response body (JSON text) from
+    the new job, and every replay of the key gives that same text."""
+
+    key: str
+    request_hash: str
+    answer: Callable[[ExtractJob], str]
+
+
+@dataclass(frozen=True)
+class StartOutcome:
+    job_id: uuid.UUID
+    answer: str
+    replayed: bool
+
+
+class IdempotencyKeyReused(Exception):
+    pass
+
+
+IDEMPOTENCY_KEY_LIFETIME = timedelta(hours=24)
+
+
 def job_start(
-    *, owner, rows: list[dict[str, Any]], params: JobParams, encoded_rows: list[str] | None = None
+    *,
+    owner,
+    rows: list[dict[str, Any]],
+    params: JobParams,
+    encoded_rows: list[str] | None = None,
+    idempotency: IdempotentStart | None = None,
 ) -> ExtractJob:
     """Store the job and its (sampled) rows in one transaction, then enqueue
     its work. `encoded_rows` are the rows' JSON texts when the caller has
     them already (the API measured each row's size with them). Raises
-    DailyBudgetExceeded when the owner's daily budget cannot pay for it."""
+    DailyBudgetExceeded when the owner's daily budget cannot pay for it.
+    With `idempotency`, an IntegrityError means another start took the key
+    first (see job_start_once)."""
     picked = sample_indexes(len(rows), params.sample_size)
     texts = [encoded_rows[at] if encoded_rows else encode_row(rows[at]) for at in picked]
     estimate = estimate_cost(params, texts)
     with transaction.atomic():
         check_daily_budget(owner=owner, model_name=params.model_name, estimate=estimate)
         job = _create_job(owner=owner, params=params, count_total=len(picked), estimated_cost_usd=estimate)
+        if idempotency is not None:
+            # Before the rows: a concurrent start with the same key waits
+            # here for this one to commit (PostgreSQL) or runs after it
+            # (SQLite), then fails on the unique constraint, having stored
+            # nothing.
+            key = _take_idempotency_key(owner=owner, idempotency=idempotency, job=job)
         _insert_rows(
             job,
             [
@@ -101,6 +141,8 @@ def job_start(
                 for index, at in enumerate(picked)
             ],
         )
+        if idempotency is not None:
+            IdempotencyKey.objects.filter(pk=key.pk).update(answer=idempotency.answer(job))
         transaction.on_commit(lambda: enqueue_job_work(job_id=job.id, row_count=len(picked)))
     log_event("job_started", job_id=job.id, rows=len(picked), model=params.model_name, method=params.method)
     return job
@@ -210,6 +252,67 @@ def check_daily_budget(*, owner, model_name: str, estimate: float | None) -> Non
             f"and this job may cost up to ${estimate:.4f}, more than the ${limit:.4f} a user may spend "
             "a day (STRINGSIGHT_USER_DAILY_BUDGET_USD)"
         )
+
+
+def _take_idempotency_key(*, owner, idempotency: IdempotentStart, job: ExtractJob) -> IdempotencyKey:
+    now = timezone.now()
+    # An expired key is free again, even before the sweep deletes it.
+    IdempotencyKey.objects.filter(
+        owner=owner, key=idempotency.key, created_at__lt=now - IDEMPOTENCY_KEY_LIFETIME
+    ).delete()
+    return IdempotencyKey.objects.create(
+        owner=owner, key=idempotency.key, request_hash=idempotency.request_hash, job=job, created_at=now
+    )
+
+
+def job_start_once(
+    *,
+    owner,
+    idempotency: IdempotentStart,
+    rows: list[dict[str, Any]],
+    params: JobParams,
+    encoded_rows: list[str] | None = None,
+) -> StartOutcome:
+    """job_start for a start sent with an Idempotency-Key: of any number
+    of starts with one key, sent one after another or all at once, the
+    first creates the job and every other answers with it."""
+    try:
+        job = job_start(
+            owner=owner, rows=rows, params=params, encoded_rows=encoded_rows, idempotency=idempotency
+        )
+    except IntegrityError:
+        replay = start_replay(owner=owner, idempotency=idempotency)
+        if replay is None:
+            raise
+        return replay
+    return StartOutcome(job_id=job.id, answer=idempotency.answer(job), replayed=False)
+
+
+def start_replay(*, owner, idempotency: IdempotentStart) -> StartOutcome | None:
+    """The start its owner made with this key in the last 24 hours
+    (anonymous callers share one scope, as they share jobs), or None.
+    Raises IdempotencyKeyReused if that start's request was another."""
+    earlier = (
+        IdempotencyKey.objects.filter(
+            owner=owner,
+            key=idempotency.key,
+            created_at__gte=timezone.now() - IDEMPOTENCY_KEY_LIFETIME,
+        )
+        .only("request_hash", "job_id", "answer")
+        .first()
+    )
+    if earlier is None:
+        return None
+    if earlier.request_hash != idempotency.request_hash:
+        raise IdempotencyKeyReused(
+            "Idempotency-Key: this key started a job with a different request in the last 24 hours; "
+            "send a new key to start another job"
+        )
+    return StartOutcome(job_id=earlier.job_id, answer=earlier.answer, replayed=True)
+
+
+def forget_idempotency_keys(*, now) -> int:
+    return IdempotencyKey.objects.filter(created_at__lt=now - IDEMPOTENCY_KEY_LIFETIME).delete()[0]
 
 
 _STORED_ROW_FIELDS = (
@@ -444,7 +547,8 @@ CLAIM_FIELDS = (
 
 def claim_rows(*, job_id, worker_id: str, limit: int) -> Claim:
     """Take up to `limit` pending rows, lowest index first, leased to the
-    worker. How many calls it may run at once is its slot grant
+    worker; rows whose lease ran out (their worker died) are pending again
+    first. How many calls it may run at once is its slot grant
     (`set_slots`), not what it holds: a worker keeps a few rows ready so
     that a call starts the moment another ends. With a budget it takes only
     the rows the budget can pay for, counting every held row as a call in
@@ -454,6 +558,15 @@ def claim_rows(*, job_id, worker_id: str, limit: int) -> Claim:
         job = ExtractJob.objects.select_for_update().filter(pk=job_id).only(*CLAIM_FIELDS).first()
         if job is None or job.state != JobState.RUNNING:
             return Claim(rows=[], job_running=False, pending_left=False)
+        # A dead worker's rows come back with the next claim of any worker
+        # on the job, not only at the next sweep.
+        _, poisoned = release_expired_rows(job_id=job_id, now=now, noticed_by=worker_id)
+        if poisoned and job.count_done + job.count_failed + poisoned >= job.count_total:
+            return Claim(rows=[], job_running=False, pending_left=False)
+        # The grant is renewed with every claim, so it never goes stale
+        # before the rows it holds: a stale grant means a dead worker whose
+        # leases have all run out (see jobs_with_dead_workers).
+        WorkerSlots.objects.filter(job_id=job_id, worker_id=worker_id).update(renewed_at=now)
         daily = settings.STRINGSIGHT_USER_DAILY_BUDGET_USD
         if job.max_total_tokens is None and job.max_cost_usd is None and daily is None:
             picked = _take_pending(job_id, worker_id=worker_id, limit=limit, now=now)
@@ -543,9 +656,10 @@ def set_slots(*, job_id, worker_id: str, slots: int, in_flight: int, wants: bool
         max_workers = job.values_list("max_workers", flat=True).first()
         if max_workers is None:
             return None
-        grants = WorkerSlots.objects.filter(job_id=job_id)
-        grants.filter(renewed_at__lt=_grants_alive_since(now)).delete()  # dead workers' grants
-        held_by_others = grants.exclude(worker_id=worker_id).aggregate(held=Sum("slots"))["held"] or 0
+        # Dead workers' grants do not count; the sweep removes them once it
+        # has acted on them (requeue_abandoned_jobs).
+        live = WorkerSlots.objects.filter(job_id=job_id, renewed_at__gte=_grants_alive_since(now))
+        held_by_others = live.exclude(worker_id=worker_id).aggregate(held=Sum("slots"))["held"] or 0
         granted = max(in_flight, min(slots, max_workers - held_by_others))
         WorkerSlots.objects.update_or_create(
             job_id=job_id, worker_id=worker_id, defaults={"slots": granted, "wants": wants, "renewed_at": now}
@@ -670,6 +784,12 @@ def _end_job(job: ExtractJob, *, error: str, now) -> None:
     )
     _close_unfinished_rows(job_id=job.pk, status=RowStatus.CANCELLED, now=now)
     log_event("job_failed", job_id=job.pk, error=error)
+
+
+# A living worker renews its leases this many times a lease period, on a
+# clock of its own rather than when calls end: a call may outlast a lease,
+# and a worker stalled for up to three quarters of a lease keeps its rows.
+RENEWALS_PER_LEASE = 4
 
 
 def renew_leases(*, job_id, worker_id: str) -> int:
@@ -1056,9 +1176,11 @@ class SweepReport:
 
 
 def sweep(*, now=None) -> SweepReport:
-    """Repair what dead workers leave behind. Run periodically (a django-q2
-    schedule) and safe to run anywhere, any number of times at once."""
+    """Repair what dead workers leave behind. Safe to run anywhere, any
+    number of times at once; workers run it every few seconds
+    (sweep_if_due)."""
     now = now or timezone.now()
+    abandoned = jobs_with_dead_workers(now=now)
     released, failed = release_expired_leases(now=now)
     WorkerSlots.objects.filter(
         Q(renewed_at__lt=_grants_alive_since(now)) | ~Q(job__state=JobState.RUNNING)
@@ -1066,60 +1188,134 @@ def sweep(*, now=None) -> SweepReport:
     finished = ExtractJob.objects.filter(
         state=JobState.RUNNING, count_total=F("count_done") + F("count_failed")
     ).update(state=JobState.DONE, finished_at=now)
-    report = SweepReport(released, failed, finished, requeue_stalled_jobs(now=now))
+    requeued = requeue_abandoned_jobs(job_ids=abandoned, now=now) + requeue_stalled_jobs(now=now)
+    report = SweepReport(released, failed, finished, requeued)
+    forget_idempotency_keys(now=now)
     Heartbeat.objects.update_or_create(name="sweep", defaults={"at": now})
     if report.released or report.failed or report.finished or report.requeued_jobs:
         log_event("sweep", **vars(report))
     return report
 
 
+def sweep_if_due(*, now=None) -> SweepReport | None:
+    """Sweep unless some worker did within STRINGSIGHT_SWEEP_SECONDS. Every
+    worker process calls this every few seconds (jobs.sweeper); the
+    conditional UPDATE of the sweep's heartbeat lets one of them through
+    per interval, on whichever machine. django-q2's own schedules cannot
+    run more often than once a minute."""
+    now = now or timezone.now()
+    due = now - timedelta(seconds=settings.STRINGSIGHT_SWEEP_SECONDS)
+    beats = Heartbeat.objects.filter(name="sweep")
+    # A read first: on SQLite it never waits for the write lock.
+    if beats.filter(at__gt=due).exists():
+        return None
+    if not beats.filter(at__lte=due).update(at=now):
+        try:
+            with transaction.atomic():
+                Heartbeat.objects.create(name="sweep", at=now)
+        except IntegrityError:
+            return None  # another worker swept just now
+    return sweep(now=now)
+
+
 def release_expired_leases(*, now) -> tuple[int, int]:
-    """Rows whose worker stopped renewing its lease go back to pending; a row
-    that has outlived STRINGSIGHT_MAX_LEASE_EXPIRIES workers is failed."""
+    """Every running job's rows whose lease ran out (release_expired_rows)."""
     released = failed = 0
     expired_rows = ExtractRow.objects.filter(status=RowStatus.RUNNING, lease_expires_at__lt=now)
     for job_id in set(expired_rows.values_list("job_id", flat=True)):
         with transaction.atomic():
             if not _lock_if_running(job_id):
                 continue
-            expired = expired_rows.filter(job_id=job_id)
-            limit = settings.STRINGSIGHT_MAX_LEASE_EXPIRIES
-            poisoned = expired.filter(lease_expiries__gte=limit - 1).update(
-                status=RowStatus.FAILED,
-                error=f"the worker extracting this row stopped responding {limit} times",
-                lease_expires_at=None,
-                lease_expiries=F("lease_expiries") + 1,
-                finished_at=now,
-            )
-            released += expired.update(
-                status=RowStatus.PENDING, lease_expires_at=None, lease_expiries=F("lease_expiries") + 1
-            )
-            if poisoned:
-                failed += poisoned
-                ExtractJob.objects.filter(pk=job_id).update(count_failed=F("count_failed") + poisoned)
+            job_released, job_failed = release_expired_rows(job_id=job_id, now=now, noticed_by="sweep")
+            released += job_released
+            failed += job_failed
     return released, failed
+
+
+def release_expired_rows(*, job_id, now, noticed_by: str) -> tuple[int, int]:
+    """A job's rows whose worker stopped renewing their lease go back to
+    pending, counted in lease_expiries; a row that has outlived
+    STRINGSIGHT_MAX_LEASE_EXPIRIES workers is failed instead (it may be
+    what kills them). The caller holds the job's lock."""
+    expired = ExtractRow.objects.filter(job_id=job_id, status=RowStatus.RUNNING, lease_expires_at__lt=now)
+    if not expired.exists():
+        return 0, 0
+    limit = settings.STRINGSIGHT_MAX_LEASE_EXPIRIES
+    poisoned = expired.filter(lease_expiries__gte=limit - 1).update(
+        status=RowStatus.FAILED,
+        error=f"the worker extracting this row stopped responding {limit} times",
+        lease_expires_at=None,
+        lease_expiries=F("lease_expiries") + 1,
+        finished_at=now,
+    )
+    released = expired.update(
+        status=RowStatus.PENDING, lease_expires_at=None, lease_expiries=F("lease_expiries") + 1
+    )
+    if poisoned:
+        ExtractJob.objects.filter(pk=job_id).update(count_failed=F("count_failed") + poisoned)
+        ExtractJob.objects.filter(
+            pk=job_id, state=JobState.RUNNING, count_total=F("count_done") + F("count_failed")
+        ).update(state=JobState.DONE, finished_at=now)
+    log_event("leases_expired", job_id=job_id, released=released, failed=poisoned, noticed_by=noticed_by)
+    return released, poisoned
+
+
+def jobs_with_dead_workers(*, now) -> set[uuid.UUID]:
+    """Running jobs with a worker that has not renewed its slot grant for a
+    lease period: it died (its process killed, its machine lost) and its
+    task with it. A worker that ends normally gives its grant back, and
+    renews it with every claim, so by then every row it held has expired."""
+    dead = WorkerSlots.objects.filter(renewed_at__lt=_grants_alive_since(now), job__state=JobState.RUNNING)
+    return set(dead.values_list("job_id", flat=True))
+
+
+def requeue_abandoned_jobs(*, job_ids, now) -> int:
+    """Enqueue work at once for a job whose worker died, unless a living
+    worker on it still takes rows: django-q2 would deliver the dead
+    worker's task again only after `retry` (over an hour), and the Redis
+    broker not at all. Each death is acted on once (the sweep then removes
+    the dead grant), so tasks never pile up behind a busy cluster."""
+    requeued = 0
+    for job_id in job_ids:
+        taking_rows = WorkerSlots.objects.filter(
+            job_id=job_id, wants=True, renewed_at__gte=_grants_alive_since(now)
+        )
+        if taking_rows.exists():
+            continue
+        pending = ExtractRow.objects.filter(job_id=job_id, status=RowStatus.PENDING).count()
+        if pending and ExtractJob.objects.filter(pk=job_id, state=JobState.RUNNING).exists():
+            enqueue_job_work(job_id=job_id, row_count=pending)
+            log_event("job_requeued", job_id=job_id, rows=pending, reason="its worker died")
+            requeued += 1
+    return requeued
 
 
 def requeue_stalled_jobs(*, now) -> int:
     """Enqueue work again for an active job that has pending rows but no
-    worker and no progress for a lease period: its tasks were lost with a
-    dead worker (Redis keeps no receipts) or never enqueued (a crash right
-    after start). While the broker still holds tasks, they may be this job's,
-    so nothing is added."""
-    if get_broker().queue_size():
-        return 0
+    worker and no progress for a lease period, where no worker's death
+    says why: its tasks were lost before any worker took them (a crash
+    right after start, or Redis losing its queue). While the broker still
+    holds tasks, they may be this job's, so nothing is added."""
     quiet_since = now - timedelta(seconds=settings.STRINGSIGHT_LEASE_SECONDS)
-    stalled = ExtractJob.objects.filter(state__in=ACTIVE_STATES).filter(
-        Q(work_enqueued_at__lt=quiet_since) | Q(work_enqueued_at__isnull=True, created_at__lt=quiet_since)
+    stalled = (
+        ExtractJob.objects.filter(state__in=ACTIVE_STATES)
+        .filter(
+            Q(work_enqueued_at__lt=quiet_since) | Q(work_enqueued_at__isnull=True, created_at__lt=quiet_since)
+        )
+        .exclude(worker_slots__renewed_at__gte=_grants_alive_since(now))  # being worked on
     )
+    candidates = list(stalled.values_list("id", flat=True))
+    if not candidates or get_broker().queue_size():
+        return 0
     requeued = 0
-    for job_id in stalled.values_list("id", flat=True):
+    for job_id in candidates:
         rows = ExtractRow.objects.filter(job_id=job_id)
         if rows.filter(Q(status=RowStatus.RUNNING) | Q(finished_at__gte=quiet_since)).exists():
             continue
         pending = rows.filter(status=RowStatus.PENDING).count()
         if pending:
             enqueue_job_work(job_id=job_id, row_count=pending)
+            log_event("job_requeued", job_id=job_id, rows=pending, reason="no worker and no progress")
             requeued += 1
     return requeued
 
@@ -1128,7 +1324,8 @@ SWEEP_SCHEDULE_NAME = "stringsight-sweep"
 
 
 def ensure_sweep_schedule(schedule_model=None) -> None:
-    """The sweep runs every minute on whichever cluster picks it up."""
+    """A backstop for the workers' background sweeps: django-q2 runs this
+    schedule about once a minute on whichever cluster picks it up."""
     from django_q.models import Schedule
 
     model = schedule_model or Schedule

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import dj_database_url
+from corsheaders.defaults import default_headers as cors_default_headers
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -208,6 +209,8 @@ STRINGSIGHT_ADMIN_LOGIN_RATE = envrate("STRINGSIGHT_ADMIN_LOGIN_RATE", "10/15min
 
 # Frontends on other origins (django-cors-headers); none are allowed by default.
 CORS_ALLOWED_ORIGINS = envlist("CORS_ALLOWED_ORIGINS")
+# A browser may send a start's Idempotency-Key too.
+CORS_ALLOW_HEADERS = (*cors_default_headers, "idempotency-key")
 
 # Behind TLS (directly or through a proxy that sets X-Forwarded-Proto).
 STRINGSIGHT_TLS = envbool("STRINGSIGHT_TLS", False)
@@ -326,7 +329,15 @@ STRINGSIGHT_USER_DAILY_BUDGET_USD = envfloat("STRINGSIGHT_USER_DAILY_BUDGET_USD"
 # and as many rows again ready to call.
 STRINGSIGHT_CHUNK_SIZE = envint("STRINGSIGHT_CHUNK_SIZE", 1000, minimum=1)
 STRINGSIGHT_CANCEL_POLL_SECONDS = envfloat("STRINGSIGHT_CANCEL_POLL_SECONDS", 0.05, minimum=0.01)
-STRINGSIGHT_LEASE_SECONDS = envint("STRINGSIGHT_LEASE_SECONDS", 300, minimum=2)
+# A claimed row's lease: its worker renews it (and its slot grant) four
+# times a lease, whatever its LLM calls are doing, so a living worker keeps
+# its rows through calls of any length while a dead one's rows go back to
+# work one lease after its last renewal.
+STRINGSIGHT_LEASE_SECONDS = envint("STRINGSIGHT_LEASE_SECONDS", 20, minimum=2)
+# How often some worker sweeps (returns expired rows, re-enqueues the work of
+# jobs whose workers died): every qcluster worker process offers to, and the
+# database lets one through per interval.
+STRINGSIGHT_SWEEP_SECONDS = envfloat("STRINGSIGHT_SWEEP_SECONDS", 5.0, minimum=0.1)
 # A row whose worker died this many times is failed instead of retried, so
 # one poisonous row cannot kill workers forever.
 STRINGSIGHT_MAX_LEASE_EXPIRIES = envint("STRINGSIGHT_MAX_LEASE_EXPIRIES", 3, minimum=1)

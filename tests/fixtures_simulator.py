@@ -83,4 +83,6 @@ def sim(llm_simulator):
     """The session's simulator with default options and an empty log."""
     llm_simulator.restore_defaults()
     llm_simulator.reset()
-    return llm_simulator
+    yield llm_simulator
+    # A paused simulator must not hold the calls of whatever runs next.
+    llm_simulator.restore_defaults()

@@ -148,13 +148,14 @@ def test_cors_allows_the_configured_origins(settings, api):
         "/extract/jobs/start",
         HTTP_ORIGIN="http://localhost:5173",
         HTTP_ACCESS_CONTROL_REQUEST_METHOD="POST",
-        HTTP_ACCESS_CONTROL_REQUEST_HEADERS="authorization,content-type",
+        HTTP_ACCESS_CONTROL_REQUEST_HEADERS="authorization,content-type,idempotency-key",
     )
     other = api.get("/extract/prompts", HTTP_ORIGIN="https://evil.example")
 
     assert allowed.headers["access-control-allow-origin"] == "http://localhost:5173"
     assert preflight.status_code == 200
-    assert "authorization" in preflight.headers["access-control-allow-headers"]
+    allowed_headers = preflight.headers["access-control-allow-headers"].split(", ")
+    assert {"authorization", "content-type", "idempotency-key"} <= set(allowed_headers)
     assert "access-control-allow-origin" not in other.headers
 
 

@@ -41,6 +41,7 @@ COUNT_DONE_JS = f"Number(document.querySelector({COUNT_DONE!r}).textContent)"
 
 pytestmark = [
     pytest.mark.e2e,
+    pytest.mark.browser,
     pytest.mark.django_db(transaction=True),
     pytest.mark.skipif(
         not CHROMIUM.exists(), reason="the browser tests need Debian's chromium (apt-get install -y chromium)"
@@ -88,7 +89,9 @@ def test_staff_watch_a_job_run_cancel_it_and_find_its_properties(
     page, live_server, qcluster, sim, api, airline_rows, django_user_model
 ):
     django_user_model.objects.create_superuser("root", password=PASSWORD)
-    sim.configure(latency_ms=300)
+    # 60 rows two at a time: half a minute, time enough to watch two
+    # counts; the simulator is then paused so the job runs until cancelled.
+    sim.configure(latency_ms=1000)
     started = api.post("/extract/jobs/start", {"rows": airline_rows[:60], "max_workers": 2}, format="json")
     job_id = started.json()["job_id"]
 
@@ -99,6 +102,7 @@ def test_staff_watch_a_job_run_cancel_it_and_find_its_properties(
     first = count_done(page)
     page.wait_for_function(f"(first) => {COUNT_DONE_JS} > first", arg=first, timeout=TIMEOUT_MS)
     second = count_done(page)
+    sim.configure(paused=True)
     bar_width, percent = page.evaluate(
         "() => [document.getElementById('job-progress-bar').style.width,"
         " document.getElementById('job-progress-percent').textContent]"

@@ -3,6 +3,8 @@ on one database, the Redis broker, and a 1,000-row job on SQLite."""
 
 import hashlib
 import os
+import time
+from collections import Counter, defaultdict
 
 import pytest
 import redis
@@ -10,8 +12,7 @@ from django_q.conf import Conf
 from django_q.models import Task
 
 from extraction.render import render_row
-from jobs import services
-from jobs.models import ExtractRow, Property
+from jobs.models import ExtractRow, Property, WorkerSlots
 from tests.factories import simple_rows
 from tests.test_e2e import status, wait_for
 
@@ -22,6 +23,9 @@ on_postgres = pytest.mark.skipif(
     "sqlite" in os.environ.get("DATABASE_URL", "sqlite"),
     reason="several clusters share one PostgreSQL database",
 )
+# The issue's promise is 30 s with default settings (BENCHMARKS.md measures
+# it); the tests allow twice that on a loaded machine.
+RECOVERED_WITHIN = 60
 
 
 def unique_rows(airline_rows: list[dict], copies: int) -> list[dict]:
@@ -60,25 +64,111 @@ def assert_every_row_stored_once(job_id, total: int) -> None:
     assert not properties.exclude(row__status="done").exists()
 
 
-def test_a_worker_killed_mid_job_is_recovered_without_duplicates(api, start_worker, sim, airline_rows):
+def workers_of(job_id) -> set[str]:
+    claimed = ExtractRow.objects.filter(job_id=job_id).values_list("claimed_by", flat=True)
+    return {worker.split(":")[0] for worker in claimed}
+
+
+def rows_by_status(job_id) -> dict[str, set[str]]:
+    """The rows' user-message hashes by status: read once a killed worker
+    is gone, what it left in the database."""
+    found = defaultdict(set)
+    for row_status, data in ExtractRow.objects.filter(job_id=job_id).values_list("status", "data"):
+        found[row_status].add(sha_of(data))
+    return found
+
+
+def assert_only_rows_in_flight_at_the_kill_were_sent_twice(requests, at_kill, killed_at) -> None:
+    sent = Counter(request["user_sha256"] for request in requests)
+    twice = {sha for sha, count in sent.items() if count > 1}
+    assert max(sent.values()) <= 2
+    # Only rows the dead worker held (in flight, or answered but not yet
+    # recorded) went to the LLM again; rows done or pending at the kill once.
+    assert twice <= at_kill["running"]
+    assert {sent[sha] for sha in at_kill["done"] | at_kill["pending"]} <= {1}
+    first_sent = {}
+    for request in requests:
+        first_sent.setdefault(request["user_sha256"], request["started_at"])
+    assert all(first_sent[sha] < killed_at for sha in twice)
+    # Every call the kill cut off was made again.
+    assert {request["user_sha256"] for request in requests if request["outcome"] == "aborted"} <= twice
+
+
+def test_a_killed_worker_is_replaced_within_seconds_with_default_settings(
+    api, start_worker, sim, airline_rows
+):
     sim.configure(latency_ms=300, jitter_ms=100)
-    first = start_worker("first", STRINGSIGHT_LEASE_SECONDS="3")
+    first = start_worker("first")
     job_id = start_job(api, airline_rows[:60], max_workers=6)
     wait_for(lambda: status(api, job_id)["count_done"] >= 10, timeout=60)
 
     first.kill()
-    done_before = list(ExtractRow.objects.filter(job_id=job_id, status="done").values_list("data", flat=True))
-    in_flight = ExtractRow.objects.filter(job_id=job_id, status="running").count()
-    services.ensure_sweep_schedule()  # due now: the new cluster's scheduler runs it on its first tick
-    start_worker("second", STRINGSIGHT_LEASE_SECONDS="3")
+    killed_at = time.time()
+    at_kill = rows_by_status(job_id)
+    start_worker("second")
+    final = wait_until_finished(api, job_id, timeout=RECOVERED_WITHIN - (time.time() - killed_at))
+
+    assert (final["state"], final["count_done"]) == ("done", 60)
+    assert at_kill["running"], "the worker held rows when it was killed"
+    assert_every_row_stored_once(job_id, 60)
+    assert_only_rows_in_flight_at_the_kill_were_sent_twice(sim.requests(), at_kill, killed_at)
+    rows = {sha_of(row.data): row for row in ExtractRow.objects.filter(job_id=job_id)}
+    assert {(rows[sha].claimed_by.split(":")[0], rows[sha].lease_expiries) for sha in at_kill["running"]} == {
+        ("second", 1)
+    }
+    assert final["properties_count"] == Property.objects.filter(job_id=job_id).count()
+
+
+@on_postgres
+def test_when_one_of_two_clusters_is_killed_the_other_finishes_its_rows(
+    api, start_worker, sim, airline_rows, settings
+):
+    settings.STRINGSIGHT_CHUNK_SIZE = 20
+    sim.configure(latency_ms=300, jitter_ms=100, paused=True)
+    alpha = start_worker("alpha", Q_WORKERS="1", STRINGSIGHT_CHUNK_SIZE="20")
+    start_worker("beta", Q_WORKERS="1", STRINGSIGHT_CHUNK_SIZE="20")
+    job_id = start_job(api, airline_rows, max_workers=8)
+    # Both clusters on the job before any answer comes back.
+    wait_for(lambda: workers_with_grants(job_id) == {"alpha", "beta"}, timeout=60)
+    sim.configure(paused=False)
+    wait_for(lambda: status(api, job_id)["count_done"] >= 10, timeout=60)
+
+    alpha.kill()
+    killed_at = time.time()
+    at_kill = rows_by_status(job_id)
+    final = wait_until_finished(api, job_id, timeout=RECOVERED_WITHIN)
+
+    assert (final["state"], final["count_done"]) == ("done", 100)
+    assert_every_row_stored_once(job_id, 100)
+    assert_only_rows_in_flight_at_the_kill_were_sent_twice(sim.requests(), at_kill, killed_at)
+    rows = {sha_of(row.data): row for row in ExtractRow.objects.filter(job_id=job_id)}
+    assert {rows[sha].claimed_by.split(":")[0] for sha in at_kill["running"] | at_kill["pending"]} <= {"beta"}
+
+
+def workers_with_grants(job_id) -> set[str]:
+    return {
+        worker.split(":")[0]
+        for worker in WorkerSlots.objects.filter(job_id=job_id).values_list("worker_id", flat=True)
+    }
+
+
+def test_a_worker_whose_calls_outlast_the_lease_keeps_its_rows(api, start_worker, sim, airline_rows):
+    sim.configure(latency_ms=6000)
+    # Leases of 3 s and a sweep every half second, which would take back
+    # any row whose lease ran out; calls of 6 s, and two rows waiting 6 s
+    # for a free slot.
+    worker = start_worker("slow", STRINGSIGHT_LEASE_SECONDS="3", STRINGSIGHT_SWEEP_SECONDS="0.5")
+    job_id = start_job(api, airline_rows[:4], max_workers=2)
+
     final = wait_until_finished(api, job_id, timeout=120)
 
-    assert (final["state"], final["count_done"] + final["count_failed"]) == ("done", 60)
-    assert in_flight > 0
-    assert_every_row_stored_once(job_id, 60)
-    sent = [request["user_sha256"] for request in sim.requests()]
-    assert [sent.count(sha_of(data)) for data in done_before] == [1] * len(done_before)
-    assert final["properties_count"] == Property.objects.filter(job_id=job_id).count()
+    assert (final["state"], final["count_done"]) == ("done", 4)
+    rows = list(ExtractRow.objects.filter(job_id=job_id))
+    assert {row.lease_expiries for row in rows} == {0}  # never released
+    requests = sim.requests()
+    assert sorted(Counter(request["user_sha256"] for request in requests).values()) == [1] * 4
+    assert min(request["ended_at"] - request["started_at"] for request in requests) > 5  # twice the lease
+    assert '"event": "leases_expired"' not in worker.log_path.read_text()
 
 
 @on_postgres
@@ -86,12 +176,15 @@ def test_two_clusters_share_one_job_without_extracting_a_row_twice(
     api, start_worker, sim, airline_rows, settings
 ):
     settings.STRINGSIGHT_CHUNK_SIZE = 20
-    sim.configure(latency_ms=150, jitter_ms=50)
+    sim.configure(latency_ms=150, jitter_ms=50, paused=True)
     # One worker process each: a cluster holds up to its workers + 2 tasks
     # (3 here), so the job's 10 tasks cannot all go to whichever polls first.
     for name in ("alpha", "beta"):
         start_worker(name, Q_WORKERS="1", STRINGSIGHT_CHUNK_SIZE="20")
     job_id = start_job(api, unique_rows(airline_rows, 2), max_workers=16)
+    # No answer comes back before both clusters are on the job.
+    wait_for(lambda: workers_with_grants(job_id) == {"alpha", "beta"}, timeout=60)
+    sim.configure(paused=False)
 
     final = wait_until_finished(api, job_id, timeout=120)
 
@@ -99,8 +192,7 @@ def test_two_clusters_share_one_job_without_extracting_a_row_twice(
     assert_every_row_stored_once(job_id, 200)
     sent = [request["user_sha256"] for request in sim.requests()]
     assert len(sent) == len(set(sent)) == 200  # no row was sent to the LLM twice
-    workers = {claimed.split(":")[0] for claimed in ExtractRow.objects.values_list("claimed_by", flat=True)}
-    assert workers == {"alpha", "beta"}
+    assert workers_of(job_id) == {"alpha", "beta"}
 
 
 @on_postgres
@@ -110,16 +202,19 @@ def test_a_cluster_started_while_a_job_runs_takes_part_in_it(api, start_worker, 
     start_worker("early", Q_WORKERS="2", STRINGSIGHT_CHUNK_SIZE="20")
     job_id = start_job(api, airline_rows[:100] + unique_rows(airline_rows[:20], 1), max_workers=8)
     wait_for(lambda: status(api, job_id)["count_done"] >= 10, timeout=60)
+    # Hold the job open (no answer comes back) until the late cluster is on it.
+    sim.configure(paused=True)
 
     # The job has 6 tasks; with django-q2's default queue_limit (workers
     # squared) the early cluster would have taken all of them ahead.
     start_worker("late", Q_WORKERS="2", STRINGSIGHT_CHUNK_SIZE="20")
+    wait_for(lambda: "late" in workers_with_grants(job_id), timeout=60)
+    sim.configure(paused=False, latency_ms=500)
     final = wait_until_finished(api, job_id, timeout=120)
 
     assert (final["state"], final["count_done"]) == ("done", 120)
     assert_every_row_stored_once(job_id, 120)
-    workers = {claimed.split(":")[0] for claimed in ExtractRow.objects.values_list("claimed_by", flat=True)}
-    assert workers == {"early", "late"}
+    assert workers_of(job_id) == {"early", "late"}
 
 
 @pytest.fixture
@@ -150,24 +245,26 @@ def test_with_the_redis_broker_a_task_lost_with_a_dead_worker_is_recovered(
     assert redis_broker.llen(f"django_q:{Conf.CLUSTER_NAME}:q") == 0  # alpha took the only task
 
     alpha.kill()
-    done_before = list(ExtractRow.objects.filter(job_id=job_id, status="done").values_list("data", flat=True))
-    services.ensure_sweep_schedule()
+    killed_at = time.time()
+    at_kill = rows_by_status(job_id)
     start_worker("beta", **overrides)
-    final = wait_until_finished(api, job_id, timeout=120)
+    final = wait_until_finished(api, job_id, timeout=RECOVERED_WITHIN)
 
     assert (final["state"], final["count_done"] + final["count_failed"]) == ("done", 40)
     assert_every_row_stored_once(job_id, 40)
-    sent = [request["user_sha256"] for request in sim.requests()]
-    assert [sent.count(sha_of(data)) for data in done_before] == [1] * len(done_before)
-    workers = {claimed.split(":")[0] for claimed in ExtractRow.objects.values_list("claimed_by", flat=True)}
-    assert workers == {"alpha", "beta"}
+    assert_only_rows_in_flight_at_the_kill_were_sent_twice(sim.requests(), at_kill, killed_at)
+    assert workers_of(job_id) == {"alpha", "beta"}
 
 
 def test_a_thousand_row_job_runs_without_database_lock_errors(api, qcluster, sim):
+    # The session's worker log holds earlier tests' lines too.
+    log_from = qcluster.log_path.stat().st_size
     job_id = start_job(api, simple_rows(1000), max_workers=16)
 
     final = wait_until_finished(api, job_id, timeout=180)
 
     assert (final["state"], final["count_done"]) == ("done", 1000)
-    assert "database is locked" not in qcluster.log_path.read_text()
+    with qcluster.log_path.open("rb") as log:
+        log.seek(log_from)
+        assert b"database is locked" not in log.read()
     assert not Task.objects.filter(success=False).exists()

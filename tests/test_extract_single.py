@@ -182,7 +182,11 @@ def test_an_answer_without_a_valid_property_reports_the_failure(api, llm):
     assert response.status_code == 200
     assert (body["properties"], body["counts"]) == ([], {"properties": 0})
     assert body["failures"] == ["no JSON found in the answer"]
-    assert body["error"] == "no valid property in the LLM answer: no JSON found in the answer"
+    # Asked twice, as a job's row is, before it fails.
+    assert body["error"] == (
+        "no valid property in the LLM answer, asked twice. "
+        "First answer: no JSON found in the answer. Second answer: no JSON found in the answer"
+    )
     job = ExtractJob.objects.get(pk=body["job_id"])
     assert (job.state, job.count_done, job.count_failed) == ("done", 0, 1)
 

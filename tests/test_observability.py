@@ -40,7 +40,7 @@ def test_each_job_and_row_event_is_one_json_line_with_the_job_id(user, sim, capl
     assert sorted(names[2:-1]) == ["row_done", "row_done", "row_failed"]
     assert {event["job_id"] for event in events} == {str(job.id)}
     failed = next(event for event in events if event["event"] == "row_failed")
-    assert (failed["row_index"], failed["attempts"]) == (1, 1)
+    assert (failed["row_index"], failed["attempts"]) == (1, 2)  # asked twice
     assert failed["error"].startswith("no valid property in the LLM answer")
     done = next(event for event in events if event["event"] == "row_done")
     assert done["properties"] >= 3
@@ -75,5 +75,5 @@ def test_health_reports_the_database_and_the_workers_last_sweep(client):
         {"heartbeat_age_seconds": None, "ok": False},
     )
     assert (fresh.status_code, fresh.json()["status"], fresh.json()["database"]) == (200, "ok", "ok")
-    assert fresh.json()["worker"]["heartbeat_age_seconds"] < 5
+    assert fresh.json()["worker"]["heartbeat_age_seconds"] < 30  # just swept (stale is a minute)
     assert (stale.status_code, stale.json()["status"]) == (503, "degraded")

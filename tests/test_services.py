@@ -111,7 +111,11 @@ def test_a_dead_workers_grant_is_given_back_after_a_lease_period(user, settings)
 
     assert services.slot_view(job_id=job.id).grants == {"alive": (0, True)}
     assert services.set_slots(job_id=job.id, worker_id="alive", slots=4, in_flight=0, wants=True) == 4
-    assert not WorkerSlots.objects.filter(worker_id="dead").exists()
+    # The sweep acts on the death (a living worker wants rows: nothing to
+    # enqueue), then forgets the grant.
+    assert services.jobs_with_dead_workers(now=timezone.now()) == {job.id}
+    assert services.sweep().requeued_jobs == 0
+    assert list(WorkerSlots.objects.values_list("worker_id", flat=True)) == ["alive"]
 
 
 def test_renewing_leases_keeps_the_grant_alive_and_release_gives_it_back(user, settings):

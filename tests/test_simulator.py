@@ -64,7 +64,7 @@ def fenced_json(content: str):
     return json.loads(re.search(r"```json\n(.*)\n```", content, re.DOTALL).group(1))
 
 
-def wait_until_ended(sim, timeout=2.0) -> list[dict]:
+def wait_until_ended(sim, timeout=30.0) -> list[dict]:
     deadline = time.monotonic() + timeout
     log = sim.requests()
     while any(r["ended_at"] is None for r in log) and time.monotonic() < deadline:
@@ -334,12 +334,15 @@ def test_latency_is_honoured(client, sim, configured, marker, expected):
     elapsed = time.monotonic() - started
 
     record = sim.requests()[0]
-    assert expected <= record["ended_at"] - record["started_at"] < expected + 0.15
-    assert expected <= elapsed < expected + 0.5
+    assert expected <= record["ended_at"] - record["started_at"]
+    assert expected <= elapsed
+    # Not, say, seconds for milliseconds; a busy machine may add a little.
+    assert elapsed < expected + 2.0
 
 
 def test_concurrent_calls_are_in_flight_together(sim):
-    sim.configure(latency_ms=100)
+    # Long enough for the five requests to arrive before the first answer, on a busy machine too.
+    sim.configure(latency_ms=1000)
 
     async def five_calls():
         async with openai.AsyncOpenAI(base_url=sim.base_url, api_key="sim-key", max_retries=0) as client:
@@ -358,7 +361,7 @@ def test_concurrent_calls_are_in_flight_together(sim):
 
 
 def test_cancelled_call_is_logged_as_aborted(sim):
-    sim.configure(latency_ms=5000)
+    sim.configure(latency_ms=60_000)
 
     async def cancelled_call():
         async with openai.AsyncOpenAI(base_url=sim.base_url, api_key="sim-key", max_retries=0) as client:
@@ -369,13 +372,12 @@ def test_cancelled_call_is_logged_as_aborted(sim):
                     ),
                     timeout=0.2,
                 )
-            return time.time()
 
-    aborted_at = asyncio.run(cancelled_call())
+    asyncio.run(cancelled_call())
 
     [record] = wait_until_ended(sim)
     assert (record["outcome"], record["status"]) == ("aborted", None)
-    assert abs(record["ended_at"] - aborted_at) < 0.2
+    assert record["ended_at"] - record["started_at"] < 30  # when the client left, not after 60 s
     assert sim.stats() == {
         "requests_total": 1,
         "in_flight": 0,
@@ -463,3 +465,58 @@ def test_command_exits_cleanly_on_sigterm():
 def test_serve_refuses_a_non_loopback_host():
     with pytest.raises(ValueError, match="loopback only"):
         asyncio.run(serve("0.0.0.0", 0))
+
+
+def test_bad_json_first_answers_a_requests_first_call_badly_and_the_second_well(client, sim):
+    sim.configure(rate_bad_json_first=1.0)
+
+    answers = [
+        ask(client, content).choices[0].message.content for content in (TRANSCRIPT, TRANSCRIPT, "other")
+    ]
+
+    assert not set("{}[]") & set(answers[0])
+    assert 3 <= len(fenced_json(answers[1])) <= 6
+    assert not set("{}[]") & set(answers[2])  # another request's first call
+    assert [r["outcome"] for r in sim.requests()] == ["bad_json", "ok", "bad_json"]
+    assert sim.config()["rate_bad_json_first"] == 1.0
+    sim.reset()  # forgets which requests were asked
+    assert not set("{}[]") & set(ask(client, TRANSCRIPT).choices[0].message.content)
+
+
+def test_a_paused_simulator_holds_answers_until_it_resumes(sim):
+    sim.configure(paused=True)
+
+    async def held_call():
+        async with openai.AsyncOpenAI(base_url=sim.base_url, api_key="sim-key", max_retries=0) as client:
+            call = asyncio.ensure_future(
+                client.chat.completions.create(
+                    model="sim-model", messages=[{"role": "user", "content": TRANSCRIPT}]
+                )
+            )
+            while sim.stats()["in_flight"] < 1:
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.3)  # a paused answer stays held, however long
+            held = not call.done()
+            resumed_at = time.time()
+            sim.configure(paused=False)
+            return held, resumed_at, await call
+
+    held, resumed_at, response = asyncio.run(held_call())
+
+    [record] = sim.requests()
+    assert held is True
+    assert response.choices[0].finish_reason == "stop"
+    assert (record["outcome"], record["started_at"] < resumed_at <= record["ended_at"]) == ("ok", True)
+
+
+def test_a_call_whose_client_leaves_while_paused_is_aborted(sim):
+    sim.configure(paused=True)
+
+    with (
+        openai.OpenAI(base_url=sim.base_url, api_key="sim-key", max_retries=0, timeout=0.3) as client,
+        pytest.raises(openai.APITimeoutError),
+    ):
+        ask(client, TRANSCRIPT)
+
+    [record] = wait_until_ended(sim)
+    assert (record["outcome"], record["status"]) == ("aborted", None)

@@ -1,5 +1,7 @@
 """The sweep repairs what dead workers leave behind."""
 
+import threading
+import time
 from datetime import timedelta
 from io import StringIO
 
@@ -8,8 +10,8 @@ from django.core.management import call_command
 from django.utils import timezone
 from django_q.models import OrmQ, Schedule
 
-from jobs import services
-from jobs.models import ExtractJob, ExtractRow
+from jobs import services, sweeper
+from jobs.models import ExtractJob, ExtractRow, Heartbeat, IdempotencyKey, WorkerSlots
 from tests.factories import done_outcome, make_job, simple_rows
 
 pytestmark = pytest.mark.django_db
@@ -162,3 +164,192 @@ def test_the_sweep_command_schedules_itself_and_reports(user):
     assert out.getvalue().strip() == (
         "released 0 rows, failed 0 rows, finished 0 jobs, re-enqueued work for 0 jobs"
     )
+
+
+def make_dead(job, worker_id: str, seconds_ago: float | None = None, *, settings) -> None:
+    """The worker stopped renewing its rows and grant a lease period ago (and more)."""
+    past = timezone.now() - timedelta(seconds=seconds_ago or settings.STRINGSIGHT_LEASE_SECONDS + 1)
+    ExtractRow.objects.filter(job=job, claimed_by=worker_id, status="running").update(lease_expires_at=past)
+    WorkerSlots.objects.filter(job=job, worker_id=worker_id).update(
+        renewed_at=past - timedelta(seconds=settings.STRINGSIGHT_LEASE_SECONDS)
+    )
+
+
+def test_a_claim_takes_the_rows_of_a_dead_worker_first_and_counts_their_expiry(user, settings):
+    job = running_job(user, rows=5)
+    services.claim_rows(job_id=job.id, worker_id="dead", limit=2)
+    services.claim_rows(job_id=job.id, worker_id="alive", limit=1)
+    make_dead(job, "dead", settings=settings)
+
+    taken = services.claim_rows(job_id=job.id, worker_id="new", limit=3).rows
+
+    assert [row.index for row in taken] == [0, 1, 3]
+    rows = ExtractRow.objects.filter(job=job).order_by("index")
+    assert [(row.status, row.claimed_by, row.lease_expiries) for row in rows] == [
+        ("running", "new", 1),
+        ("running", "new", 1),
+        ("running", "alive", 0),
+        ("running", "new", 0),
+        ("pending", "", 0),
+    ]
+
+
+def test_a_claim_never_takes_a_living_workers_rows(user):
+    job = running_job(user, rows=3)
+    services.claim_rows(job_id=job.id, worker_id="slow", limit=3)
+
+    claim = services.claim_rows(job_id=job.id, worker_id="other", limit=3)
+
+    assert (claim.rows, claim.pending_left) == ([], False)
+    assert set(ExtractRow.objects.values_list("claimed_by", "lease_expiries")) == {("slow", 0)}
+
+
+def test_a_claim_fails_a_row_that_outlived_too_many_workers_and_finishes_the_job(user, settings):
+    settings.STRINGSIGHT_MAX_LEASE_EXPIRIES = 2
+    job = running_job(user, rows=1)
+    services.claim_rows(job_id=job.id, worker_id="first", limit=1)
+    make_dead(job, "first", settings=settings)
+    assert [row.index for row in services.claim_rows(job_id=job.id, worker_id="second", limit=1).rows] == [0]
+    make_dead(job, "second", settings=settings)
+
+    claim = services.claim_rows(job_id=job.id, worker_id="third", limit=1)
+
+    job.refresh_from_db()
+    row = ExtractRow.objects.get(job=job)
+    assert (claim.rows, claim.job_running) == ([], False)
+    assert (row.status, row.lease_expiries, row.error) == (
+        "failed",
+        2,
+        "the worker extracting this row stopped responding 2 times",
+    )
+    assert (job.state, job.count_failed) == ("done", 1)
+
+
+def test_a_claim_renews_the_claiming_workers_grant(user, settings):
+    job = running_job(user, rows=4)
+    services.set_slots(job_id=job.id, worker_id="w", slots=2, in_flight=0, wants=True)
+    old = timezone.now() - timedelta(seconds=settings.STRINGSIGHT_LEASE_SECONDS - 1)
+    WorkerSlots.objects.update(renewed_at=old)
+
+    services.claim_rows(job_id=job.id, worker_id="w", limit=2)
+
+    assert WorkerSlots.objects.get().renewed_at > old + timedelta(seconds=1)
+
+
+def test_sweep_enqueues_the_work_of_a_job_whose_worker_died_at_once_and_once(user, settings):
+    settings.STRINGSIGHT_CHUNK_SIZE = 2
+    job = running_job(user, rows=5)
+    ExtractJob.objects.filter(pk=job.id).update(work_enqueued_at=timezone.now())  # its task: taken, now dead
+    services.set_slots(job_id=job.id, worker_id="dead", slots=8, in_flight=0, wants=True)
+    services.claim_rows(job_id=job.id, worker_id="dead", limit=3)
+    make_dead(job, "dead", settings=settings)
+
+    report = services.sweep()
+    again = services.sweep()
+
+    assert (report.released, report.requeued_jobs) == (3, 1)
+    assert OrmQ.objects.count() == 3  # 5 pending rows, 2 per task
+    assert not WorkerSlots.objects.exists()
+    assert again.requeued_jobs == 0  # the death was acted on; its task is queued
+    assert OrmQ.objects.count() == 3
+
+
+def test_sweep_leaves_a_dead_workers_rows_to_a_living_worker_still_taking_rows(user, settings):
+    job = running_job(user, rows=5)
+    services.set_slots(job_id=job.id, worker_id="dead", slots=4, in_flight=0, wants=True)
+    services.set_slots(job_id=job.id, worker_id="alive", slots=4, in_flight=0, wants=True)
+    services.claim_rows(job_id=job.id, worker_id="dead", limit=2)
+    make_dead(job, "dead", settings=settings)
+
+    report = services.sweep()
+
+    assert (report.released, report.requeued_jobs) == (2, 0)
+    assert OrmQ.objects.count() == 0
+    assert list(WorkerSlots.objects.values_list("worker_id", flat=True)) == ["alive"]
+    assert [row.index for row in services.claim_rows(job_id=job.id, worker_id="alive", limit=5).rows] == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
+
+
+def test_sweep_enqueues_work_when_the_only_living_worker_takes_no_more_rows(user, settings):
+    job = running_job(user, rows=4)
+    services.set_slots(job_id=job.id, worker_id="dead", slots=2, in_flight=0, wants=True)
+    services.claim_rows(job_id=job.id, worker_id="dead", limit=2)
+    services.set_slots(job_id=job.id, worker_id="finishing", slots=2, in_flight=2, wants=False)
+    services.claim_rows(job_id=job.id, worker_id="finishing", limit=2)
+    make_dead(job, "dead", settings=settings)
+
+    assert services.sweep().requeued_jobs == 1
+    assert OrmQ.objects.count() == 1
+
+
+def test_sweep_never_piles_tasks_on_a_job_waiting_in_the_queue(
+    user, settings, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks(execute=True):
+        job = make_job(user, simple_rows(3))
+
+    reports = [services.sweep(now=timezone.now() + timedelta(seconds=seconds)) for seconds in (0, 10, 60)]
+
+    assert [report.requeued_jobs for report in reports] == [0, 0, 0]
+    assert OrmQ.objects.count() == 1
+    assert ExtractJob.objects.get(pk=job.id).state == "queued"
+
+
+def test_sweep_if_due_lets_one_sweep_through_per_interval(user, settings):
+    settings.STRINGSIGHT_SWEEP_SECONDS = 5
+    start = timezone.now()
+
+    swept = [
+        services.sweep_if_due(now=start + timedelta(seconds=seconds)) is not None
+        for seconds in (0, 0, 4.9, 5.0, 5.1, 10.1)
+    ]
+
+    assert swept == [True, False, False, True, False, True]
+    assert Heartbeat.objects.get(name="sweep").at == start + timedelta(seconds=10.1)
+
+
+def test_sweep_forgets_idempotency_keys_after_a_day(user):
+    job = make_job(user)
+    now = timezone.now()
+    for key, age in (("old", timedelta(hours=24, seconds=1)), ("recent", timedelta(hours=23))):
+        IdempotencyKey.objects.create(owner=user, key=key, request_hash="h", job=job, created_at=now - age)
+
+    services.sweep(now=now)
+
+    assert list(IdempotencyKey.objects.values_list("key", flat=True)) == ["recent"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_workers_background_sweeps_return_a_dead_workers_rows_and_requeue_its_job(
+    user, settings, no_background_worker
+):
+    settings.STRINGSIGHT_SWEEP_SECONDS = 0.2
+    job = running_job(user, rows=3)
+    services.set_slots(job_id=job.id, worker_id="dead", slots=2, in_flight=0, wants=True)
+    services.claim_rows(job_id=job.id, worker_id="dead", limit=2)
+    make_dead(job, "dead", settings=settings)
+    queued_before = OrmQ.objects.count()
+    stop = threading.Event()
+    sweeps = threading.Thread(target=sweeper.sweep_until, args=(stop,))
+    sweeps.start()
+    try:
+        deadline = time.monotonic() + 60
+        while OrmQ.objects.count() == queued_before and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        sweeps.join()
+
+    assert OrmQ.objects.count() == queued_before + 1
+    rows = ExtractRow.objects.filter(job=job).order_by("index")
+    assert [(row.status, row.lease_expiries) for row in rows] == [
+        ("pending", 1),
+        ("pending", 1),
+        ("pending", 0),
+    ]
+    assert Heartbeat.objects.filter(name="sweep").exists()

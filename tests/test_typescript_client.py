@@ -15,10 +15,13 @@ from rest_framework.authtoken.models import Token
 
 CLIENT = Path(__file__).resolve().parent.parent / "clients" / "typescript"
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("node") is None or shutil.which("npm") is None,
-    reason="Node.js (node and npm) is not installed; the TypeScript client's tests need it",
-)
+pytestmark = [
+    pytest.mark.node,
+    pytest.mark.skipif(
+        shutil.which("node") is None or shutil.which("npm") is None,
+        reason="Node.js (node and npm) is not installed; the TypeScript client's tests need it",
+    ),
+]
 
 
 def npm(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> tuple[int, str]:
@@ -58,8 +61,10 @@ def node_modules():
 def test_typescript_client_suite_passes_against_a_live_server(
     live_server, qcluster, sim, node_modules, user, other_user, monkeypatch
 ):
-    # Slow enough that a job is still running when the suite cancels it.
-    sim.configure(latency_ms=200)
+    # Slow enough that a job is still running when the suite cancels it
+    # (the resume test cancels a 12-row job after its first row: 5 s
+    # later at 1 s a call, on however busy a machine).
+    sim.configure(latency_ms=1000)
     # The live server runs in this process: /extract/single calls the simulator too.
     monkeypatch.setenv("OPENAI_BASE_URL", sim.base_url)
     monkeypatch.setenv("OPENAI_API_KEY", "sim-key")

@@ -2,6 +2,8 @@
 paths under /extract/jobs/, served by one viewset. Views translate HTTP to
 service calls and back."""
 
+import hashlib
+import json
 import uuid
 
 from django.core.exceptions import ValidationError as DjangoValidationError
@@ -14,6 +16,7 @@ from rest_framework.pagination import CursorPagination
 from rest_framework.permissions import AllowAny
 from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
+from rest_framework.utils.encoders import JSONEncoder
 from rest_framework.views import APIView
 
 from extraction.prompts import PROMPT_NAMES, list_prompts
@@ -23,7 +26,7 @@ from ..models import ExtractJob, JobState
 from .errors import Conflict, DailyBudgetExceeded
 from .payloads import CALLER_INDEX, ROW_FIELDS, detail_payload, result_chunks, status_payload
 from .permissions import JobAPIPermission
-from .renderers import DOWNLOAD_FORMATS, CSVRenderer, JSONLRenderer, ParquetRenderer
+from .renderers import DOWNLOAD_FORMATS, CSVRenderer, ExplicitFormatFirst, JSONLRenderer, ParquetRenderer
 from .serializers import (
     CancelRequestSerializer,
     CancelResponseSerializer,
@@ -48,6 +51,26 @@ JOB_ID_QUERY = OpenApiParameter(
     "job_id", str, OpenApiParameter.QUERY, required=True, description="The job's UUID."
 )
 JOB_ID_PATH = OpenApiParameter("job_id", str, OpenApiParameter.PATH, description="The job's UUID.")
+IDEMPOTENCY_KEY = "Idempotency-Key"
+IDEMPOTENCY_KEY_HEADER = OpenApiParameter(
+    IDEMPOTENCY_KEY,
+    str,
+    OpenApiParameter.HEADER,
+    required=False,
+    description=(
+        "A key of your choosing (1-255 characters, e.g. a UUID) that makes a retried start safe: "
+        "a start with a key you (or, anonymously, any anonymous caller) used in the last 24 hours "
+        "answers 200 with that start's job and response instead of starting another job, or 409 "
+        "if its body differs."
+    ),
+)
+START_RESPONSES = {
+    201: JobStatusSerializer,
+    200: OpenApiResponse(JobStatusSerializer, description="A replayed start: the job the key started."),
+    409: ErrorSerializer,
+    429: ErrorSerializer,
+    **ERRORS,
+}
 
 
 class _Cursor(CursorPagination):
@@ -106,6 +129,7 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
     serializer_class = JobStatusSerializer
     permission_classes = [JobAPIPermission]
     throttle_scope = "job_start"
+    content_negotiation_class = ExplicitFormatFirst
 
     def get_throttles(self):
         # Only starting a job is throttled: polling status must never be.
@@ -131,24 +155,49 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
     @extend_schema(
         operation_id="jobs_start",
         summary="Start an extraction job",
+        parameters=[IDEMPOTENCY_KEY_HEADER],
         request=StartJobSerializer,
-        responses={201: JobStatusSerializer, 429: ErrorSerializer, **ERRORS},
+        responses=START_RESPONSES,
     )
     def create(self, request):
+        owner = request.user if request.user.is_authenticated else None
+        idempotency = idempotent_start(request)
+        if idempotency is not None:
+            # A replay is answered before the body is validated again.
+            replay = self.replay(owner, idempotency)
+            if replay is not None:
+                return replay
         serializer = StartJobSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        owner = request.user if request.user.is_authenticated else None
         try:
-            job = services.job_start(owner=owner, **serializer.validated_data)
+            if idempotency is None:
+                job = services.job_start(owner=owner, **serializer.validated_data)
+                return Response(status_payload(job), status=status.HTTP_201_CREATED)
+            started = services.job_start_once(
+                owner=owner, idempotency=idempotency, **serializer.validated_data
+            )
         except services.DailyBudgetExceeded as exc:
             raise DailyBudgetExceeded(str(exc)) from None
-        return Response(status_payload(job), status=status.HTTP_201_CREATED)
+        except services.IdempotencyKeyReused as exc:
+            raise Conflict(str(exc)) from None
+        return Response(
+            json.loads(started.answer),
+            status=status.HTTP_200_OK if started.replayed else status.HTTP_201_CREATED,
+        )
+
+    def replay(self, owner, idempotency: services.IdempotentStart) -> Response | None:
+        try:
+            earlier = services.start_replay(owner=owner, idempotency=idempotency)
+        except services.IdempotencyKeyReused as exc:
+            raise Conflict(str(exc)) from None
+        return None if earlier is None else Response(json.loads(earlier.answer), status=status.HTTP_200_OK)
 
     @extend_schema(
         operation_id="extract_jobs_start",
         summary="Start an extraction job (StringSight path)",
+        parameters=[IDEMPOTENCY_KEY_HEADER],
         request=StartJobSerializer,
-        responses={201: JobStatusSerializer, 429: ErrorSerializer, **ERRORS},
+        responses=START_RESPONSES,
     )
     def seed_start(self, request):
         return self.create(request)
@@ -396,6 +445,27 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
         response = StreamingHttpResponse(writer(records), content_type=exports.CONTENT_TYPES[download])
         response["Content-Disposition"] = f'attachment; filename="job-{job.id}-properties.{download}"'
         return response
+
+
+def idempotent_start(request) -> services.IdempotentStart | None:
+    """The start's Idempotency-Key, if it sent one, with its request's hash:
+    the media type and the raw body, whichever of the two start paths it
+    came by. Read before the body is parsed (the raw body is gone after)."""
+    key = request.headers.get(IDEMPOTENCY_KEY)
+    if key is None:
+        return None
+    if not key.strip():
+        raise ValidationError({IDEMPOTENCY_KEY: ["the header is empty; send a unique key, or no header"]})
+    if len(key) > 255:
+        raise ValidationError({IDEMPOTENCY_KEY: [f"{len(key)} characters is more than the limit of 255"]})
+    digest = hashlib.sha256(request.content_type.partition(";")[0].strip().lower().encode())
+    digest.update(b"\n")
+    digest.update(request.body)
+    return services.IdempotentStart(
+        key=key,
+        request_hash=digest.hexdigest(),
+        answer=lambda job: json.dumps(status_payload(job), cls=JSONEncoder),
+    )
 
 
 class PromptListView(APIView):

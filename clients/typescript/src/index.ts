@@ -89,6 +89,14 @@ export interface ResumeOptions {
   maxTotalTokens?: number | null;
 }
 
+export interface StartOptions {
+  /** Makes a retried start safe: a start sent again with a key used in the
+   * last 24 hours answers with the job that key started (and the answer it
+   * got) instead of starting another; with a different body it is a 409
+   * ApiError. 1 to 255 characters, e.g. `crypto.randomUUID()`, one per job. */
+  idempotencyKey?: string;
+}
+
 export interface PageOptions {
   pageSize?: number;
   cursor?: string;
@@ -164,6 +172,7 @@ interface SendOptions {
   /** A multipart body; fetch sets its Content-Type (with the boundary). */
   form?: FormData;
   accept?: string;
+  headers?: Record<string, string>;
 }
 
 function queryString(query: Record<string, QueryValue> = {}): string {
@@ -220,8 +229,9 @@ export interface Client {
   /** `POST /detect-and-validate`: upload a file of rows (.jsonl, .json, .csv,
    * .parquet); answers its method, validity, missing columns and a preview. */
   detectAndValidate(file: Blob, filename?: string): Promise<DetectResponse>;
-  /** `POST /extract/jobs/start`: start a job; answers its status (state `queued`). */
-  extractJobStart(body: StartJobBody): Promise<StartJobResponse>;
+  /** `POST /extract/jobs/start`: start a job; answers its status (state
+   * `queued`). With `idempotencyKey`, sending it again is safe. */
+  extractJobStart(body: StartJobBody, options?: StartOptions): Promise<StartJobResponse>;
   /** `GET /extract/jobs/status?job_id=`: state, progress and counters. */
   extractJobStatus(jobId: string): Promise<StatusResponse>;
   /** `GET /extract/jobs/result?job_id=`: every property once the job is done,
@@ -257,7 +267,7 @@ export function createClient(options: ClientOptions = {}): Client {
 
   async function send(method: string, path: string, request: SendOptions = {}): Promise<Response> {
     const { query, json, form, accept = "application/json" } = request;
-    const headers: Record<string, string> = { Accept: accept, ...options.headers };
+    const headers: Record<string, string> = { Accept: accept, ...options.headers, ...request.headers };
     if (options.token) headers.Authorization = `Token ${options.token}`;
     if (json !== undefined) headers["Content-Type"] = "application/json";
     const response = await fetchImpl(baseUrl + path + queryString(query), {
@@ -295,7 +305,11 @@ export function createClient(options: ClientOptions = {}): Client {
       else form.append("file", file, filename);
       return call("POST", "/detect-and-validate", { form });
     },
-    extractJobStart: (body) => call("POST", "/extract/jobs/start", { json: body }),
+    extractJobStart: (body, { idempotencyKey } = {}) =>
+      call("POST", "/extract/jobs/start", {
+        json: body,
+        headers: idempotencyKey === undefined ? {} : { "Idempotency-Key": idempotencyKey },
+      }),
     extractJobStatus: (jobId) => call("GET", "/extract/jobs/status", { query: { job_id: jobId } }),
     extractJobResult: (jobId) => call("GET", "/extract/jobs/result", { query: { job_id: jobId } }),
     extractJobCancel: (jobId) => call("POST", "/extract/jobs/cancel", { json: { job_id: jobId } }),

@@ -861,7 +861,10 @@ export interface operations {
     jobs_start: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description A key of your choosing (1-255 characters, e.g. a UUID) that makes a retried start safe: a start with a key you (or, anonymously, any anonymous caller) used in the last 24 hours answers 200 with that start's job and response instead of starting another job, or 409 if its body differs. */
+                "Idempotency-Key"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -871,6 +874,15 @@ export interface operations {
             };
         };
         responses: {
+            /** @description A replayed start: the job the key started. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["JobStatus"];
+                };
+            };
             201: {
                 headers: {
                     [name: string]: unknown;
@@ -904,6 +916,14 @@ export interface operations {
                 };
             };
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -1694,7 +1714,10 @@ export interface operations {
     extract_jobs_start: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description A key of your choosing (1-255 characters, e.g. a UUID) that makes a retried start safe: a start with a key you (or, anonymously, any anonymous caller) used in the last 24 hours answers 200 with that start's job and response instead of starting another job, or 409 if its body differs. */
+                "Idempotency-Key"?: string;
+            };
             path?: never;
             cookie?: never;
         };
@@ -1704,6 +1727,15 @@ export interface operations {
             };
         };
         responses: {
+            /** @description A replayed start: the job the key started. */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["JobStatus"];
+                };
+            };
             201: {
                 headers: {
                     [name: string]: unknown;
@@ -1737,6 +1769,14 @@ export interface operations {
                 };
             };
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -2,7 +2,7 @@
 //   STRINGSIGHT_BASE_URL    e.g. http://127.0.0.1:8000, with a worker running
 //   STRINGSIGHT_TOKEN       a user's API token
 //   STRINGSIGHT_OTHER_TOKEN another user's token (their jobs must stay hidden)
-// Jobs need an LLM slow enough to cancel mid-run (the simulator at 200 ms a call).
+// Jobs need an LLM slow enough to cancel mid-run (the simulator at 1 s a call).
 import assert from "node:assert/strict";
 import { randomUUID } from "node:crypto";
 import { after, before, describe, test } from "node:test";
@@ -230,6 +230,22 @@ describe("bad input", () => {
     const error = await apiError(stranger.listJobs());
 
     assert.deepEqual([error.status, error.detail], [401, "Invalid token."]);
+  });
+});
+
+describe("a start sent again with its idempotencyKey", () => {
+  test("answers with the job the key started; another body with that key is a 409 ApiError", async () => {
+    const key = randomUUID();
+    const body = { rows: rows(2, "retried"), max_workers: 1, use_cache: false };
+    const first = await extractJobStart(body, { idempotencyKey: key });
+    started.push(first.job_id);
+
+    const again = await extractJobStart(body, { idempotencyKey: key });
+    const other = await apiError(extractJobStart({ ...body, max_workers: 2 }, { idempotencyKey: key }));
+
+    assert.deepEqual(again, first);
+    assert.deepEqual([other.status, other.code], [409, "conflict"]);
+    assert.match(other.detail, /^Idempotency-Key: this key started a job with a different request/);
   });
 });
 

@@ -55,9 +55,10 @@ export async function seedUsage(): Promise<void> {
 }
 
 export async function typedUsage(): Promise<void> {
-  const { job_id } = await extractJobStart({
-    rows: [{ prompt: "What is 2+2?", model: "demo", model_response: [{ role: "assistant", content: "5" }] }],
-  });
+  const { job_id } = await extractJobStart(
+    { rows: [{ prompt: "What is 2+2?", model: "demo", model_response: [{ role: "assistant", content: "5" }] }] },
+    { idempotencyKey: crypto.randomUUID() },
+  );
   const detail = await getJob(job_id);
   const outcomes: number = detail.outcomes.done + detail.outcomes.cancelled;
   const page = await listJobs({ state: "done", model: "gpt-4o-mini", created_after: new Date(), page_size: 10 });

@@ -96,3 +96,18 @@ test("detectAndValidate posts the file as multipart field `file`, with no JSON c
   const file = call.init.body.get("file");
   assert.deepEqual([file.name, await file.text()], ["rows.json", "{}"]);
 });
+
+test("an idempotencyKey is sent as the Idempotency-Key header, and only when given", async () => {
+  const ok = () => Response.json({ job_id: "j", state: "queued" }, { status: 201 });
+  const sent = recording(ok);
+  const client = createClient({ baseUrl: "http://api.invalid", token: "t", fetch: sent.fetch });
+
+  await client.extractJobStart({ rows: [] }, { idempotencyKey: "retry-7" });
+  await client.extractJobStart({ rows: [] });
+
+  const [keyed, plain] = sent.calls;
+  assert.deepEqual([keyed.url, keyed.init.method], ["http://api.invalid/extract/jobs/start", "POST"]);
+  assert.equal(keyed.init.headers["Idempotency-Key"], "retry-7");
+  assert.equal(keyed.init.headers.Authorization, "Token t");
+  assert.equal("Idempotency-Key" in plain.init.headers, false);
+});

@@ -23,6 +23,12 @@ class Command(BaseCommand):
         parser.add_argument("--jitter-ms", type=float, default=defaults.jitter_ms)
         for rate in ("rate-429", "rate-500", "rate-bad-json", "rate-truncated", "rate-refusal"):
             parser.add_argument(f"--{rate}", type=float, default=0.0, help="probability per request")
+        parser.add_argument(
+            "--rate-bad-json-first",
+            type=float,
+            default=0.0,
+            help="probability that a request's first call (by its user message) answers bad JSON",
+        )
         parser.add_argument("--retry-after", type=int, default=defaults.retry_after, help="seconds, on 429")
         parser.add_argument("--seed", type=int, default=defaults.seed)
         parser.add_argument("--api-key", default=None, help="require this bearer token (default: any)")
@@ -39,8 +45,9 @@ class Command(BaseCommand):
     def handle(self, *args, host, port, **options):
         try:
             loopback_host(host)
+            # Options without a flag (paused) are set at run time through /_sim/config.
             simulator_options = SimulatorOptions(
-                **{name: options[name] for name in SimulatorOptions().as_dict()}
+                **{name: options[name] for name in SimulatorOptions().as_dict() if name in options}
             )
         except ValueError as exc:
             raise CommandError(str(exc)) from exc

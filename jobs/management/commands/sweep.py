@@ -6,7 +6,7 @@ from jobs import services
 class Command(BaseCommand):
     help = (
         "Return rows of dead workers to pending, finish complete jobs and re-enqueue stalled ones "
-        "(the periodic schedule does this every minute)."
+        "(running workers do this every few seconds)."
     )
 
     def handle(self, *args, **options):

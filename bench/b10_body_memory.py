@@ -2,7 +2,7 @@
 byte of body, for real transcripts and for the hostile body
 `{"rows": [{}, {}, …]}`, and what it keeps after answering.
 
-    python bench/b8_body_memory.py --db postgres [--rows N] [--hostile-mb N] [--smoke]
+    python bench/b10_body_memory.py --db postgres [--rows N] [--hostile-mb N] [--smoke]
 
 Each body is sent to a gunicorn with one worker process; the worker's peak
 RSS (VmHWM, reset before each request through /proc/PID/clear_refs) and its
@@ -66,7 +66,7 @@ def run(session: harness.Session, args) -> Report:
     workers, session.web_workers = session.web_workers, 1
     real = start_body(airline_rows(rows))
     hostile = b'{"rows": [' + b",".join([b"{}"] * (hostile_mb * MB // 3)) + b"]}"
-    report = Report(f"#8 memory per request ({session.kind})", smoke=args.smoke)
+    report = Report(f"#10 memory per request ({session.kind})", smoke=args.smoke)
     session.describe(report)
     report.setting("real body", f"{rows:,} airline transcripts, {len(real) / MB:,.1f} MiB")
     report.setting("hostile body", f'{{"rows": [{{}}, {{}}, …]}}, {len(hostile) / MB:,.1f} MiB')

@@ -1,0 +1,45 @@
+"""Sweeps from the background of every qcluster worker process.
+
+django-q2 runs schedules at most once a minute, from a scheduler that looks
+every 30 s or so, which left a dead worker's rows idle for up to 90 s after
+their lease ran out. Instead each worker process offers to sweep twice per
+STRINGSIGHT_SWEEP_SECONDS, on a thread of its own (idle or busy with a
+task), and the database lets one offer through per interval
+(services.sweep_if_due).
+"""
+
+import logging
+import random
+import threading
+
+from django.conf import settings
+from django.db import connection
+
+from . import services
+
+log = logging.getLogger(__name__)
+
+
+def start_background_sweeps(**kwargs) -> threading.Thread:
+    """Connected to django-q2's post_spawn, sent in each new worker process."""
+    thread = threading.Thread(target=sweep_until, name="stringsight-sweeps", daemon=True)
+    thread.start()
+    return thread
+
+
+def sweep_until(stop: threading.Event | None = None) -> None:
+    """Offer to sweep every half interval until `stop` is set (in a worker
+    process: until it exits)."""
+    stop = stop or threading.Event()
+    interval = settings.STRINGSIGHT_SWEEP_SECONDS / 2
+    # Spread the offers of processes that started together.
+    waited = stop.wait(random.uniform(0, interval))
+    while not waited:
+        try:
+            services.sweep_if_due()
+        except Exception:
+            # The database may be away for a while; the sweeps go on.
+            log.exception("background sweep failed")
+            connection.close()  # a fresh connection next time
+        waited = stop.wait(interval)
+    connection.close()
