@@ -5,9 +5,9 @@ row results, and the full JSONL export streams in <= 3 s with bounded memory.
     python bench/b4_status_export.py --db postgres [--rows N] [--properties N] [--smoke]
 
 Running that job through workers would take long, so the job is started
-with the real `services.job_start`, its properties are written with
+with the real `lifecycle.job_start`, its properties are written with
 bulk_create, and a writer process claims and records the remaining rows
-with the real `services.claim_rows` and `services.record_row_result`. The
+with the real `claims.claim_rows` and `claims.record_row_results`. The
 export uses `GET /api/jobs/{id}/properties/?format=jsonl` when it answers
 200, else `jobs.exports` in a fresh process (the output says which).
 """
@@ -80,11 +80,11 @@ def seed_job(*, rows: int, properties: int, done_rows: int) -> dict:
     from django.db import transaction
     from django.utils import timezone
 
-    from jobs import services
     from jobs.models import ExtractJob, ExtractRow, Property, RowStatus
+    from jobs.services import lifecycle
 
     owner = get_user_model().objects.get(username="bench")
-    params = services.JobParams(
+    params = lifecycle.JobParams(
         method="single_model",
         system_prompt="default",
         resolved_system_prompt="You extract behavioural properties.",
@@ -96,9 +96,9 @@ def seed_job(*, rows: int, properties: int, done_rows: int) -> dict:
         max_workers=64,
     )
     started = time.perf_counter()
-    job = services.job_start(owner=owner, rows=synthetic_rows(rows), params=params)
+    job = lifecycle.job_start(owner=owner, rows=synthetic_rows(rows), params=params)
     start_seconds = time.perf_counter() - started
-    services.job_mark_running(job_id=job.id)
+    lifecycle.job_mark_running(job_id=job.id)
 
     per_row, extra = divmod(properties, done_rows)
     started = time.perf_counter()
@@ -136,8 +136,8 @@ def write_results(job_id: str, rate: float) -> dict:
     `rate` rows/s, until the job stops running or SIGTERM arrives. It leaves
     the job's last row alone, so the job runs until the benchmark cancels it."""
     from extraction.extract import RowOutcome
-    from jobs import services
     from jobs.models import ExtractJob
+    from jobs.services import claims
 
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
@@ -147,7 +147,7 @@ def write_results(job_id: str, rate: float) -> dict:
     next_at = started
     last_index = ExtractJob.objects.get(pk=job_id).count_total - 1
     while not stopping:
-        claim = services.claim_rows(job_id=job_id, worker_id=worker_id, limit=64)
+        claim = claims.claim_rows(job_id=job_id, worker_id=worker_id, limit=64)
         if not claim.job_running or not claim.rows:
             break
         for row in claim.rows:
@@ -163,9 +163,10 @@ def write_results(job_id: str, rate: float) -> dict:
                 completion_tokens=500,
                 attempts=1,
             )
-            if not services.record_row_result(
-                job_id=job_id, row_id=row.id, row_index=row.index, worker_id=worker_id, outcome=outcome
-            ):
+            recorded_now = claims.record_row_results(
+                job_id=job_id, worker_id=worker_id, results=[(row, outcome)]
+            )
+            if not recorded_now.stored:
                 stopping.append(True)
                 break
             recorded += 1

@@ -40,8 +40,8 @@ def build_parser():
 def run(session: harness.Session, args) -> Report:
     from django.db.models import Count
 
-    from jobs import services
     from jobs.models import ExtractJob, ExtractRow, Property
+    from jobs.services import recovery
 
     total = harness.sized(args, "rows", 1000, 40)
     workers = harness.sized(args, "workers", 2, 1)
@@ -68,7 +68,7 @@ def run(session: harness.Session, args) -> Report:
                 kills.append((time.time(), time.monotonic() - started, done_before))
         # A new worker recovers the job: the sweep (due now) returns the dead
         # workers' rows once their leases run out and re-enqueues the work.
-        services.ensure_sweep_schedule()
+        recovery.ensure_sweep_schedule()
         with session.cluster(workers, **SETTINGS):
             final = api.wait_finished(job_id, timeout=1800)
     elapsed = time.monotonic() - started

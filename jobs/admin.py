@@ -1,5 +1,5 @@
 """The staff admin. Nothing here edits a job: the pages are read-only, and a
-cancel goes through `services.job_cancel`, as the API's does. On a job the
+cancel goes through `lifecycle.job_cancel`, as the API's does. On a job the
 change permission is the right to cancel it."""
 
 import math
@@ -21,10 +21,11 @@ from django.utils.decorators import method_decorator
 from django.utils.html import format_html
 from django.views.decorators.http import require_GET, require_POST
 
-from . import exports, services
+from . import exports
 from .api.throttling import client_address
 from .formatting import format_cost, format_duration, job_id_search
 from .models import ExtractJob, ExtractRow, JobState, Property
+from .services import access, lifecycle, throttle
 
 
 class LimitedAdminLoginForm(AdminAuthenticationForm):
@@ -34,9 +35,9 @@ class LimitedAdminLoginForm(AdminAuthenticationForm):
     so a password cannot be guessed at speed."""
 
     def clean(self):
-        rate = services.Rate.parse(settings.STRINGSIGHT_ADMIN_LOGIN_RATE)
+        rate = throttle.Rate.parse(settings.STRINGSIGHT_ADMIN_LOGIN_RATE)
         ident = f"{(self.cleaned_data.get('username') or '').lower()}|{client_address(self.request)}"
-        wait = services.throttle_wait(scope="admin_login", ident=ident, rate=rate)
+        wait = throttle.throttle_wait(scope="admin_login", ident=ident, rate=rate)
         if wait is not None:
             raise ValidationError(
                 f"Too many failed sign-ins for this username from your address: try again in "
@@ -46,7 +47,7 @@ class LimitedAdminLoginForm(AdminAuthenticationForm):
         try:
             return super().clean()
         except ValidationError:
-            services.throttle_take(scope="admin_login", ident=ident, rate=rate)
+            throttle.throttle_take(scope="admin_login", ident=ident, rate=rate)
             raise
 
 
@@ -181,13 +182,11 @@ class ExtractJobAdmin(ReadOnlyAdmin):
         may_cancel = self.has_view_permission(request) and request.user.has_perm(
             f"{self.opts.app_label}.{codename}"
         )
-        return may_cancel and (obj is None or services.may_change(request.user, obj))
+        return may_cancel and (obj is None or access.may_change(request.user, obj))
 
     def get_queryset(self, request):
         # The jobs the API shows this user: with the view permission, everyone's.
-        return (
-            super().get_queryset(request).filter(pk__in=services.jobs_visible_to(request.user).values("pk"))
-        )
+        return super().get_queryset(request).filter(pk__in=access.jobs_visible_to(request.user).values("pk"))
 
     @admin.display(description="id", ordering="id")
     def short_id(self, job):
@@ -229,9 +228,7 @@ class ExtractJobAdmin(ReadOnlyAdmin):
 
     @admin.action(description="Cancel selected jobs", permissions=["cancel"])
     def cancel_jobs(self, request, queryset):
-        outcomes = [
-            services.job_cancel(job=job) for job in queryset if services.may_change(request.user, job)
-        ]
+        outcomes = [lifecycle.job_cancel(job=job) for job in queryset if access.may_change(request.user, job)]
         cancelled = sum(outcome.cancelled_now for outcome in outcomes)
         self.message_user(
             request,
@@ -278,7 +275,7 @@ class ExtractJobAdmin(ReadOnlyAdmin):
         job = self.find_job(request, object_id)
         if not self.has_cancel_permission(request, job):
             raise PermissionDenied
-        outcome = services.job_cancel(job=job)
+        outcome = lifecycle.job_cancel(job=job)
         if outcome.cancelled_now:
             self.message_user(
                 request, f"Job cancelled; {outcome.job.properties_count} properties kept.", messages.SUCCESS

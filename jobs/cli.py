@@ -15,10 +15,11 @@ from django.contrib.auth.hashers import make_password
 from django.core.management.base import CommandError
 from django.db import connection
 
-from . import exports, rowfiles, services
+from . import exports, rowfiles
 from .formatting import format_cost, format_duration, job_id_search
 from .models import ExtractJob, ExtractRow, JobState, Property, RowStatus
 from .runner import ChunkRunner, RunnerSettings
+from .services import lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ class InlineRunner(threading.Thread):
 
     def run(self) -> None:
         try:
-            services.job_mark_running(job_id=self.job_id)
+            lifecycle.job_mark_running(job_id=self.job_id)
             config = RunnerSettings.from_django()
             while self._work_left():
                 ChunkRunner(self.job_id, config).run()
@@ -135,7 +136,7 @@ class InlineRunner(threading.Thread):
 
     def _work_left(self) -> bool:
         return (
-            services.job_state(job_id=self.job_id) == JobState.RUNNING
+            lifecycle.job_state(job_id=self.job_id) == JobState.RUNNING
             and ExtractRow.objects.filter(job_id=self.job_id, status=RowStatus.PENDING).exists()
         )
 

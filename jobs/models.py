@@ -249,7 +249,7 @@ class WorkerSlots(models.Model):
     """How many of a job's max_workers LLM calls one worker may have in
     flight. The grants of a job's workers never add up to more than its
     max_workers: a worker raises its own only with the job row locked, and
-    starts no call beyond it (see services.set_slots)."""
+    starts no call beyond it (see grants.set_slots)."""
 
     job = models.ForeignKey(ExtractJob, on_delete=models.CASCADE, related_name="worker_slots")
     worker_id = models.CharField(max_length=150)

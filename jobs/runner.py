@@ -40,8 +40,8 @@ from extraction.extract import (
 from extraction.llm import CallSettings, LLMCallError, make_client
 from extraction.prompts import response_format
 
-from . import services
 from .models import ExtractJob, JobState
+from .services import cache, claims, grants, lifecycle, sql
 
 log = logging.getLogger(__name__)
 
@@ -141,11 +141,11 @@ class _CallPool:
         self._cap = 0
         self._stopped = False
         self._in_flight = 0
-        self._reserve: collections.deque[tuple[services.ClaimedRow, Call]] = collections.deque()
+        self._reserve: collections.deque[tuple[sql.ClaimedRow, Call]] = collections.deque()
 
     # From the database thread.
 
-    def add(self, calls: list[tuple[services.ClaimedRow, Call]]) -> None:
+    def add(self, calls: list[tuple[sql.ClaimedRow, Call]]) -> None:
         with self._lock:
             if self._stopped:
                 return
@@ -187,7 +187,7 @@ class _CallPool:
                 self._in_flight += 1
             self._loop.create_task(call()).add_done_callback(functools.partial(self._done, row))
 
-    def _done(self, row: services.ClaimedRow, task: asyncio.Task) -> None:
+    def _done(self, row: sql.ClaimedRow, task: asyncio.Task) -> None:
         # The result is queued before the call stops counting as in flight,
         # so a runner that sees nothing in flight has every result queued.
         if not task.cancelled():
@@ -238,7 +238,7 @@ class ChunkRunner:
             # Cancelling the tasks closes their connections before we return.
             self.loop_thread.close(self.client)
             try:
-                services.release_slots(job_id=self.job_id, worker_id=self.worker_id)
+                grants.release_slots(job_id=self.job_id, worker_id=self.worker_id)
             except DatabaseError:
                 # Not to hide why the task ended; the grant lapses with its leases.
                 log.exception("job %s worker %s: could not give back its slots", self.job_id, self.worker_id)
@@ -255,7 +255,7 @@ class ChunkRunner:
         poll = self.config.poll_seconds
         pending_left = True
         cap = 0
-        arrived: list[tuple[services.ClaimedRow, RowOutcome | BaseException]] = []
+        arrived: list[tuple[sql.ClaimedRow, RowOutcome | BaseException]] = []
         started = last_lease = time.monotonic()
         last_sync = last_record = started - poll
         while True:
@@ -270,14 +270,14 @@ class ChunkRunner:
                 last_sync = now
                 cap = self._sync_slots(wants=may_claim or waiting > 0)
                 if cap is None:
-                    return f"the job is {services.job_state(job_id=self.job_id)}"
+                    return f"the job is {lifecycle.job_state(job_id=self.job_id)}"
             if may_claim and cap > 0:
                 # Keep as many rows again ready to call, claimed half a grant
                 # at a time: a claim costs a transaction.
                 ready = cap if self.keeps_rows_ready else 0
                 wanted = cap + ready - in_flight - waiting
                 if wanted >= max(1, cap // 2) or not (in_flight or waiting):
-                    claim = services.claim_rows(job_id=self.job_id, worker_id=self.worker_id, limit=wanted)
+                    claim = claims.claim_rows(job_id=self.job_id, worker_id=self.worker_id, limit=wanted)
                     if not claim.job_running:
                         return "the job stopped running"
                     pending_left = claim.pending_left
@@ -312,15 +312,15 @@ class ChunkRunner:
             # The heartbeat: on this thread's clock, whatever the calls are
             # doing (a call may outlast a lease); the loop comes round at
             # least every poll interval.
-            if time.monotonic() - last_lease >= self.config.lease_seconds / services.RENEWALS_PER_LEASE:
+            if time.monotonic() - last_lease >= self.config.lease_seconds / claims.RENEWALS_PER_LEASE:
                 last_lease = time.monotonic()
-                services.renew_leases(job_id=self.job_id, worker_id=self.worker_id)
+                claims.renew_leases(job_id=self.job_id, worker_id=self.worker_id)
 
     def _sync_slots(self, *, wants: bool) -> int | None:
         """Read the job's grants, take this worker's fair share of its
         max_workers (as the others' shares free up) and return how many
         calls it may have in flight; None once the job stopped running."""
-        view = services.slot_view(job_id=self.job_id)
+        view = grants.slot_view(job_id=self.job_id)
         if view is None:
             return None
         share = view.fair_share(self.worker_id, wants=wants)
@@ -329,7 +329,7 @@ class ChunkRunner:
         wanted = max(share, in_flight)
         granted = view.grants.get(self.worker_id, (None, None))
         if granted != (wanted, wants):
-            slots = services.set_slots(
+            slots = grants.set_slots(
                 job_id=self.job_id, worker_id=self.worker_id, slots=wanted, in_flight=in_flight, wants=wants
             )
             if slots is None:
@@ -340,12 +340,12 @@ class ChunkRunner:
         self.pool.set_cap(cap)
         return cap
 
-    def _dispatch(self, rows: list[services.ClaimedRow]) -> str | None:
+    def _dispatch(self, rows: list[sql.ClaimedRow]) -> str | None:
         """Answer rows from the completion cache where it can, and start an
         LLM call for every other row."""
         prepared = [(row, build_messages(row.data, self.spec)) for row in rows]
         keys = {row.id: self.cache_keys.key(messages) for row, messages in prepared}
-        hits = services.cached_answers(keys=list(keys.values())) if self.job.use_cache else {}
+        hits = cache.cached_answers(keys=list(keys.values())) if self.job.use_cache else {}
         answered, calls = [], []
         for row, messages in prepared:
             key = keys[row.id]
@@ -359,7 +359,7 @@ class ChunkRunner:
         self.pool.add(calls)
         return self._record(answered)
 
-    def _call(self, row: services.ClaimedRow, messages: list[dict], key: str) -> Awaitable[RowOutcome]:
+    def _call(self, row: sql.ClaimedRow, messages: list[dict], key: str) -> Awaitable[RowOutcome]:
         return extract_row(
             self.client, row.data, question_id=row.question_id, spec=self.spec, messages=messages, key=key
         )
@@ -384,7 +384,7 @@ class ChunkRunner:
                 # Fatal for the job (bad credentials, unknown model): keep
                 # what arrived with it, then end the job.
                 self._record(results)
-                services.job_fail(job_id=self.job_id, error=str(answer))
+                lifecycle.job_fail(job_id=self.job_id, error=str(answer))
                 return f"the job failed: {answer}"
             if isinstance(answer, BaseException):
                 log.error("job %s row %d: extraction crashed", self.job_id, row.index, exc_info=answer)
@@ -395,13 +395,13 @@ class ChunkRunner:
                 results.append((row, answer))
         return self._record(results)
 
-    def _record(self, results: list[tuple[services.ClaimedRow, RowOutcome]]) -> str | None:
+    def _record(self, results: list[tuple[sql.ClaimedRow, RowOutcome]]) -> str | None:
         if not results:
             return None
-        recorded = services.record_row_results(
+        recorded = claims.record_row_results(
             job_id=self.job_id, worker_id=self.worker_id, results=results, model_name=self.job.model_name
         )
         self.recorded += recorded.stored
         if recorded.job_running:
             return None
-        return f"the job is {services.job_state(job_id=self.job_id)}"
+        return f"the job is {lifecycle.job_state(job_id=self.job_id)}"

@@ -23,9 +23,9 @@ from typing import Any
 from extraction.extract import CacheKeys, RowOutcome, build_messages, extract_row, outcome_from_answer
 from extraction.llm import LLMCallError, make_client
 
-from . import services
 from .models import ExtractJob, JobState
 from .runner import RunnerSettings, extraction_spec
+from .services import cache, claims, lifecycle, sql
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +59,14 @@ def extract_single(
     *,
     owner,
     row: dict[str, Any],
-    params: services.JobParams,
+    params: lifecycle.JobParams,
     encoded_row: str,
     hung_up: Callable[[], bool] = lambda: False,
     config: RunnerSettings | None = None,
 ) -> SingleResult:
     config = config or RunnerSettings.from_django()
     worker_id = f"web:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    job, claimed = services.single_row_start(
+    job, claimed = lifecycle.single_row_start(
         owner=owner, row=row, params=params, encoded_row=encoded_row, worker_id=worker_id
     )
     if claimed is None:
@@ -74,19 +74,19 @@ def extract_single(
     try:
         outcome, ended = _extract(job, claimed, config, worker_id, hung_up)
     except LLMCallError as exc:
-        failed = services.job_fail(job_id=job.id, error=str(exc))
+        failed = lifecycle.job_fail(job_id=job.id, error=str(exc))
         job.refresh_from_db()
         # Not failed: a cancel got there first.
         return SingleResult(job=job, ended=Ended.LLM_FAILED if failed else Ended.CANCELLED)
     except BaseException as exc:
         # The job must not stay running with nobody working on it.
-        services.job_fail(job_id=job.id, error=f"internal error while extracting: {type(exc).__name__}")
+        lifecycle.job_fail(job_id=job.id, error=f"internal error while extracting: {type(exc).__name__}")
         raise
     if ended == Ended.HUNG_UP:
-        services.job_cancel(job=job)
+        lifecycle.job_cancel(job=job)
         log.info("job %s: the client hung up; the extraction was cancelled", job.id)
     elif outcome is not None:
-        recorded = services.record_row_results(
+        recorded = claims.record_row_results(
             job_id=job.id, worker_id=worker_id, results=[(claimed, outcome)], model_name=job.model_name
         )
         if not recorded.stored:
@@ -97,7 +97,7 @@ def extract_single(
 
 def _extract(
     job: ExtractJob,
-    row: services.ClaimedRow,
+    row: sql.ClaimedRow,
     config: RunnerSettings,
     worker_id: str,
     hung_up: Callable[[], bool],
@@ -105,7 +105,7 @@ def _extract(
     spec = extraction_spec(job, config)
     messages = build_messages(row.data, spec)
     key = CacheKeys(spec, base_url=config.base_url).key(messages)
-    if job.use_cache and (answer := services.cached_answers(keys=[key]).get(key)) is not None:
+    if job.use_cache and (answer := cache.cached_answers(keys=[key]).get(key)) is not None:
         return outcome_from_answer(answer, row.data, question_id=row.question_id, spec=spec), Ended.RECORDED
     deadline = time.monotonic() + deadline_seconds(config)
     loop = asyncio.new_event_loop()
@@ -124,14 +124,14 @@ def _extract(
                 return call.result(), Ended.RECORDED
             if hung_up():
                 return None, Ended.HUNG_UP
-            if services.job_state(job_id=job.id) != JobState.RUNNING:
+            if lifecycle.job_state(job_id=job.id) != JobState.RUNNING:
                 return None, Ended.CANCELLED
             if time.monotonic() >= deadline:
                 return _timed_out(config), Ended.TIMED_OUT
             if time.monotonic() - last_lease >= config.lease_seconds / 3:
                 # So that the sweep never takes the row for a dead worker's.
                 last_lease = time.monotonic()
-                services.renew_leases(job_id=job.id, worker_id=worker_id)
+                claims.renew_leases(job_id=job.id, worker_id=worker_id)
     finally:
         # Cancelling the call closes its connection: the LLM endpoint sees it end.
         if call is not None:

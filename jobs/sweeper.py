@@ -5,7 +5,7 @@ every 30 s or so, which left a dead worker's rows idle for up to 90 s after
 their lease ran out. Instead each worker process offers to sweep twice per
 STRINGSIGHT_SWEEP_SECONDS, on a thread of its own (idle or busy with a
 task), and the database lets one offer through per interval
-(services.sweep_if_due).
+(recovery.sweep_if_due).
 """
 
 import logging
@@ -15,7 +15,7 @@ import threading
 from django.conf import settings
 from django.db import connection
 
-from . import services
+from .services import recovery
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def sweep_until(stop: threading.Event | None = None) -> None:
     waited = stop.wait(random.uniform(0, interval))
     while not waited:
         try:
-            services.sweep_if_due()
+            recovery.sweep_if_due()
         except Exception:
             # The database may be away for a while; the sweeps go on.
             log.exception("background sweep failed")

@@ -1,8 +1,9 @@
 """Small builders for jobs and rows used across the tests."""
 
 from extraction.extract import RowOutcome
-from jobs import services
-from jobs.services import JobParams
+from jobs.services import claims, lifecycle
+from jobs.services.lifecycle import JobParams
+from jobs.services.sql import ClaimedRow
 
 PROMPT = "You are a careful assistant."
 
@@ -37,7 +38,7 @@ def job_params(**overrides) -> JobParams:
 
 
 def make_job(owner, rows=None, **params):
-    return services.job_start(
+    return lifecycle.job_start(
         owner=owner, rows=rows if rows is not None else simple_rows(3), params=job_params(**params)
     )
 
@@ -68,3 +69,14 @@ def done_outcome(count: int = 2, **overrides) -> RowOutcome:
     }
     values.update(overrides)
     return RowOutcome(**values)
+
+
+def record_row_result(
+    *, job_id, row_id: int, row_index: int, worker_id: str, outcome: RowOutcome, model_name: str = ""
+) -> bool:
+    """One row's outcome as a worker records it; False when it was discarded."""
+    row = ClaimedRow(id=row_id, index=row_index, question_id="", data={})
+    recorded = claims.record_row_results(
+        job_id=job_id, worker_id=worker_id, results=[(row, outcome)], model_name=model_name
+    )
+    return recorded.stored == 1

@@ -10,9 +10,11 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from extraction.extract import RowOutcome
-from jobs import exports, services
+from jobs import exports
 from jobs.formatting import format_duration
 from jobs.models import ExtractJob, ExtractRow, JobState, Property, RowStatus
+from jobs.services import claims, lifecycle
+from tests import factories
 from tests.factories import done_outcome, make_job, property_dict, simple_rows
 
 pytestmark = pytest.mark.django_db
@@ -31,10 +33,10 @@ def failed_outcome() -> RowOutcome:
 
 def run_rows(job: ExtractJob, outcomes: list[RowOutcome]) -> ExtractJob:
     """Run the job's first rows through the services, as a worker does."""
-    services.job_mark_running(job_id=job.id)
-    claim = services.claim_rows(job_id=job.id, worker_id="w1", limit=len(outcomes))
+    lifecycle.job_mark_running(job_id=job.id)
+    claim = claims.claim_rows(job_id=job.id, worker_id="w1", limit=len(outcomes))
     for row, outcome in zip(claim.rows, outcomes, strict=True):
-        services.record_row_result(
+        factories.record_row_result(
             job_id=job.id, row_id=row.id, row_index=row.index, worker_id="w1", outcome=outcome
         )
     job.refresh_from_db()
@@ -52,9 +54,9 @@ def jobs(user, other_user) -> dict[str, ExtractJob]:
         started_at=started, finished_at=started + timedelta(seconds=125)
     )
     error = make_job(other_user)
-    services.job_mark_running(job_id=error.id)
-    services.job_fail(job_id=error.id, error="the LLM refused the API key")
-    cancelled = services.job_cancel(job=make_job(user)).job
+    lifecycle.job_mark_running(job_id=error.id)
+    lifecycle.job_fail(job_id=error.id, error="the LLM refused the API key")
+    cancelled = lifecycle.job_cancel(job=make_job(user)).job
     every = {"queued": queued, "running": running, "done": done, "error": error, "cancelled": cancelled}
     for job in every.values():
         job.refresh_from_db()

@@ -11,8 +11,8 @@ import pytest
 from django.db import connections
 from django.utils import timezone
 
-from jobs import services
 from jobs.models import ExtractJob, JobState
+from jobs.services import budgets
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="the browser tests need playwright (pip install -r requirements-dev.txt)"
@@ -152,7 +152,7 @@ def add_jobs_in_other_states(owner) -> None:
         (0, JobState.QUEUED, 250, 0, 0, "my-local-model", ""),
     ):
         started = None if state == JobState.QUEUED else now - timedelta(minutes=minutes_ago)
-        price_input, price_output = services.price_for(model) or (None, None)
+        price_input, price_output = budgets.price_for(model) or (None, None)
         job = ExtractJob.objects.create(
             owner=owner,
             state=state,

@@ -7,8 +7,9 @@ from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
 
 from extraction.rows import sample_indexes
-from jobs import services
 from jobs.models import ExtractJob, ExtractRow, Property
+from jobs.services import claims, lifecycle
+from tests import factories
 from tests.factories import done_outcome, make_job, property_dict, simple_rows
 
 pytestmark = pytest.mark.django_db
@@ -24,7 +25,7 @@ def status_of(client, job_id, seed=True):
 
 def finish_with_properties(job: ExtractJob, descriptions_per_row: list[list[str]], state: str = "done"):
     """Store properties the way the worker does, then set the final state."""
-    services.job_mark_running(job_id=job.id)
+    lifecycle.job_mark_running(job_id=job.id)
     for row in job.rows.order_by("index"):
         descriptions = descriptions_per_row[row.index] if row.index < len(descriptions_per_row) else []
         Property.objects.bulk_create(
@@ -275,9 +276,9 @@ def test_cancel_of_a_queued_job_answers_cancelled_at_once(api, user, seed):
 
 def test_cancel_of_a_running_job_reports_the_properties_it_keeps(api, user):
     job = make_job(user, simple_rows(3))
-    services.job_mark_running(job_id=job.id)
-    row = services.claim_rows(job_id=job.id, worker_id="w", limit=1).rows[0]
-    services.record_row_result(
+    lifecycle.job_mark_running(job_id=job.id)
+    row = claims.claim_rows(job_id=job.id, worker_id="w", limit=1).rows[0]
+    factories.record_row_result(
         job_id=job.id, row_id=row.id, row_index=0, worker_id="w", outcome=done_outcome(3)
     )
 
@@ -392,9 +393,9 @@ def test_results_report_the_callers_row_index_after_sampling(api, user):
     rows[picked[2]]["__index"] = "not a number"  # then its position in the request stands in
     started = api.post("/extract/jobs/start", {"rows": rows, "sample_size": 4}, format="json").json()
     job = ExtractJob.objects.get(pk=started["job_id"])
-    services.job_mark_running(job_id=job.id)
-    claimed = services.claim_rows(job_id=job.id, worker_id="w", limit=4).rows
-    services.record_row_results(
+    lifecycle.job_mark_running(job_id=job.id)
+    claimed = claims.claim_rows(job_id=job.id, worker_id="w", limit=4).rows
+    claims.record_row_results(
         job_id=job.id,
         worker_id="w",
         results=[

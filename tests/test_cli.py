@@ -21,11 +21,13 @@ from django.core.management.base import CommandError
 from django.db import connection
 
 from extraction.extract import RowOutcome
-from jobs import exports, services
+from jobs import exports
 from jobs.cli import progress_text, read_rows
 from jobs.formatting import format_cost, format_duration
 from jobs.management.commands import extract
 from jobs.models import ExtractJob
+from jobs.services import claims, lifecycle
+from tests import factories
 from tests.factories import done_outcome, job_params, make_job, simple_rows
 from tests.fixtures_worker import ROOT, database_url, worker_env
 
@@ -244,7 +246,7 @@ def test_extract_without_inline_says_when_no_worker_runs(worker_process, monkeyp
     command.start()
     wait_for(lambda: "no worker seems to be running" in stderr.getvalue(), timeout=60)
     job = ExtractJob.objects.get()
-    services.job_cancel(job=job)
+    lifecycle.job_cancel(job=job)
     command.join(timeout=60)
 
     assert not command.is_alive()
@@ -413,18 +415,18 @@ def job_with(owner, *, done=0, failed=0, pending=0, state=None, model_name="gpt-
     """A job whose first rows are done (two properties each), then failed,
     then left pending, created at MOMENT."""
     job = make_job(owner, simple_rows(done + failed + pending), model_name=model_name)
-    services.job_mark_running(job_id=job.id)
-    claimed = services.claim_rows(job_id=job.id, worker_id="w", limit=done + failed).rows
+    lifecycle.job_mark_running(job_id=job.id)
+    claimed = claims.claim_rows(job_id=job.id, worker_id="w", limit=done + failed).rows
     for row in claimed:
         outcome = (
             done_outcome(2) if row.index < done else RowOutcome(error=f"no valid property in row {row.index}")
         )
-        services.record_row_result(
+        factories.record_row_result(
             job_id=job.id, row_id=row.id, row_index=row.index, worker_id="w", outcome=outcome
         )
     ExtractJob.objects.filter(pk=job.id).update(created_at=MOMENT, started_at=MOMENT)
     if state == "cancelled":
-        services.job_cancel(job=job)
+        lifecycle.job_cancel(job=job)
     job.refresh_from_db()
     return job
 

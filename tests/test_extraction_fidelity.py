@@ -6,8 +6,8 @@ import pytest
 
 from extraction.render import render_row
 from extraction.rows import pair_side_by_side
-from jobs import services
 from jobs.models import ExtractJob, ExtractRow, Property
+from jobs.services import lifecycle
 from tests.factories import job_params, make_job, simple_rows
 from tests.fixtures_simulator import user_sha256
 from tests.test_runner import run_chunk
@@ -48,8 +48,8 @@ def test_scores_reach_the_llm_only_when_asked(user, sim):
 def test_sample_size_runs_a_deterministic_sample(user):
     rows = simple_rows(20)
 
-    first = services.job_start(owner=user, rows=rows, params=job_params(sample_size=5))
-    second = services.job_start(owner=user, rows=rows, params=job_params(sample_size=5))
+    first = lifecycle.job_start(owner=user, rows=rows, params=job_params(sample_size=5))
+    second = lifecycle.job_start(owner=user, rows=rows, params=job_params(sample_size=5))
 
     picked = list(first.rows.order_by("index").values_list("question_id", flat=True))
     assert first.count_total == 5

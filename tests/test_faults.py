@@ -10,8 +10,8 @@ from django.db import connection
 
 from extraction.render import render_row
 from extraction.simulator import compose_answer
-from jobs import services
 from jobs.models import ExtractJob, ExtractRow, Property
+from jobs.services import lifecycle
 from tests.factories import make_job, simple_rows
 from tests.test_runner import run_at_once, run_chunk
 
@@ -116,7 +116,7 @@ def test_a_cancel_during_a_backoff_sleep_is_honoured_at_once(user, sim, no_backg
             time.sleep(0.02)
         cancelled["at"] = time.monotonic()
         try:
-            services.job_cancel(job=ExtractJob.objects.get(pk=job.id))
+            lifecycle.job_cancel(job=ExtractJob.objects.get(pk=job.id))
         finally:
             connection.close()
 

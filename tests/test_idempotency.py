@@ -10,8 +10,8 @@ from django.utils import timezone
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from jobs import services
 from jobs.models import ExtractJob, ExtractRow, IdempotencyKey
+from jobs.services import idempotency, lifecycle
 from tests.factories import job_params, simple_rows
 
 pytestmark = pytest.mark.django_db
@@ -135,15 +135,15 @@ def test_the_schema_documents_the_header_and_the_replay(api):
 
 def test_a_start_that_loses_the_race_for_its_key_answers_with_the_winners_job(user):
     # Both starts found no key; the first committed its job and key first.
-    first = services.job_start_once(
+    first = lifecycle.job_start_once(
         owner=user, idempotency=idempotent("h"), rows=simple_rows(2), params=job_params()
     )
 
-    same = services.job_start_once(
+    same = lifecycle.job_start_once(
         owner=user, idempotency=idempotent("h"), rows=simple_rows(2), params=job_params()
     )
-    with pytest.raises(services.IdempotencyKeyReused):
-        services.job_start_once(
+    with pytest.raises(idempotency.IdempotencyKeyReused):
+        lifecycle.job_start_once(
             owner=user, idempotency=idempotent("other"), rows=simple_rows(2), params=job_params()
         )
 
@@ -157,8 +157,8 @@ def test_a_start_that_loses_the_race_for_its_key_answers_with_the_winners_job(us
     assert ExtractRow.objects.count() == 2
 
 
-def idempotent(request_hash: str) -> services.IdempotentStart:
-    return services.IdempotentStart(
+def idempotent(request_hash: str) -> idempotency.IdempotentStart:
+    return idempotency.IdempotentStart(
         key="k", request_hash=request_hash, answer=lambda job: f'{{"id": "{job.id}"}}'
     )
 

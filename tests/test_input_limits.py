@@ -6,8 +6,9 @@ import base64
 
 import pytest
 
-from jobs import services
 from jobs.models import ExtractJob, ExtractRow
+from jobs.services import claims, lifecycle
+from tests import factories
 from tests.factories import done_outcome, make_job, simple_rows
 
 pytestmark = pytest.mark.django_db
@@ -96,7 +97,7 @@ def test_start_refuses_numbers_no_column_holds_naming_the_field(api, debug, fiel
     ],
 )
 def test_resume_refuses_numbers_no_column_holds(api, user, debug, field, value, message):
-    job = services.job_cancel(job=make_job(user)).job
+    job = lifecycle.job_cancel(job=make_job(user)).job
     raw = f'{{"{field}": {value}}}'
 
     body = error_of(api.generic("POST", f"/api/jobs/{job.id}/resume/", raw, content_type="application/json"))
@@ -273,12 +274,12 @@ def test_a_nan_score_is_refused(api):
 def test_results_of_names_at_the_column_size_store_and_read_back(api, user):
     rows = [{"prompt": "p", "model": "m" * 200, "model_response": "r", "question_id": "q" * 200}]
     job = make_job(user, rows)
-    services.job_mark_running(job_id=job.id)
-    claimed = services.claim_rows(job_id=job.id, worker_id="w", limit=1).rows[0]
+    lifecycle.job_mark_running(job_id=job.id)
+    claimed = claims.claim_rows(job_id=job.id, worker_id="w", limit=1).rows[0]
     outcome = done_outcome(1)
     outcome.properties[0].update(model="m" * 200, question_id="q" * 200)
 
-    assert services.record_row_result(
+    assert factories.record_row_result(
         job_id=job.id, row_id=claimed.id, row_index=0, worker_id="w", outcome=outcome
     )
     assert job.properties.get().model == "m" * 200

@@ -8,8 +8,10 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from jobs import exports, services
+from jobs import exports
 from jobs.models import ExtractJob, ExtractRow, Property
+from jobs.services import claims, lifecycle
+from tests import factories
 from tests.factories import done_outcome, make_job, property_dict, simple_rows
 from tests.test_runner import run_chunk
 
@@ -18,9 +20,9 @@ pytestmark = pytest.mark.django_db
 
 def finished_job(owner, rows=3, properties_per_row=2, state="done"):
     job = make_job(owner, simple_rows(rows))
-    services.job_mark_running(job_id=job.id)
-    for row in services.claim_rows(job_id=job.id, worker_id="w", limit=rows).rows:
-        services.record_row_result(
+    lifecycle.job_mark_running(job_id=job.id)
+    for row in claims.claim_rows(job_id=job.id, worker_id="w", limit=rows).rows:
+        factories.record_row_result(
             job_id=job.id,
             row_id=row.id,
             row_index=row.index,
@@ -101,13 +103,13 @@ def test_list_makes_the_same_queries_for_3_jobs_as_for_30(api, user):
 
 def test_detail_counts_each_outcome_and_estimates_the_time_left(api, user):
     job = make_job(user, simple_rows(10), max_workers=10)
-    services.job_mark_running(job_id=job.id)
-    rows = services.claim_rows(job_id=job.id, worker_id="w", limit=5).rows
+    lifecycle.job_mark_running(job_id=job.id)
+    rows = claims.claim_rows(job_id=job.id, worker_id="w", limit=5).rows
     for row in rows[:3]:
-        services.record_row_result(
+        factories.record_row_result(
             job_id=job.id, row_id=row.id, row_index=row.index, worker_id="w", outcome=done_outcome(1)
         )
-    services.record_row_result(
+    factories.record_row_result(
         job_id=job.id,
         row_id=rows[3].id,
         row_index=rows[3].index,
@@ -214,13 +216,13 @@ def test_an_unknown_download_format_is_a_400(api, user):
 
 def test_resume_runs_unfinished_rows_and_never_resends_done_ones(api, user, sim):
     job = make_job(user, simple_rows(6))
-    services.job_mark_running(job_id=job.id)
-    first = services.claim_rows(job_id=job.id, worker_id="w", limit=2).rows
+    lifecycle.job_mark_running(job_id=job.id)
+    first = claims.claim_rows(job_id=job.id, worker_id="w", limit=2).rows
     for row in first:
-        services.record_row_result(
+        factories.record_row_result(
             job_id=job.id, row_id=row.id, row_index=row.index, worker_id="w", outcome=done_outcome(1)
         )
-    services.job_cancel(job=ExtractJob.objects.get(pk=job.id))
+    lifecycle.job_cancel(job=ExtractJob.objects.get(pk=job.id))
 
     resumed = api.post(f"/api/jobs/{job.id}/resume/", {}, format="json")
     run_chunk(job, sim)

@@ -7,9 +7,9 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from jobs import services
 from jobs.events import JsonFormatter
 from jobs.models import Heartbeat
+from jobs.services import lifecycle, recovery
 from tests.factories import make_job, simple_rows
 from tests.test_runner import run_chunk
 
@@ -50,7 +50,7 @@ def test_each_job_and_row_event_is_one_json_line_with_the_job_id(user, sim, capl
 def test_a_cancel_is_logged_with_the_properties_it_keeps(user, caplog):
     job = make_job(user)
     with caplog.at_level(logging.INFO, logger="stringsight.events"):
-        services.job_cancel(job=job)
+        lifecycle.job_cancel(job=job)
 
     assert event_lines(caplog)[-1] | {"ts": None} == {
         "ts": None,
@@ -64,7 +64,7 @@ def test_a_cancel_is_logged_with_the_properties_it_keeps(user, caplog):
 
 def test_health_reports_the_database_and_the_workers_last_sweep(client):
     never = client.get("/healthz")
-    services.sweep()
+    recovery.sweep()
     fresh = client.get("/healthz", {"require_worker": "1"})
     Heartbeat.objects.filter(name="sweep").update(at=timezone.now() - timedelta(minutes=10))
     stale = client.get("/healthz", {"require_worker": "1"})

@@ -5,8 +5,8 @@ jobs.change_extractjob, and only staff hold them (issue 19)."""
 import pytest
 from django.test import Client
 
-from jobs import services
 from jobs.models import ExtractJob, Property
+from jobs.services import lifecycle
 from tests.conftest import grant, token_client
 from tests.factories import make_job, property_dict
 
@@ -129,4 +129,4 @@ def test_a_cancel_in_the_admin_goes_through_the_service(django_user_model, their
 
     theirs.refresh_from_db()
     assert (theirs.state, theirs.cancelled_at is not None) == ("cancelled", True)
-    assert services.job_cancel(job=theirs).cancelled_now is False
+    assert lifecycle.job_cancel(job=theirs).cancelled_now is False

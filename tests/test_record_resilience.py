@@ -5,8 +5,8 @@ goes on (issue 19)."""
 import pytest
 from django.db import connection
 
-from jobs import services
 from jobs.models import ExtractJob, ExtractRow, Property
+from jobs.services import claims, lifecycle
 from tests.factories import done_outcome, make_job, property_dict, simple_rows
 from tests.test_runner import run_chunk
 
@@ -15,8 +15,8 @@ pytestmark = pytest.mark.django_db
 
 def claimed_job(user, count: int):
     job = make_job(user, simple_rows(count))
-    services.job_mark_running(job_id=job.id)
-    rows = services.claim_rows(job_id=job.id, worker_id="w", limit=count).rows
+    lifecycle.job_mark_running(job_id=job.id)
+    rows = claims.claim_rows(job_id=job.id, worker_id="w", limit=count).rows
     return job, rows
 
 
@@ -32,7 +32,7 @@ def test_a_row_the_database_refuses_fails_alone_and_the_batch_is_kept(user):
     job, rows = claimed_job(user, 3)
     leftover_property(job, 1)
 
-    recorded = services.record_row_results(
+    recorded = claims.record_row_results(
         job_id=job.id, worker_id="w", results=[(row, done_outcome(2)) for row in rows]
     )
 
@@ -52,7 +52,7 @@ def test_a_single_refused_result_fails_its_row(user):
     job, rows = claimed_job(user, 2)
     leftover_property(job, 0)
 
-    recorded = services.record_row_results(job_id=job.id, worker_id="w", results=[(rows[0], done_outcome(1))])
+    recorded = claims.record_row_results(job_id=job.id, worker_id="w", results=[(rows[0], done_outcome(1))])
 
     assert recorded.stored == 1
     job.refresh_from_db()
@@ -82,7 +82,7 @@ def test_nul_in_an_answer_is_stored_as_a_replacement_character(user):
         property_description="says a\x00b", reason="r\x00", category="c\x00", evidence=["quote \x00"]
     )
 
-    services.record_row_results(job_id=job.id, worker_id="w", results=[(rows[0], outcome)])
+    claims.record_row_results(job_id=job.id, worker_id="w", results=[(rows[0], outcome)])
 
     stored = Property.objects.get(job=job)
     assert (stored.property_description, stored.reason, stored.category) == (
@@ -99,7 +99,7 @@ def test_a_category_longer_than_its_column_is_cut_to_fit(user):
     outcome = done_outcome(1)
     outcome.properties[0]["category"] = "c" * 300
 
-    services.record_row_results(job_id=job.id, worker_id="w", results=[(rows[0], outcome)])
+    claims.record_row_results(job_id=job.id, worker_id="w", results=[(rows[0], outcome)])
 
     assert Property.objects.get(job=job).category == "c" * 200
     assert ExtractJob.objects.get(pk=job.id).count_done == 1
@@ -111,7 +111,7 @@ def test_tokens_beyond_the_column_fail_the_row_not_the_batch_on_postgresql(user)
     results = [(row, done_outcome(1)) for row in rows]
     results[2] = (rows[2], done_outcome(1, prompt_tokens=2**40))
 
-    recorded = services.record_row_results(job_id=job.id, worker_id="w", results=results)
+    recorded = claims.record_row_results(job_id=job.id, worker_id="w", results=results)
 
     assert recorded.stored == 3
     refused = ExtractRow.objects.get(job=job, index=2)

@@ -12,11 +12,12 @@ from django.test import Client
 from rest_framework.authtoken.models import Token
 from rest_framework.renderers import JSONRenderer
 
-from extraction.extract import ExtractionSpec, outcome_from_answer
+from extraction.extract import ExtractionSpec, RowOutcome, outcome_from_answer
 from extraction.llm import CallSettings
-from jobs import exports, services
+from jobs import exports
 from jobs.api import payloads
 from jobs.models import ExtractJob, ExtractRow, Property
+from jobs.services import claims, lifecycle, sql
 from tests.factories import make_job, property_dict, simple_rows
 from tests.fixtures_web import memory_of, reset_peak_memory
 
@@ -28,12 +29,12 @@ TRICKY = 'Says "hi",\nthen \u2028 and \u2029, ünïcödé \\ and </script>'
 
 def stored_properties(job, per_row: int, description=lambda index, position: f"Row {index}, {position}."):
     """Properties stored as the worker stores them, `per_row` for each row."""
-    services.job_mark_running(job_id=job.id)
-    rows = services.claim_rows(job_id=job.id, worker_id="w", limit=job.count_total).rows
+    lifecycle.job_mark_running(job_id=job.id)
+    rows = claims.claim_rows(job_id=job.id, worker_id="w", limit=job.count_total).rows
     results = [
         (
             row,
-            services.RowOutcome(
+            RowOutcome(
                 properties=[
                     property_dict(description(row.index, position), question_id=row.question_id)
                     for position in range(per_row)
@@ -43,7 +44,7 @@ def stored_properties(job, per_row: int, description=lambda index, position: f"R
         for row in rows
     ]
     for start in range(0, len(results), 500):
-        services._insert_properties(job.id, results[start : start + 500])
+        sql.insert_properties(job.id, results[start : start + 500])
     ExtractJob.objects.filter(pk=job.id).update(
         state="done", count_done=len(rows), properties_count=len(rows) * per_row
     )
@@ -76,7 +77,7 @@ def test_a_streamed_result_is_the_bytes_drf_would_have_written(api, user, path, 
 
 
 def test_a_result_with_no_properties_is_valid_json(api, user):
-    job = services.job_cancel(job=make_job(user)).job
+    job = lifecycle.job_cancel(job=make_job(user)).job
 
     body = api.get(f"/api/jobs/{job.id}/result/").json()
 

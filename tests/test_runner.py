@@ -15,11 +15,11 @@ from django_q.signals import post_spawn
 from extraction.extract import RowOutcome
 from extraction.llm import LLMCallError
 from extraction.render import render_row
-from jobs import services
 from jobs.apps import BACKGROUND_SWEEPS
 from jobs.models import ExtractJob, ExtractRow, Property, WorkerSlots
 from jobs.runner import ChunkRunner, RunnerSettings, _CallPool, _LoopThread
-from jobs.services import ClaimedRow
+from jobs.services import claims, lifecycle, recovery
+from jobs.services.sql import ClaimedRow
 from jobs.sweeper import start_background_sweeps
 from tests.factories import make_job, simple_rows
 
@@ -37,7 +37,7 @@ def run_chunk(job, sim, **overrides) -> str:
         "structured_output": True,
     }
     config.update(overrides)
-    services.job_mark_running(job_id=job.id)
+    lifecycle.job_mark_running(job_id=job.id)
     return ChunkRunner(job.id, RunnerSettings(**config)).run()
 
 
@@ -168,7 +168,7 @@ def test_runner_stops_claiming_when_its_claim_time_is_up_and_finishes_what_it_ho
 @pytest.mark.django_db
 def test_runner_makes_no_call_for_a_cancelled_job(user, sim):
     job = make_job(user, simple_rows(3))
-    services.job_cancel(job=job)
+    lifecycle.job_cancel(job=job)
 
     outcome = ChunkRunner(
         job.id,
@@ -203,7 +203,7 @@ def test_runner_aborts_calls_in_flight_the_moment_the_job_is_cancelled(user, sim
             time.sleep(0.02)
         cancelled_at["t"] = time.monotonic()
         try:
-            services.job_cancel(job=ExtractJob.objects.get(pk=job.id))
+            lifecycle.job_cancel(job=ExtractJob.objects.get(pk=job.id))
         finally:
             connection.close()  # this thread's own connection
 
@@ -260,8 +260,8 @@ def test_a_worker_whose_calls_outlast_the_lease_keeps_its_rows(user, sim, settin
                 if finished.wait(0.05):
                     return
             while not finished.wait(0.05):
-                services.sweep()
-                taken_by_rival.extend(services.claim_rows(job_id=job.id, worker_id="rival", limit=4).rows)
+                recovery.sweep()
+                taken_by_rival.extend(claims.claim_rows(job_id=job.id, worker_id="rival", limit=4).rows)
         finally:
             connection.close()
 

@@ -9,7 +9,8 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from jobs import services
+from jobs.services import claims, lifecycle
+from tests import factories
 from tests.factories import done_outcome, make_job
 
 pytestmark = pytest.mark.django_db
@@ -74,9 +75,9 @@ def test_responses_match_the_schema(api, user, openapi):
     )
     assert_matches(openapi, "JobStatus", started.json())
     job = make_job(user)
-    services.job_mark_running(job_id=job.id)
-    row = services.claim_rows(job_id=job.id, worker_id="w", limit=1).rows[0]
-    services.record_row_result(
+    lifecycle.job_mark_running(job_id=job.id)
+    row = claims.claim_rows(job_id=job.id, worker_id="w", limit=1).rows[0]
+    factories.record_row_result(
         job_id=job.id, row_id=row.id, row_index=0, worker_id="w", outcome=done_outcome(2)
     )
 

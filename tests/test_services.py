@@ -6,8 +6,9 @@ from django.utils import timezone
 from django_q.models import OrmQ
 
 from extraction.extract import RowOutcome
-from jobs import services
 from jobs.models import ExtractJob, ExtractRow, JobState, Property, RowStatus, WorkerSlots
+from jobs.services import access, claims, grants, lifecycle, recovery
+from tests import factories
 from tests.factories import done_outcome, make_job, simple_rows
 
 pytestmark = pytest.mark.django_db
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.django_db
 
 def start_running(owner, rows=None, **params) -> ExtractJob:
     job = make_job(owner, rows, **params)
-    services.job_mark_running(job_id=job.id)
+    lifecycle.job_mark_running(job_id=job.id)
     job.refresh_from_db()
     return job
 
@@ -55,7 +56,7 @@ def test_job_start_enqueues_one_task_per_chunk_after_commit(
 def test_claim_rows_takes_lowest_pending_indexes(user):
     job = start_running(user, simple_rows(5), max_workers=10)
 
-    claim = services.claim_rows(job_id=job.id, worker_id="w1", limit=2)
+    claim = claims.claim_rows(job_id=job.id, worker_id="w1", limit=2)
 
     assert [row.index for row in claim.rows] == [0, 1]
     assert (claim.job_running, claim.pending_left) == (True, True)
@@ -68,69 +69,69 @@ def test_claim_rows_takes_lowest_pending_indexes(user):
 def test_slot_grants_never_add_up_to_more_than_max_workers(user):
     job = start_running(user, simple_rows(10), max_workers=5)
 
-    first = services.set_slots(job_id=job.id, worker_id="w1", slots=5, in_flight=0, wants=True)
-    second = services.set_slots(job_id=job.id, worker_id="w2", slots=3, in_flight=0, wants=True)
+    first = grants.set_slots(job_id=job.id, worker_id="w1", slots=5, in_flight=0, wants=True)
+    second = grants.set_slots(job_id=job.id, worker_id="w2", slots=3, in_flight=0, wants=True)
 
     assert (first, second) == (5, 0)  # w1 holds every slot until it gives some back
-    view = services.slot_view(job_id=job.id)
+    view = grants.slot_view(job_id=job.id)
     assert view.grants == {"w1": (5, True), "w2": (0, True)}
     assert (view.fair_share("w1", wants=True), view.fair_share("w2", wants=True)) == (3, 2)
 
     # w1 lowers its grant to its share, but not below the 4 calls it has running.
-    assert services.set_slots(job_id=job.id, worker_id="w1", slots=3, in_flight=4, wants=True) == 4
-    assert services.set_slots(job_id=job.id, worker_id="w2", slots=2, in_flight=0, wants=True) == 1
-    assert services.set_slots(job_id=job.id, worker_id="w1", slots=3, in_flight=2, wants=True) == 3
-    assert services.set_slots(job_id=job.id, worker_id="w2", slots=2, in_flight=1, wants=True) == 2
-    assert sum(slots for slots, _ in services.slot_view(job_id=job.id).grants.values()) == 5
+    assert grants.set_slots(job_id=job.id, worker_id="w1", slots=3, in_flight=4, wants=True) == 4
+    assert grants.set_slots(job_id=job.id, worker_id="w2", slots=2, in_flight=0, wants=True) == 1
+    assert grants.set_slots(job_id=job.id, worker_id="w1", slots=3, in_flight=2, wants=True) == 3
+    assert grants.set_slots(job_id=job.id, worker_id="w2", slots=2, in_flight=1, wants=True) == 2
+    assert sum(slots for slots, _ in grants.slot_view(job_id=job.id).grants.values()) == 5
 
 
 def test_fair_shares_add_up_to_max_workers_among_the_workers_that_want_slots(user):
     job = start_running(user, simple_rows(10), max_workers=7)
     for worker in ("a", "b", "c"):
-        services.set_slots(job_id=job.id, worker_id=worker, slots=0, in_flight=0, wants=True)
-    view = services.slot_view(job_id=job.id)
+        grants.set_slots(job_id=job.id, worker_id=worker, slots=0, in_flight=0, wants=True)
+    view = grants.slot_view(job_id=job.id)
 
     assert [view.fair_share(worker, wants=True) for worker in ("a", "b", "c")] == [3, 2, 2]
     assert view.fair_share("d", wants=True) == 1  # a newcomer counts itself in: 7 among four
     assert view.fair_share("a", wants=False) == 0
 
     # A worker with no rows left to call leaves its share to the others.
-    services.set_slots(job_id=job.id, worker_id="c", slots=0, in_flight=0, wants=False)
-    view = services.slot_view(job_id=job.id)
+    grants.set_slots(job_id=job.id, worker_id="c", slots=0, in_flight=0, wants=False)
+    view = grants.slot_view(job_id=job.id)
     assert [view.fair_share(worker, wants=True) for worker in ("a", "b")] == [4, 3]
 
 
 def test_a_dead_workers_grant_is_given_back_after_a_lease_period(user, settings):
     job = start_running(user, simple_rows(10), max_workers=4)
-    services.set_slots(job_id=job.id, worker_id="dead", slots=4, in_flight=0, wants=True)
-    assert services.set_slots(job_id=job.id, worker_id="alive", slots=4, in_flight=0, wants=True) == 0
+    grants.set_slots(job_id=job.id, worker_id="dead", slots=4, in_flight=0, wants=True)
+    assert grants.set_slots(job_id=job.id, worker_id="alive", slots=4, in_flight=0, wants=True) == 0
 
     WorkerSlots.objects.filter(worker_id="dead").update(
         renewed_at=timezone.now() - timedelta(seconds=settings.STRINGSIGHT_LEASE_SECONDS + 1)
     )
 
-    assert services.slot_view(job_id=job.id).grants == {"alive": (0, True)}
-    assert services.set_slots(job_id=job.id, worker_id="alive", slots=4, in_flight=0, wants=True) == 4
+    assert grants.slot_view(job_id=job.id).grants == {"alive": (0, True)}
+    assert grants.set_slots(job_id=job.id, worker_id="alive", slots=4, in_flight=0, wants=True) == 4
     # The sweep acts on the death (a living worker wants rows: nothing to
     # enqueue), then forgets the grant.
-    assert services.jobs_with_dead_workers(now=timezone.now()) == {job.id}
-    assert services.sweep().requeued_jobs == 0
+    assert recovery.jobs_with_dead_workers(now=timezone.now()) == {job.id}
+    assert recovery.sweep().requeued_jobs == 0
     assert list(WorkerSlots.objects.values_list("worker_id", flat=True)) == ["alive"]
 
 
 def test_renewing_leases_keeps_the_grant_alive_and_release_gives_it_back(user, settings):
     job = start_running(user, simple_rows(10), max_workers=4)
-    services.set_slots(job_id=job.id, worker_id="w1", slots=4, in_flight=0, wants=True)
+    grants.set_slots(job_id=job.id, worker_id="w1", slots=4, in_flight=0, wants=True)
     WorkerSlots.objects.update(
         renewed_at=timezone.now() - timedelta(seconds=settings.STRINGSIGHT_LEASE_SECONDS - 1)
     )
 
-    services.renew_leases(job_id=job.id, worker_id="w1")
+    claims.renew_leases(job_id=job.id, worker_id="w1")
     WorkerSlots.objects.update(renewed_at=F("renewed_at") - timedelta(seconds=2))
 
-    assert services.slot_view(job_id=job.id).grants == {"w1": (4, True)}
-    services.release_slots(job_id=job.id, worker_id="w1")
-    assert services.slot_view(job_id=job.id).grants == {}
+    assert grants.slot_view(job_id=job.id).grants == {"w1": (4, True)}
+    grants.release_slots(job_id=job.id, worker_id="w1")
+    assert grants.slot_view(job_id=job.id).grants == {}
 
 
 @pytest.mark.parametrize("state", ["queued", "cancelled", "done", "error"])
@@ -138,8 +139,8 @@ def test_no_slots_unless_the_job_is_running(user, state):
     job = make_job(user)
     ExtractJob.objects.filter(pk=job.id).update(state=state)
 
-    assert services.slot_view(job_id=job.id) is None
-    assert services.set_slots(job_id=job.id, worker_id="w1", slots=2, in_flight=0, wants=True) is None
+    assert grants.slot_view(job_id=job.id) is None
+    assert grants.set_slots(job_id=job.id, worker_id="w1", slots=2, in_flight=0, wants=True) is None
     assert not WorkerSlots.objects.exists()
 
 
@@ -147,10 +148,10 @@ def test_the_sweep_drops_the_grants_of_jobs_that_stopped_running(user):
     running = start_running(user, simple_rows(2), max_workers=2)
     stopped = start_running(user, simple_rows(2), max_workers=2)
     for job in (running, stopped):
-        services.set_slots(job_id=job.id, worker_id="w1", slots=2, in_flight=0, wants=True)
+        grants.set_slots(job_id=job.id, worker_id="w1", slots=2, in_flight=0, wants=True)
     ExtractJob.objects.filter(pk=stopped.id).update(state=JobState.CANCELLED)
 
-    services.sweep()
+    recovery.sweep()
 
     assert list(WorkerSlots.objects.values_list("job_id", flat=True)) == [running.id]
 
@@ -158,7 +159,7 @@ def test_the_sweep_drops_the_grants_of_jobs_that_stopped_running(user):
 def test_claim_rows_says_when_no_pending_rows_are_left(user):
     job = start_running(user, simple_rows(2), max_workers=10)
 
-    claim = services.claim_rows(job_id=job.id, worker_id="w1", limit=10)
+    claim = claims.claim_rows(job_id=job.id, worker_id="w1", limit=10)
 
     assert len(claim.rows) == 2
     assert claim.pending_left is False
@@ -169,7 +170,7 @@ def test_claim_rows_takes_nothing_unless_the_job_is_running(user, state):
     job = make_job(user)
     ExtractJob.objects.filter(pk=job.id).update(state=state)
 
-    claim = services.claim_rows(job_id=job.id, worker_id="w1", limit=5)
+    claim = claims.claim_rows(job_id=job.id, worker_id="w1", limit=5)
 
     assert (claim.rows, claim.job_running) == ([], False)
     assert job.rows.filter(status=RowStatus.RUNNING).count() == 0
@@ -177,9 +178,9 @@ def test_claim_rows_takes_nothing_unless_the_job_is_running(user, state):
 
 def test_record_row_result_stores_properties_and_counters_together(user):
     job = start_running(user, simple_rows(3))
-    row = services.claim_rows(job_id=job.id, worker_id="w1", limit=1).rows[0]
+    row = claims.claim_rows(job_id=job.id, worker_id="w1", limit=1).rows[0]
 
-    stored = services.record_row_result(
+    stored = factories.record_row_result(
         job_id=job.id, row_id=row.id, row_index=row.index, worker_id="w1", outcome=done_outcome(2)
     )
 
@@ -205,7 +206,7 @@ def test_record_row_result_stores_properties_and_counters_together(user):
 
 def test_record_row_result_counts_a_failed_row_and_keeps_its_answer(user):
     job = start_running(user, simple_rows(2))
-    row = services.claim_rows(job_id=job.id, worker_id="w1", limit=1).rows[0]
+    row = claims.claim_rows(job_id=job.id, worker_id="w1", limit=1).rows[0]
     outcome = RowOutcome(
         raw_answer="no json here",
         prompt_tokens=10,
@@ -214,7 +215,7 @@ def test_record_row_result_counts_a_failed_row_and_keeps_its_answer(user):
         error="no valid property in the LLM answer: no JSON found",
     )
 
-    services.record_row_result(
+    factories.record_row_result(
         job_id=job.id, row_id=row.id, row_index=row.index, worker_id="w1", outcome=outcome
     )
 
@@ -230,12 +231,12 @@ def test_record_row_result_counts_a_failed_row_and_keeps_its_answer(user):
 
 def test_last_row_finishes_the_job_as_done_even_with_failures(user):
     job = start_running(user, simple_rows(2))
-    first, second = services.claim_rows(job_id=job.id, worker_id="w1", limit=2).rows
+    first, second = claims.claim_rows(job_id=job.id, worker_id="w1", limit=2).rows
 
-    services.record_row_result(
+    factories.record_row_result(
         job_id=job.id, row_id=first.id, row_index=0, worker_id="w1", outcome=RowOutcome(error="bad answer")
     )
-    services.record_row_result(
+    factories.record_row_result(
         job_id=job.id, row_id=second.id, row_index=1, worker_id="w1", outcome=done_outcome(3)
     )
 
@@ -248,13 +249,13 @@ def test_last_row_finishes_the_job_as_done_even_with_failures(user):
 
 def test_a_result_arriving_after_cancel_is_discarded(user):
     job = start_running(user, simple_rows(3))
-    first, second = services.claim_rows(job_id=job.id, worker_id="w1", limit=2).rows
-    services.record_row_result(
+    first, second = claims.claim_rows(job_id=job.id, worker_id="w1", limit=2).rows
+    factories.record_row_result(
         job_id=job.id, row_id=first.id, row_index=0, worker_id="w1", outcome=done_outcome(2)
     )
 
-    cancelled = services.job_cancel(job=job)
-    stored = services.record_row_result(
+    cancelled = lifecycle.job_cancel(job=job)
+    stored = factories.record_row_result(
         job_id=job.id, row_id=second.id, row_index=1, worker_id="w1", outcome=done_outcome(4)
     )
 
@@ -269,10 +270,10 @@ def test_a_result_arriving_after_cancel_is_discarded(user):
 
 def test_a_result_for_a_row_another_worker_reclaimed_is_discarded(user):
     job = start_running(user, simple_rows(1))
-    row = services.claim_rows(job_id=job.id, worker_id="w1", limit=1).rows[0]
+    row = claims.claim_rows(job_id=job.id, worker_id="w1", limit=1).rows[0]
     ExtractRow.objects.filter(pk=row.id).update(claimed_by="w2")
 
-    stored = services.record_row_result(
+    stored = factories.record_row_result(
         job_id=job.id, row_id=row.id, row_index=0, worker_id="w1", outcome=done_outcome(2)
     )
 
@@ -286,9 +287,9 @@ def test_a_result_for_a_row_another_worker_reclaimed_is_discarded(user):
 def test_job_cancel_is_immediate_for_queued_and_running_jobs(user, running):
     job = start_running(user, simple_rows(3)) if running else make_job(user, simple_rows(3))
     if running:
-        services.claim_rows(job_id=job.id, worker_id="w1", limit=1)
+        claims.claim_rows(job_id=job.id, worker_id="w1", limit=1)
 
-    outcome = services.job_cancel(job=job)
+    outcome = lifecycle.job_cancel(job=job)
 
     assert outcome.cancelled_now is True
     assert outcome.job.state == "cancelled"
@@ -298,9 +299,9 @@ def test_job_cancel_is_immediate_for_queued_and_running_jobs(user, running):
 
 def test_job_cancel_twice_changes_nothing_the_second_time(user):
     job = make_job(user)
-    first = services.job_cancel(job=job)
+    first = lifecycle.job_cancel(job=job)
 
-    second = services.job_cancel(job=job)
+    second = lifecycle.job_cancel(job=job)
 
     assert (first.cancelled_now, second.cancelled_now) == (True, False)
     assert second.job.cancelled_at == first.job.cancelled_at
@@ -312,19 +313,19 @@ def test_job_cancel_leaves_a_finished_job_alone(user, state):
     ExtractJob.objects.filter(pk=job.id).update(state=state)
     job.refresh_from_db()
 
-    outcome = services.job_cancel(job=job)
+    outcome = lifecycle.job_cancel(job=job)
 
     assert (outcome.cancelled_now, outcome.job.state, outcome.job.cancelled_at) == (False, state, None)
 
 
 def test_job_fail_keeps_done_rows_and_closes_the_rest(user):
     job = start_running(user, simple_rows(3))
-    row = services.claim_rows(job_id=job.id, worker_id="w1", limit=1).rows[0]
-    services.record_row_result(
+    row = claims.claim_rows(job_id=job.id, worker_id="w1", limit=1).rows[0]
+    factories.record_row_result(
         job_id=job.id, row_id=row.id, row_index=0, worker_id="w1", outcome=done_outcome(2)
     )
 
-    assert services.job_fail(job_id=job.id, error="LLM authentication failed (401): check OPENAI_API_KEY")
+    assert lifecycle.job_fail(job_id=job.id, error="LLM authentication failed (401): check OPENAI_API_KEY")
 
     job.refresh_from_db()
     assert (job.state, job.error, job.properties_count) == (
@@ -339,13 +340,13 @@ def test_jobs_visible_to_users_and_staff(user, other_user, staff_user):
     mine = make_job(user)
     theirs = make_job(other_user)
 
-    assert list(services.jobs_visible_to(user)) == [mine]
-    assert set(services.jobs_visible_to(staff_user)) == {mine, theirs}
+    assert list(access.jobs_visible_to(user)) == [mine]
+    assert set(access.jobs_visible_to(staff_user)) == {mine, theirs}
 
 
 def test_job_state_reads_the_state(user):
     job = make_job(user)
-    assert services.job_state(job_id=job.id) == JobState.QUEUED
+    assert lifecycle.job_state(job_id=job.id) == JobState.QUEUED
 
 
 def test_rows_reach_the_worker_with_their_keys_in_the_order_sent(user):
@@ -365,7 +366,7 @@ def test_rows_reach_the_worker_with_their_keys_in_the_order_sent(user):
     }
     job = start_running(user, [row])
 
-    claimed = services.claim_rows(job_id=job.id, worker_id="w1", limit=1).rows[0]
+    claimed = claims.claim_rows(job_id=job.id, worker_id="w1", limit=1).rows[0]
 
     assert list(claimed.data) == ["prompt", "model_response", "model", "zz_extra"]
     assert list(claimed.data["model_response"][0]["tool_calls"][0]["arguments"]) == ["zeta", "alpha"]
@@ -375,10 +376,10 @@ def test_rows_reach_the_worker_with_their_keys_in_the_order_sent(user):
 
 def test_a_batch_stores_the_rows_still_ours_when_one_was_taken_over(user):
     job = start_running(user, simple_rows(3))
-    first, second = services.claim_rows(job_id=job.id, worker_id="w1", limit=2).rows
+    first, second = claims.claim_rows(job_id=job.id, worker_id="w1", limit=2).rows
     ExtractRow.objects.filter(pk=second.id).update(claimed_by="w2")
 
-    recorded = services.record_row_results(
+    recorded = claims.record_row_results(
         job_id=job.id, worker_id="w1", results=[(first, done_outcome(2)), (second, done_outcome(3))]
     )
 

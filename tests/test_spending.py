@@ -4,8 +4,8 @@ runs (issue 19)."""
 
 import pytest
 
-from jobs import services
 from jobs.models import ExtractJob, ExtractRow
+from jobs.services import budgets
 from tests.factories import make_job, simple_rows
 from tests.test_runner import run_chunk
 
@@ -129,7 +129,7 @@ def test_a_running_job_stops_at_the_daily_budget(user, sim, settings, no_backgro
     done = ExtractRow.objects.filter(job=job, status="done").count()
     assert 0 < done < 20
     assert len(sim.requests()) == done
-    assert services.spent_today(owner_id=user.pk) <= 0.01
+    assert budgets.spent_today(owner_id=user.pk) <= 0.01
 
 
 def test_a_single_extraction_the_daily_budget_cannot_pay_for_answers_429(api, settings):

@@ -10,8 +10,10 @@ from django.core.management import call_command
 from django.utils import timezone
 from django_q.models import OrmQ, Schedule
 
-from jobs import services, sweeper
+from jobs import sweeper
 from jobs.models import ExtractJob, ExtractRow, Heartbeat, IdempotencyKey, WorkerSlots
+from jobs.services import claims, grants, lifecycle, recovery
+from tests import factories
 from tests.factories import done_outcome, make_job, simple_rows
 
 pytestmark = pytest.mark.django_db
@@ -19,7 +21,7 @@ pytestmark = pytest.mark.django_db
 
 def running_job(owner, rows=3, **params):
     job = make_job(owner, simple_rows(rows), **params)
-    services.job_mark_running(job_id=job.id)
+    lifecycle.job_mark_running(job_id=job.id)
     return job
 
 
@@ -31,11 +33,11 @@ def expire(rows, seconds_ago=1):
 
 def test_sweep_returns_rows_of_a_dead_worker_to_pending(user):
     job = running_job(user)
-    dead = services.claim_rows(job_id=job.id, worker_id="dead", limit=2).rows
-    alive = services.claim_rows(job_id=job.id, worker_id="alive", limit=1).rows
+    dead = claims.claim_rows(job_id=job.id, worker_id="dead", limit=2).rows
+    alive = claims.claim_rows(job_id=job.id, worker_id="alive", limit=1).rows
     expire(dead)
 
-    report = services.sweep()
+    report = recovery.sweep()
 
     assert report.released == 2
     rows = {row.index: row for row in ExtractRow.objects.filter(job=job)}
@@ -44,7 +46,7 @@ def test_sweep_returns_rows_of_a_dead_worker_to_pending(user):
         ("pending", 1),
     ]
     assert rows[alive[0].index].status == "running"
-    again = services.claim_rows(job_id=job.id, worker_id="new", limit=5).rows
+    again = claims.claim_rows(job_id=job.id, worker_id="new", limit=5).rows
     assert sorted(row.index for row in again) == sorted(row.index for row in dead)
 
 
@@ -52,8 +54,8 @@ def test_a_row_that_outlives_too_many_workers_is_failed(user, settings):
     settings.STRINGSIGHT_MAX_LEASE_EXPIRIES = 2
     job = running_job(user, rows=1)
     for _ in range(2):
-        expire(services.claim_rows(job_id=job.id, worker_id="w", limit=1).rows)
-        services.sweep()
+        expire(claims.claim_rows(job_id=job.id, worker_id="w", limit=1).rows)
+        recovery.sweep()
 
     job.refresh_from_db()
     row = ExtractRow.objects.get(job=job)
@@ -64,15 +66,15 @@ def test_a_row_that_outlives_too_many_workers_is_failed(user, settings):
 
 def test_a_late_result_from_a_worker_presumed_dead_is_discarded(user):
     job = running_job(user, rows=1)
-    row = services.claim_rows(job_id=job.id, worker_id="slow", limit=1).rows[0]
+    row = claims.claim_rows(job_id=job.id, worker_id="slow", limit=1).rows[0]
     expire([row])
-    services.sweep()
-    services.claim_rows(job_id=job.id, worker_id="new", limit=1)
+    recovery.sweep()
+    claims.claim_rows(job_id=job.id, worker_id="new", limit=1)
 
-    late = services.record_row_result(
+    late = factories.record_row_result(
         job_id=job.id, row_id=row.id, row_index=0, worker_id="slow", outcome=done_outcome(2)
     )
-    fresh = services.record_row_result(
+    fresh = factories.record_row_result(
         job_id=job.id, row_id=row.id, row_index=0, worker_id="new", outcome=done_outcome(3)
     )
 
@@ -83,11 +85,11 @@ def test_a_late_result_from_a_worker_presumed_dead_is_discarded(user):
 
 def test_sweep_leaves_rows_of_finished_jobs_alone(user):
     job = running_job(user)
-    rows = services.claim_rows(job_id=job.id, worker_id="w", limit=1).rows
+    rows = claims.claim_rows(job_id=job.id, worker_id="w", limit=1).rows
     expire(rows)
     ExtractJob.objects.filter(pk=job.id).update(state="error")
 
-    assert services.sweep().released == 0
+    assert recovery.sweep().released == 0
     assert ExtractRow.objects.get(pk=rows[0].id).status == "running"
 
 
@@ -95,7 +97,7 @@ def test_sweep_finishes_a_job_whose_rows_are_all_finished(user):
     job = running_job(user, rows=2)
     ExtractJob.objects.filter(pk=job.id).update(count_done=1, count_failed=1)
 
-    assert services.sweep().finished == 1
+    assert recovery.sweep().finished == 1
     job.refresh_from_db()
     assert job.state == "done"
     assert job.finished_at is not None
@@ -107,13 +109,13 @@ def test_sweep_re_enqueues_work_for_a_job_nobody_works_on(user, settings):
     stale = timezone.now() - timedelta(seconds=settings.STRINGSIGHT_LEASE_SECONDS + 1)
     ExtractJob.objects.filter(pk=job.id).update(work_enqueued_at=stale)
 
-    report = services.sweep()
+    report = recovery.sweep()
 
     assert report.requeued_jobs == 1
     assert OrmQ.objects.count() == 3
     job.refresh_from_db()
     assert job.work_enqueued_at > stale
-    assert services.sweep().requeued_jobs == 0  # work is queued now
+    assert recovery.sweep().requeued_jobs == 0  # work is queued now
 
 
 @pytest.mark.parametrize("situation", ["recently_enqueued", "a_worker_holds_rows", "recent_progress"])
@@ -124,14 +126,14 @@ def test_sweep_leaves_a_job_with_live_work_alone(user, settings, situation):
         work_enqueued_at=timezone.now() if situation == "recently_enqueued" else stale
     )
     if situation == "a_worker_holds_rows":
-        services.claim_rows(job_id=job.id, worker_id="w", limit=1)
+        claims.claim_rows(job_id=job.id, worker_id="w", limit=1)
     if situation == "recent_progress":
-        row = services.claim_rows(job_id=job.id, worker_id="w", limit=1).rows[0]
-        services.record_row_result(
+        row = claims.claim_rows(job_id=job.id, worker_id="w", limit=1).rows[0]
+        factories.record_row_result(
             job_id=job.id, row_id=row.id, row_index=row.index, worker_id="w", outcome=done_outcome(1)
         )
 
-    assert services.sweep().requeued_jobs == 0
+    assert recovery.sweep().requeued_jobs == 0
     assert OrmQ.objects.count() == 0
 
 
@@ -144,17 +146,17 @@ def test_sweep_adds_nothing_while_the_broker_still_holds_tasks(
         work_enqueued_at=timezone.now() - timedelta(seconds=settings.STRINGSIGHT_LEASE_SECONDS + 1)
     )
 
-    assert services.sweep().requeued_jobs == 0
+    assert recovery.sweep().requeued_jobs == 0
     assert OrmQ.objects.count() == 1
 
 
 def test_the_sweep_command_schedules_itself_and_reports(user):
-    Schedule.objects.filter(name=services.SWEEP_SCHEDULE_NAME).delete()
+    Schedule.objects.filter(name=recovery.SWEEP_SCHEDULE_NAME).delete()
     out = StringIO()
 
     call_command("sweep", stdout=out)
 
-    schedule = Schedule.objects.get(name=services.SWEEP_SCHEDULE_NAME)
+    schedule = Schedule.objects.get(name=recovery.SWEEP_SCHEDULE_NAME)
     assert (schedule.func, schedule.schedule_type, schedule.minutes, schedule.repeats) == (
         "jobs.tasks.sweep",
         "I",
@@ -177,11 +179,11 @@ def make_dead(job, worker_id: str, seconds_ago: float | None = None, *, settings
 
 def test_a_claim_takes_the_rows_of_a_dead_worker_first_and_counts_their_expiry(user, settings):
     job = running_job(user, rows=5)
-    services.claim_rows(job_id=job.id, worker_id="dead", limit=2)
-    services.claim_rows(job_id=job.id, worker_id="alive", limit=1)
+    claims.claim_rows(job_id=job.id, worker_id="dead", limit=2)
+    claims.claim_rows(job_id=job.id, worker_id="alive", limit=1)
     make_dead(job, "dead", settings=settings)
 
-    taken = services.claim_rows(job_id=job.id, worker_id="new", limit=3).rows
+    taken = claims.claim_rows(job_id=job.id, worker_id="new", limit=3).rows
 
     assert [row.index for row in taken] == [0, 1, 3]
     rows = ExtractRow.objects.filter(job=job).order_by("index")
@@ -196,9 +198,9 @@ def test_a_claim_takes_the_rows_of_a_dead_worker_first_and_counts_their_expiry(u
 
 def test_a_claim_never_takes_a_living_workers_rows(user):
     job = running_job(user, rows=3)
-    services.claim_rows(job_id=job.id, worker_id="slow", limit=3)
+    claims.claim_rows(job_id=job.id, worker_id="slow", limit=3)
 
-    claim = services.claim_rows(job_id=job.id, worker_id="other", limit=3)
+    claim = claims.claim_rows(job_id=job.id, worker_id="other", limit=3)
 
     assert (claim.rows, claim.pending_left) == ([], False)
     assert set(ExtractRow.objects.values_list("claimed_by", "lease_expiries")) == {("slow", 0)}
@@ -207,12 +209,12 @@ def test_a_claim_never_takes_a_living_workers_rows(user):
 def test_a_claim_fails_a_row_that_outlived_too_many_workers_and_finishes_the_job(user, settings):
     settings.STRINGSIGHT_MAX_LEASE_EXPIRIES = 2
     job = running_job(user, rows=1)
-    services.claim_rows(job_id=job.id, worker_id="first", limit=1)
+    claims.claim_rows(job_id=job.id, worker_id="first", limit=1)
     make_dead(job, "first", settings=settings)
-    assert [row.index for row in services.claim_rows(job_id=job.id, worker_id="second", limit=1).rows] == [0]
+    assert [row.index for row in claims.claim_rows(job_id=job.id, worker_id="second", limit=1).rows] == [0]
     make_dead(job, "second", settings=settings)
 
-    claim = services.claim_rows(job_id=job.id, worker_id="third", limit=1)
+    claim = claims.claim_rows(job_id=job.id, worker_id="third", limit=1)
 
     job.refresh_from_db()
     row = ExtractRow.objects.get(job=job)
@@ -227,11 +229,11 @@ def test_a_claim_fails_a_row_that_outlived_too_many_workers_and_finishes_the_job
 
 def test_a_claim_renews_the_claiming_workers_grant(user, settings):
     job = running_job(user, rows=4)
-    services.set_slots(job_id=job.id, worker_id="w", slots=2, in_flight=0, wants=True)
+    grants.set_slots(job_id=job.id, worker_id="w", slots=2, in_flight=0, wants=True)
     old = timezone.now() - timedelta(seconds=settings.STRINGSIGHT_LEASE_SECONDS - 1)
     WorkerSlots.objects.update(renewed_at=old)
 
-    services.claim_rows(job_id=job.id, worker_id="w", limit=2)
+    claims.claim_rows(job_id=job.id, worker_id="w", limit=2)
 
     assert WorkerSlots.objects.get().renewed_at > old + timedelta(seconds=1)
 
@@ -240,12 +242,12 @@ def test_sweep_enqueues_the_work_of_a_job_whose_worker_died_at_once_and_once(use
     settings.STRINGSIGHT_CHUNK_SIZE = 2
     job = running_job(user, rows=5)
     ExtractJob.objects.filter(pk=job.id).update(work_enqueued_at=timezone.now())  # its task: taken, now dead
-    services.set_slots(job_id=job.id, worker_id="dead", slots=8, in_flight=0, wants=True)
-    services.claim_rows(job_id=job.id, worker_id="dead", limit=3)
+    grants.set_slots(job_id=job.id, worker_id="dead", slots=8, in_flight=0, wants=True)
+    claims.claim_rows(job_id=job.id, worker_id="dead", limit=3)
     make_dead(job, "dead", settings=settings)
 
-    report = services.sweep()
-    again = services.sweep()
+    report = recovery.sweep()
+    again = recovery.sweep()
 
     assert (report.released, report.requeued_jobs) == (3, 1)
     assert OrmQ.objects.count() == 3  # 5 pending rows, 2 per task
@@ -256,17 +258,17 @@ def test_sweep_enqueues_the_work_of_a_job_whose_worker_died_at_once_and_once(use
 
 def test_sweep_leaves_a_dead_workers_rows_to_a_living_worker_still_taking_rows(user, settings):
     job = running_job(user, rows=5)
-    services.set_slots(job_id=job.id, worker_id="dead", slots=4, in_flight=0, wants=True)
-    services.set_slots(job_id=job.id, worker_id="alive", slots=4, in_flight=0, wants=True)
-    services.claim_rows(job_id=job.id, worker_id="dead", limit=2)
+    grants.set_slots(job_id=job.id, worker_id="dead", slots=4, in_flight=0, wants=True)
+    grants.set_slots(job_id=job.id, worker_id="alive", slots=4, in_flight=0, wants=True)
+    claims.claim_rows(job_id=job.id, worker_id="dead", limit=2)
     make_dead(job, "dead", settings=settings)
 
-    report = services.sweep()
+    report = recovery.sweep()
 
     assert (report.released, report.requeued_jobs) == (2, 0)
     assert OrmQ.objects.count() == 0
     assert list(WorkerSlots.objects.values_list("worker_id", flat=True)) == ["alive"]
-    assert [row.index for row in services.claim_rows(job_id=job.id, worker_id="alive", limit=5).rows] == [
+    assert [row.index for row in claims.claim_rows(job_id=job.id, worker_id="alive", limit=5).rows] == [
         0,
         1,
         2,
@@ -277,13 +279,13 @@ def test_sweep_leaves_a_dead_workers_rows_to_a_living_worker_still_taking_rows(u
 
 def test_sweep_enqueues_work_when_the_only_living_worker_takes_no_more_rows(user, settings):
     job = running_job(user, rows=4)
-    services.set_slots(job_id=job.id, worker_id="dead", slots=2, in_flight=0, wants=True)
-    services.claim_rows(job_id=job.id, worker_id="dead", limit=2)
-    services.set_slots(job_id=job.id, worker_id="finishing", slots=2, in_flight=2, wants=False)
-    services.claim_rows(job_id=job.id, worker_id="finishing", limit=2)
+    grants.set_slots(job_id=job.id, worker_id="dead", slots=2, in_flight=0, wants=True)
+    claims.claim_rows(job_id=job.id, worker_id="dead", limit=2)
+    grants.set_slots(job_id=job.id, worker_id="finishing", slots=2, in_flight=2, wants=False)
+    claims.claim_rows(job_id=job.id, worker_id="finishing", limit=2)
     make_dead(job, "dead", settings=settings)
 
-    assert services.sweep().requeued_jobs == 1
+    assert recovery.sweep().requeued_jobs == 1
     assert OrmQ.objects.count() == 1
 
 
@@ -293,7 +295,7 @@ def test_sweep_never_piles_tasks_on_a_job_waiting_in_the_queue(
     with django_capture_on_commit_callbacks(execute=True):
         job = make_job(user, simple_rows(3))
 
-    reports = [services.sweep(now=timezone.now() + timedelta(seconds=seconds)) for seconds in (0, 10, 60)]
+    reports = [recovery.sweep(now=timezone.now() + timedelta(seconds=seconds)) for seconds in (0, 10, 60)]
 
     assert [report.requeued_jobs for report in reports] == [0, 0, 0]
     assert OrmQ.objects.count() == 1
@@ -305,7 +307,7 @@ def test_sweep_if_due_lets_one_sweep_through_per_interval(user, settings):
     start = timezone.now()
 
     swept = [
-        services.sweep_if_due(now=start + timedelta(seconds=seconds)) is not None
+        recovery.sweep_if_due(now=start + timedelta(seconds=seconds)) is not None
         for seconds in (0, 0, 4.9, 5.0, 5.1, 10.1)
     ]
 
@@ -319,7 +321,7 @@ def test_sweep_forgets_idempotency_keys_after_a_day(user):
     for key, age in (("old", timedelta(hours=24, seconds=1)), ("recent", timedelta(hours=23))):
         IdempotencyKey.objects.create(owner=user, key=key, request_hash="h", job=job, created_at=now - age)
 
-    services.sweep(now=now)
+    recovery.sweep(now=now)
 
     assert list(IdempotencyKey.objects.values_list("key", flat=True)) == ["recent"]
 
@@ -330,8 +332,8 @@ def test_a_workers_background_sweeps_return_a_dead_workers_rows_and_requeue_its_
 ):
     settings.STRINGSIGHT_SWEEP_SECONDS = 0.2
     job = running_job(user, rows=3)
-    services.set_slots(job_id=job.id, worker_id="dead", slots=2, in_flight=0, wants=True)
-    services.claim_rows(job_id=job.id, worker_id="dead", limit=2)
+    grants.set_slots(job_id=job.id, worker_id="dead", slots=2, in_flight=0, wants=True)
+    claims.claim_rows(job_id=job.id, worker_id="dead", limit=2)
     make_dead(job, "dead", settings=settings)
     queued_before = OrmQ.objects.count()
     stop = threading.Event()

@@ -8,13 +8,13 @@ import pytest
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from jobs import services
 from jobs.models import ExtractJob, ThrottleBucket
+from jobs.services import throttle
 from tests.factories import simple_rows
 
 pytestmark = pytest.mark.django_db
 
-HOUR = services.Rate(count=5, seconds=3600)
+HOUR = throttle.Rate(count=5, seconds=3600)
 
 
 def rate(settings, value: str) -> None:
@@ -32,43 +32,43 @@ def rate(settings, value: str) -> None:
     ],
 )
 def test_a_rate_reads_a_count_over_a_period(text, expected):
-    parsed = services.Rate.parse(text)
+    parsed = throttle.Rate.parse(text)
     assert (parsed.count, parsed.seconds) == expected
 
 
 @pytest.mark.parametrize("text", ["", "5", "x/min", "0/min", "5/fortnight", "5/0min"])
 def test_a_malformed_rate_is_refused(text):
     with pytest.raises(ValueError, match="is not a rate such as 120/min"):
-        services.Rate.parse(text)
+        throttle.Rate.parse(text)
 
 
 def test_a_burst_of_the_count_passes_then_one_per_interval():
-    taken = [services.throttle_take(scope="s", ident="i", rate=HOUR, now=1000.0) for _ in range(7)]
+    taken = [throttle.throttle_take(scope="s", ident="i", rate=HOUR, now=1000.0) for _ in range(7)]
 
     assert taken[:5] == [None] * 5
     assert taken[5:] == [720.0, 720.0]  # an hour's allowance of 5 frees one every 12 minutes
-    assert services.throttle_take(scope="s", ident="i", rate=HOUR, now=1719.0) == 1.0
-    assert services.throttle_take(scope="s", ident="i", rate=HOUR, now=1720.0) is None
-    assert services.throttle_take(scope="s", ident="i", rate=HOUR, now=1720.0) == 720.0
+    assert throttle.throttle_take(scope="s", ident="i", rate=HOUR, now=1719.0) == 1.0
+    assert throttle.throttle_take(scope="s", ident="i", rate=HOUR, now=1720.0) is None
+    assert throttle.throttle_take(scope="s", ident="i", rate=HOUR, now=1720.0) == 720.0
 
 
 def test_callers_and_scopes_have_allowances_of_their_own():
-    one = services.Rate(count=1, seconds=60)
+    one = throttle.Rate(count=1, seconds=60)
 
-    assert services.throttle_take(scope="a", ident="x", rate=one, now=0.0) is None
-    assert services.throttle_take(scope="a", ident="y", rate=one, now=0.0) is None
-    assert services.throttle_take(scope="b", ident="x", rate=one, now=0.0) is None
-    assert services.throttle_take(scope="a", ident="x", rate=one, now=0.0) == 60.0
+    assert throttle.throttle_take(scope="a", ident="x", rate=one, now=0.0) is None
+    assert throttle.throttle_take(scope="a", ident="y", rate=one, now=0.0) is None
+    assert throttle.throttle_take(scope="b", ident="x", rate=one, now=0.0) is None
+    assert throttle.throttle_take(scope="a", ident="x", rate=one, now=0.0) == 60.0
 
 
 def test_waiting_reads_the_allowance_without_taking_from_it():
-    one = services.Rate(count=1, seconds=60)
+    one = throttle.Rate(count=1, seconds=60)
 
-    assert services.throttle_wait(scope="s", ident="i", rate=one, now=0.0) is None
-    assert services.throttle_take(scope="s", ident="i", rate=one, now=0.0) is None
-    assert services.throttle_wait(scope="s", ident="i", rate=one, now=30.0) == 30.0
-    assert services.throttle_wait(scope="s", ident="i", rate=one, now=30.0) == 30.0
-    assert services.throttle_wait(scope="s", ident="i", rate=one, now=60.0) is None
+    assert throttle.throttle_wait(scope="s", ident="i", rate=one, now=0.0) is None
+    assert throttle.throttle_take(scope="s", ident="i", rate=one, now=0.0) is None
+    assert throttle.throttle_wait(scope="s", ident="i", rate=one, now=30.0) == 30.0
+    assert throttle.throttle_wait(scope="s", ident="i", rate=one, now=30.0) == 30.0
+    assert throttle.throttle_wait(scope="s", ident="i", rate=one, now=60.0) is None
 
 
 def test_a_429_says_when_to_come_back(api, settings):

@@ -13,8 +13,9 @@ from rest_framework.views import APIView
 from extraction.prompts import PROMPT_NAMES, named_prompt, prompt_catalogue
 from extraction.rows import REQUIRED_COLUMNS, RowError, detect_method, json_type
 
-from .. import rowfiles, services, single
+from .. import rowfiles, single
 from ..models import Method
+from ..services import budgets
 from .errors import DailyBudgetExceeded, error_response, flatten_errors, with_field
 from .hangup import client_socket, hung_up
 from .payloads import property_payloads
@@ -240,7 +241,7 @@ class ExtractSingleView(APIView):
                 encoded_row=body.validated_data["encoded_row"],
                 hung_up=(lambda: hung_up(sock)) if sock is not None else (lambda: False),
             )
-        except services.DailyBudgetExceeded as exc:
+        except budgets.DailyBudgetExceeded as exc:
             raise DailyBudgetExceeded(str(exc)) from None
         return single_response(result, return_debug=body.validated_data["return_debug"])
 

@@ -15,7 +15,8 @@ from extraction.prompts import UnknownPromptError, resolve_system_prompt
 from extraction.rows import RowError, encode_row, json_type, nul_path, validate_rows
 
 from ..models import JobKind, JobState, Method, RowStatus
-from ..services import JobParams, model_allowed, price_for
+from ..services.budgets import model_allowed, price_for
+from ..services.lifecycle import JobParams
 
 # Upstream StringSight's frontend sends these; a caller who omits a value
 # (or sends null) gets the same.

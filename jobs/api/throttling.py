@@ -1,5 +1,5 @@
 """The start throttle: per user (or per client address in anonymous mode),
-counted in the database with one conditional UPDATE (services.throttle_take),
+counted in the database with one conditional UPDATE (throttle.throttle_take),
 so the rate holds across web processes and parallel requests. A view opts
 in with `throttle_scope`; the scope's rate comes from DEFAULT_THROTTLE_RATES."""
 
@@ -7,7 +7,7 @@ from django.conf import settings
 from rest_framework.settings import api_settings
 from rest_framework.throttling import BaseThrottle
 
-from .. import services
+from ..services import throttle
 
 
 class ScopedDatabaseThrottle(BaseThrottle):
@@ -16,8 +16,8 @@ class ScopedDatabaseThrottle(BaseThrottle):
         rate = api_settings.DEFAULT_THROTTLE_RATES.get(scope) if scope else None
         if rate is None:
             return True
-        self.wait_seconds = services.throttle_take(
-            scope=scope, ident=caller_ident(request), rate=services.Rate.parse(rate)
+        self.wait_seconds = throttle.throttle_take(
+            scope=scope, ident=caller_ident(request), rate=throttle.Rate.parse(rate)
         )
         return self.wait_seconds is None
 

@@ -21,8 +21,10 @@ from rest_framework.views import APIView
 
 from extraction.prompts import PROMPT_NAMES, list_prompts
 
-from .. import exports, services
+from .. import exports
 from ..models import ExtractJob, JobState
+from ..services import access, budgets, lifecycle
+from ..services.idempotency import IdempotencyKeyReused, IdempotentStart, start_replay
 from .errors import Conflict, DailyBudgetExceeded
 from .payloads import CALLER_INDEX, ROW_FIELDS, detail_payload, result_chunks, status_payload
 from .permissions import JobAPIPermission
@@ -136,7 +138,7 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
         return super().get_throttles() if self.action in ("create", "seed_start") else []
 
     def get_queryset(self):
-        return services.jobs_visible_to(self.request.user)
+        return access.jobs_visible_to(self.request.user)
 
     def find_job(self, job_id) -> ExtractJob:
         if job_id is None or job_id == "":
@@ -171,24 +173,24 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
         serializer.is_valid(raise_exception=True)
         try:
             if idempotency is None:
-                job = services.job_start(owner=owner, **serializer.validated_data)
+                job = lifecycle.job_start(owner=owner, **serializer.validated_data)
                 return Response(status_payload(job), status=status.HTTP_201_CREATED)
-            started = services.job_start_once(
+            started = lifecycle.job_start_once(
                 owner=owner, idempotency=idempotency, **serializer.validated_data
             )
-        except services.DailyBudgetExceeded as exc:
+        except budgets.DailyBudgetExceeded as exc:
             raise DailyBudgetExceeded(str(exc)) from None
-        except services.IdempotencyKeyReused as exc:
+        except IdempotencyKeyReused as exc:
             raise Conflict(str(exc)) from None
         return Response(
             json.loads(started.answer),
             status=status.HTTP_200_OK if started.replayed else status.HTTP_201_CREATED,
         )
 
-    def replay(self, owner, idempotency: services.IdempotentStart) -> Response | None:
+    def replay(self, owner, idempotency: IdempotentStart) -> Response | None:
         try:
-            earlier = services.start_replay(owner=owner, idempotency=idempotency)
-        except services.IdempotencyKeyReused as exc:
+            earlier = start_replay(owner=owner, idempotency=idempotency)
+        except IdempotencyKeyReused as exc:
             raise Conflict(str(exc)) from None
         return None if earlier is None else Response(json.loads(earlier.answer), status=status.HTTP_200_OK)
 
@@ -262,12 +264,12 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
         return self.result_response(self.find_job(request.query_params.get("job_id")), seed=True)
 
     def require_change(self, job: ExtractJob, verb: str) -> None:
-        if not services.may_change(self.request.user, job):
+        if not access.may_change(self.request.user, job):
             raise PermissionDenied(f"{verb} another user's job needs the jobs.change_extractjob permission")
 
     def cancel_response(self, job: ExtractJob, *, finished_is_ok: bool = False) -> Response:
         self.require_change(job, "cancelling")
-        outcome = services.job_cancel(job=job)
+        outcome = lifecycle.job_cancel(job=job)
         job = outcome.job
         if job.state == JobState.CANCELLED:
             message = "job cancelled" if outcome.cancelled_now else "job was already cancelled"
@@ -327,11 +329,11 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
     )
     def destroy(self, request, job_id=None):
         job = self.find_job(job_id)
-        if not services.may_delete(request.user, job):
+        if not access.may_delete(request.user, job):
             raise PermissionDenied("deleting another user's job needs the jobs.delete_extractjob permission")
         try:
-            services.job_delete(job=job)
-        except services.JobStillActive as exc:
+            lifecycle.job_delete(job=job)
+        except lifecycle.JobStillActive as exc:
             raise Conflict(str(exc)) from None
         return Response(status=status.HTTP_204_NO_CONTENT)
 
@@ -350,8 +352,8 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
         if body.validated_data.get("max_cost_usd") is not None and not job.has_prices:
             raise ValidationError({"max_cost_usd": [f"no price is known for model {job.model_name!r}"]})
         try:
-            job = services.job_resume(job=job, **body.validated_data)
-        except services.JobNotResumable as exc:
+            job = lifecycle.job_resume(job=job, **body.validated_data)
+        except lifecycle.JobNotResumable as exc:
             raise Conflict(str(exc)) from None
         return Response(status_payload(job))
 
@@ -447,7 +449,7 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
         return response
 
 
-def idempotent_start(request) -> services.IdempotentStart | None:
+def idempotent_start(request) -> IdempotentStart | None:
     """The start's Idempotency-Key, if it sent one, with its request's hash:
     the media type and the raw body, whichever of the two start paths it
     came by. Read before the body is parsed (the raw body is gone after)."""
@@ -461,7 +463,7 @@ def idempotent_start(request) -> services.IdempotentStart | None:
     digest = hashlib.sha256(request.content_type.partition(";")[0].strip().lower().encode())
     digest.update(b"\n")
     digest.update(request.body)
-    return services.IdempotentStart(
+    return IdempotentStart(
         key=key,
         request_hash=digest.hexdigest(),
         answer=lambda job: json.dumps(status_payload(job), cls=JSONEncoder),

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from jobs import services
 from jobs.api.errors import flatten_errors, with_field
 from jobs.api.payloads import detail_payload
 from jobs.api.serializers import StartJobSerializer
@@ -24,6 +23,7 @@ from jobs.cli import (
 )
 from jobs.formatting import format_cost
 from jobs.models import ExtractJob, JobState
+from jobs.services import budgets, lifecycle
 
 QUEUED_HINT_SECONDS = 10.0
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report it
@@ -93,7 +93,7 @@ class Command(BaseCommand):
             self.wait(job, runner, interrupted, poll=max(poll, 0.05))
             if interrupted.is_set():
                 # Still under the flag handler: a second Ctrl-C cannot undo the cancel.
-                self.announce_cancel(services.job_cancel(job=job))
+                self.announce_cancel(lifecycle.job_cancel(job=job))
         if runner and runner.error and not interrupted.is_set():
             raise CommandError(
                 f"the inline runner failed ({runner.error!r}); job {job.id} is still {job.state}: "
@@ -140,7 +140,7 @@ class Command(BaseCommand):
         # A worker may hold some of the job's rows when the runner is done.
         return not runner.is_alive() and (runner.error is not None or not job.is_active)
 
-    def announce_cancel(self, outcome: services.CancelOutcome) -> None:
+    def announce_cancel(self, outcome: lifecycle.CancelOutcome) -> None:
         if outcome.cancelled_now:
             self.stderr.write(
                 f"Ctrl-C: cancelled job {outcome.job.id}; {outcome.job.properties_count} properties are "
@@ -169,8 +169,8 @@ def start_job(source: Path, username: str | None, options: dict) -> ExtractJob:
     if not serializer.is_valid():
         raise CommandError(validation_message(serializer.errors))
     try:
-        return services.job_start(owner=user_named(username), **serializer.validated_data)
-    except services.DailyBudgetExceeded as exc:
+        return lifecycle.job_start(owner=user_named(username), **serializer.validated_data)
+    except budgets.DailyBudgetExceeded as exc:
         raise CommandError(str(exc)) from None
 
 

@@ -6,11 +6,11 @@ from contextlib import nullcontext
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
-from jobs import services
 from jobs.api.payloads import detail_payload
 from jobs.cli import find_job, quiet_logs, user_named
 from jobs.formatting import format_cost, format_duration
 from jobs.models import ExtractJob, JobState, RowStatus
+from jobs.services import lifecycle
 
 FAILED_ROWS_SHOWN = 5
 ERROR_CHARS_SHOWN = 200
@@ -121,7 +121,7 @@ class Command(BaseCommand):
         self.stdout.write("\n".join(lines))
 
     def cancel(self, job: ExtractJob) -> None:
-        outcome = services.job_cancel(job=job)
+        outcome = lifecycle.job_cancel(job=job)
         job = outcome.job
         if outcome.cancelled_now:
             self.stdout.write(f"Cancelled job {job.id}: {job.properties_count} properties kept.")
@@ -135,8 +135,8 @@ class Command(BaseCommand):
     def resume(self, job: ExtractJob, *, retry_failed: bool) -> None:
         failed_before = job.count_failed
         try:
-            job = services.job_resume(job=job, retry_failed=retry_failed)
-        except services.JobNotResumable as exc:
+            job = lifecycle.job_resume(job=job, retry_failed=retry_failed)
+        except lifecycle.JobNotResumable as exc:
             raise CommandError(f"job {job.id} cannot be resumed: {exc}") from None
         reopened = job.count_total - job.count_done - job.count_failed
         retried = f" ({failed_before - job.count_failed} of them failed before)" if retry_failed else ""

@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand
 
-from jobs import services
+from jobs.services import recovery
 
 
 class Command(BaseCommand):
@@ -10,5 +10,5 @@ class Command(BaseCommand):
     )
 
     def handle(self, *args, **options):
-        services.ensure_sweep_schedule()
-        self.stdout.write(str(services.sweep()))
+        recovery.ensure_sweep_schedule()
+        self.stdout.write(str(recovery.sweep()))

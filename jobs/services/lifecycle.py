@@ -1,0 +1,293 @@
+"""A job's life: start, cancel, resume, delete, fail. The API, admin and CLI
+call these for every change to a job and hold no rules of their own."""
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, connection, transaction
+from django.db.models import F
+from django.utils import timezone
+from django_q.tasks import async_task
+
+from extraction.rows import encode_row, input_index_for, question_id_for, sample_indexes
+
+from ..events import log_event
+from ..models import (
+    ACTIVE_STATES,
+    ExtractJob,
+    ExtractRow,
+    IdempotencyKey,
+    JobKind,
+    JobState,
+    Property,
+    RowStatus,
+)
+from .budgets import check_daily_budget, estimate_cost, price_for
+from .claims import claim_rows
+from .idempotency import IdempotentStart, StartOutcome, start_replay, take_idempotency_key
+from .sql import ClaimedRow, close_unfinished_rows, insert_rows
+
+
+@dataclass(frozen=True)
+class JobParams:
+    method: str
+    system_prompt: str
+    resolved_system_prompt: str
+    task_description: str
+    model_name: str
+    temperature: float
+    top_p: float
+    max_tokens: int
+    max_workers: int
+    include_scores_in_prompt: bool = False
+    sample_size: int | None = None
+    use_cache: bool = True
+    max_cost_usd: float | None = None
+    max_total_tokens: int | None = None
+
+
+def job_start(
+    *,
+    owner,
+    rows: list[dict[str, Any]],
+    params: JobParams,
+    encoded_rows: list[str] | None = None,
+    idempotency: IdempotentStart | None = None,
+) -> ExtractJob:
+    """Store the job and its (sampled) rows in one transaction, then enqueue
+    its work. `encoded_rows` are the rows' JSON texts when the caller has
+    them already (the API measured each row's size with them). Raises
+    DailyBudgetExceeded when the owner's daily budget cannot pay for it.
+    With `idempotency`, an IntegrityError means another start took the key
+    first (see job_start_once)."""
+    picked = sample_indexes(len(rows), params.sample_size)
+    texts = [encoded_rows[at] if encoded_rows else encode_row(rows[at]) for at in picked]
+    estimate = estimate_cost(params, texts)
+    with transaction.atomic():
+        check_daily_budget(owner=owner, model_name=params.model_name, estimate=estimate)
+        job = _create_job(owner=owner, params=params, count_total=len(picked), estimated_cost_usd=estimate)
+        if idempotency is not None:
+            # Before the rows: a concurrent start with the same key waits
+            # here for this one to commit (PostgreSQL) or runs after it
+            # (SQLite), then fails on the unique constraint, having stored
+            # nothing.
+            key = take_idempotency_key(owner=owner, idempotency=idempotency, job=job)
+        insert_rows(
+            job,
+            [
+                (index, question_id_for(rows[at], index), texts[index], input_index_for(rows[at], at))
+                for index, at in enumerate(picked)
+            ],
+        )
+        if idempotency is not None:
+            IdempotencyKey.objects.filter(pk=key.pk).update(answer=idempotency.answer(job))
+        transaction.on_commit(lambda: enqueue_job_work(job_id=job.id, row_count=len(picked)))
+    log_event("job_started", job_id=job.id, rows=len(picked), model=params.model_name, method=params.method)
+    return job
+
+
+def _create_job(*, owner, params: JobParams, count_total: int, **fields) -> ExtractJob:
+    price_input, price_output = price_for(params.model_name) or (None, None)
+    return ExtractJob.objects.create(
+        owner=owner,
+        count_total=count_total,
+        price_input_per_mtok=price_input,
+        price_output_per_mtok=price_output,
+        **vars(params),
+        **fields,
+    )
+
+
+def single_row_start(
+    *, owner, row: dict[str, Any], params: JobParams, encoded_row: str, worker_id: str
+) -> tuple[ExtractJob, "ClaimedRow | None"]:
+    """A one-row job that the web request extracts itself (/extract/single):
+    no task is enqueued; it is marked running and its row is claimed by
+    `worker_id`, as a worker would, so recording its result, a cancel and
+    the sweep treat it like any other job. The row is None when the claim
+    found nothing to take (the job was cancelled at once, or a budget could
+    not pay for the call). Raises DailyBudgetExceeded as job_start does."""
+    estimate = estimate_cost(params, [encoded_row])
+    with transaction.atomic():
+        check_daily_budget(owner=owner, model_name=params.model_name, estimate=estimate)
+        job = _create_job(
+            owner=owner, params=params, count_total=1, kind=JobKind.SINGLE, estimated_cost_usd=estimate
+        )
+        insert_rows(job, [(0, question_id_for(row, 0), encoded_row, input_index_for(row, 0))])
+    log_event(
+        "job_started", job_id=job.id, rows=1, model=params.model_name, method=params.method, kind=job.kind
+    )
+    job_mark_running(job_id=job.id)
+    claim = claim_rows(job_id=job.id, worker_id=worker_id, limit=1)
+    job.refresh_from_db()
+    return job, (claim.rows[0] if claim.rows else None)
+
+
+def job_start_once(
+    *,
+    owner,
+    idempotency: IdempotentStart,
+    rows: list[dict[str, Any]],
+    params: JobParams,
+    encoded_rows: list[str] | None = None,
+) -> StartOutcome:
+    """job_start for a start sent with an Idempotency-Key: of any number
+    of starts with one key, sent one after another or all at once, the
+    first creates the job and every other answers with it."""
+    try:
+        job = job_start(
+            owner=owner, rows=rows, params=params, encoded_rows=encoded_rows, idempotency=idempotency
+        )
+    except IntegrityError:
+        replay = start_replay(owner=owner, idempotency=idempotency)
+        if replay is None:
+            raise
+        return replay
+    return StartOutcome(job_id=job.id, answer=idempotency.answer(job), replayed=False)
+
+
+def enqueue_job_work(*, job_id, row_count: int) -> int:
+    """One task per chunk of rows. A task only says "work on this job"; which
+    rows it takes is decided by claims against the database."""
+    tasks = math.ceil(row_count / settings.STRINGSIGHT_CHUNK_SIZE)
+    ExtractJob.objects.filter(pk=job_id).update(work_enqueued_at=timezone.now())
+    for _ in range(tasks):
+        async_task("jobs.tasks.process_job_chunk", str(job_id), group=str(job_id))
+    return tasks
+
+
+def job_mark_running(*, job_id) -> None:
+    if ExtractJob.objects.filter(pk=job_id, state=JobState.QUEUED).update(
+        state=JobState.RUNNING, started_at=timezone.now()
+    ):
+        log_event("job_running", job_id=job_id)
+
+
+@dataclass(frozen=True)
+class CancelOutcome:
+    job: ExtractJob
+    cancelled_now: bool
+
+
+def job_cancel(*, job: ExtractJob) -> CancelOutcome:
+    """Cancel at once and for good: the job and its unfinished rows become
+    `cancelled` together. A row result racing with this either commits
+    before it (and is counted in the reported properties_count) or finds the
+    job no longer running and is discarded, so the count never changes."""
+    now = timezone.now()
+    with transaction.atomic():
+        won = ExtractJob.objects.filter(pk=job.pk, state__in=ACTIVE_STATES).update(
+            state=JobState.CANCELLED, cancelled_at=now, finished_at=now
+        )
+        if won:
+            close_unfinished_rows(job_id=job.pk, status=RowStatus.CANCELLED, now=now)
+        job.refresh_from_db()
+    if won:
+        log_event("job_cancelled", job_id=job.pk, properties_count=job.properties_count)
+    return CancelOutcome(job=job, cancelled_now=bool(won))
+
+
+class JobNotResumable(Exception):
+    pass
+
+
+def job_resume(
+    *,
+    job: ExtractJob,
+    retry_failed: bool = False,
+    max_cost_usd: float | None = None,
+    max_total_tokens: int | None = None,
+) -> ExtractJob:
+    """Run a cancelled, failed or done job's unfinished rows again (and its
+    failed rows, with retry_failed). Done rows are never sent again. A new
+    budget may be given, since a job stopped by its budget needs a larger one."""
+    resumable = [JobState.CANCELLED, JobState.ERROR] + ([JobState.DONE] if retry_failed else [])
+    statuses = [RowStatus.PENDING, RowStatus.RUNNING, RowStatus.CANCELLED]
+    if retry_failed:
+        statuses.append(RowStatus.FAILED)
+    with transaction.atomic():
+        locked = ExtractJob.objects.select_for_update().filter(pk=job.pk, state__in=resumable).first()
+        if locked is None:
+            raise JobNotResumable(_not_resumable_reason(job, retry_failed))
+        rows = ExtractRow.objects.filter(job_id=job.pk, status__in=statuses)
+        retried_failures = rows.filter(status=RowStatus.FAILED).count() if retry_failed else 0
+        reopened = rows.update(
+            status=RowStatus.PENDING,
+            error="",
+            claimed_by="",
+            lease_expires_at=None,
+            lease_expiries=0,
+            finished_at=None,
+        )
+        if not reopened:
+            raise JobNotResumable(f"job has no rows to run again (state: {locked.state})")
+        changes = {
+            "state": JobState.QUEUED,
+            "error": "",
+            "finished_at": None,
+            "cancelled_at": None,
+            "count_failed": F("count_failed") - retried_failures,
+        }
+        if max_cost_usd is not None:
+            changes["max_cost_usd"] = max_cost_usd
+        if max_total_tokens is not None:
+            changes["max_total_tokens"] = max_total_tokens
+        ExtractJob.objects.filter(pk=job.pk).update(**changes)
+        transaction.on_commit(lambda: enqueue_job_work(job_id=job.pk, row_count=reopened))
+    log_event("job_resumed", job_id=job.pk, rows=reopened, retry_failed=retry_failed)
+    job.refresh_from_db()
+    return job
+
+
+def _not_resumable_reason(job: ExtractJob, retry_failed: bool) -> str:
+    job.refresh_from_db(fields=["state"])
+    if job.state in ACTIVE_STATES:
+        return f"job is still {job.state}; cancel it before resuming"
+    return f"job already finished (state: {job.state}); only retry_failed can run its failed rows again"
+
+
+class JobStillActive(Exception):
+    pass
+
+
+def job_delete(*, job: ExtractJob) -> None:
+    """Delete a finished job with its rows and properties. The bulk deletes
+    skip Django's object-by-object cascade, which would load every row."""
+    with transaction.atomic():
+        if (
+            not ExtractJob.objects.select_for_update()
+            .filter(pk=job.pk)
+            .exclude(state__in=ACTIVE_STATES)
+            .exists()
+        ):
+            raise JobStillActive(f"job is still {job.state}; cancel it before deleting it")
+        Property.objects.filter(job_id=job.pk).delete()
+        job_column = ExtractRow._meta.get_field("job")
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"DELETE FROM {ExtractRow._meta.db_table} WHERE {job_column.column} = %s",
+                [job_column.get_db_prep_value(job.pk, connection)],
+            )
+        ExtractJob.objects.filter(pk=job.pk).delete()
+    log_event("job_deleted", job_id=job.pk)
+
+
+def job_fail(*, job_id, error: str) -> bool:
+    """End a job that cannot go on (the LLM refuses our credentials, say),
+    keeping every row already done."""
+    now = timezone.now()
+    with transaction.atomic():
+        won = ExtractJob.objects.filter(pk=job_id, state__in=ACTIVE_STATES).update(
+            state=JobState.ERROR, error=error, finished_at=now
+        )
+        if won:
+            close_unfinished_rows(job_id=job_id, status=RowStatus.CANCELLED, now=now)
+    if won:
+        log_event("job_failed", job_id=job_id, error=error)
+    return bool(won)
+
+
+def job_state(*, job_id) -> str | None:
+    return ExtractJob.objects.filter(pk=job_id).values_list("state", flat=True).first()
