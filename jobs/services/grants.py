@@ -34,6 +34,9 @@ class SlotView:
         base, extra = divmod(self.max_workers, len(workers))
         return base + (workers.index(worker_id) < extra)
 
+    def held_by_others(self, worker_id: str) -> int:
+        return sum(slots for worker, (slots, _) in self.grants.items() if worker != worker_id)
+
 
 @dataclass(frozen=True)
 class JobToServe:

@@ -244,7 +244,13 @@ class Engine:
             self._take_share(job, shares[job.job_id], wants=wanting[job.job_id])
         for job_id in list(self.served):
             self._claim_for(job_id, may_claim)
-        self._ask_for_help_if_short(sum(limits[job] for job, wants in wanting.items() if wants))
+        self._ask_for_help_if_short(
+            sum(
+                job.slots.max_workers - job.slots.held_by_others(self.worker_id)
+                for job in jobs
+                if wanting[job.job_id]
+            )
+        )
         return self._stop_reason(may_claim)
 
     def _take_share(self, job: grants.JobToServe, share: int, *, wants: bool) -> None:
@@ -347,9 +353,9 @@ class Engine:
         )
 
     def _ask_for_help_if_short(self, wanted: int) -> None:
-        """Jobs want more calls than this worker makes: one more worker
-        process (on any machine) may take part, if the broker has no task
-        waiting already."""
+        """The jobs' max_workers not held by other workers add up to more
+        calls than this one makes: one more worker process (on any machine)
+        may take part, if the broker has no task waiting already."""
         now = time.monotonic()
         if self.only_job is not None or wanted <= self.config.concurrency:
             return
