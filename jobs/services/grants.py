@@ -151,3 +151,32 @@ def grants_alive_since(now):
     """A grant not renewed within a lease period is a dead worker's, like
     its rows."""
     return now - timedelta(seconds=settings.STRINGSIGHT_LEASE_SECONDS)
+
+
+@dataclass(frozen=True)
+class WorkerAtWork:
+    """A live worker, its calls in flight at its last heartbeat, and its
+    grant in each job it takes part in (job id, owner, slots, calls in flight)."""
+
+    worker_id: str
+    in_flight: int
+    jobs: list[tuple[uuid.UUID, str, int, int]]
+
+
+def workers_at_work() -> list[WorkerAtWork]:
+    """Every worker holding a live grant, busiest first (for the admin)."""
+    live = (
+        WorkerSlots.objects.filter(
+            renewed_at__gte=grants_alive_since(timezone.now()), job__state=JobState.RUNNING
+        )
+        .order_by("worker_id", "job__created_at")
+        .values_list("worker_id", "job_id", "job__owner__username", "slots", "in_flight")
+    )
+    by_worker: dict[str, list] = {}
+    for worker_id, job_id, owner, slots, in_flight in live:
+        by_worker.setdefault(worker_id, []).append((job_id, owner or "anonymous", slots, in_flight))
+    workers = [
+        WorkerAtWork(worker_id=worker, in_flight=sum(job[3] for job in jobs), jobs=jobs)
+        for worker, jobs in by_worker.items()
+    ]
+    return sorted(workers, key=lambda worker: (-worker.in_flight, worker.worker_id))
