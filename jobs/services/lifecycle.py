@@ -164,6 +164,15 @@ def wake_workers(*, job_id, max_workers: int) -> int:
     return max(0, tasks)
 
 
+def wake_a_worker() -> bool:
+    """One more worker process (on any machine) for the running jobs,
+    unless a task already waits in the broker for one."""
+    if get_broker().queue_size():
+        return False
+    async_task("jobs.tasks.serve_jobs")
+    return True
+
+
 def job_mark_running(*, job_id) -> None:
     if ExtractJob.objects.filter(pk=job_id, state=JobState.QUEUED).update(
         state=JobState.RUNNING, started_at=timezone.now()

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.db import DatabaseError
-from django_q.brokers import get_broker
 
 from extraction.extract import (
     CacheKeys,
@@ -178,6 +177,8 @@ class Engine:
         )
         try:
             reason = self._serve()
+            if reason is StopReason.TIME_UP and self.only_job is None:
+                lifecycle.wake_a_worker()  # to take this task's place
         finally:
             for job_id in self.served:
                 self.pool.stop(job_id)
@@ -362,10 +363,7 @@ class Engine:
         if now - self.last_help < HELP_WANTED_SECONDS:
             return
         self.last_help = now
-        if get_broker().queue_size() == 0:
-            from django_q.tasks import async_task
-
-            async_task("jobs.tasks.serve_jobs")
+        lifecycle.wake_a_worker()
 
     def _stop_reason(self, may_claim: bool) -> StopReason | None:
         busy = self.pool.total_in_flight() or any(
