@@ -210,6 +210,35 @@ def throughput(session, args, report: Report, processes: int) -> None:
     )
 
 
+def per_call_costs(session, args, report: Report) -> None:
+    """What a call in flight costs a worker process: its peak memory with
+    many calls in flight against few (slow answers, so they are all in
+    flight at once), and its CPU per answer."""
+    from bench.api import run_job
+    from bench.measure import vm_hwm_bytes
+
+    rows = harness.sized(args, "rows", 1024, 32)
+    peaks, cpu = {}, {}
+    for calls in (16, 256):
+        env = {"STRINGSIGHT_WORKER_CONCURRENCY": str(calls)}
+        session.simulate(latency_ms=2000)
+        with session.web(**env) as web, session.cluster(1, **env) as cluster:
+            with session.sampler(web=web, cluster=cluster) as sampler:
+                body = start_body(
+                    tagged(airline_rows(rows, first=5000 + calls), f"cost{calls}"), max_workers=calls
+                )
+                job = run_job(session.api(web), sampler, body, poll_interval=0.1)
+            peaks[calls] = max(vm_hwm_bytes(pid) or 0 for pid in cluster.worker_pids())
+            cpu[calls] = job.window.cpu["worker"] / job.finished_rows
+    per_call = (peaks[256] - peaks[16]) / 240
+    report.figure(
+        "worker memory per call in flight (peak RSS, 256 vs 16 in flight), KiB", per_call / 1024, "{:,.0f}"
+    )
+    report.figure(
+        "worker CPU per answer (16 / 256 in flight), ms", f"{cpu[16] * 1000:.2f} / {cpu[256] * 1000:.2f}"
+    )
+
+
 def _moment(seconds: float):
     import datetime
 
@@ -230,6 +259,7 @@ def run(session: harness.Session, args) -> Report:
     four_equal(session, args, report)
     for processes in (2, 4):
         throughput(session, args, report, processes)
+    per_call_costs(session, args, report)
     return report
 
 
