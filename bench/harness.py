@@ -72,7 +72,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="extra setting for the web server and workers, e.g. STRINGSIGHT_CHUNK_SIZE=500",
+        help="extra setting for the web server and workers, e.g. STRINGSIGHT_WORKER_CONCURRENCY=16",
     )
     return parser
 

@@ -25,7 +25,7 @@ def default_spec(method: str):
     from extraction.prompts import resolve_system_prompt
     from jobs.api.serializers import DEFAULTS
     from jobs.models import ExtractJob
-    from jobs.runner import RunnerSettings, extraction_spec
+    from jobs.worker.engine import WorkerSettings, extraction_spec
 
     job = ExtractJob(  # never saved: only what extraction_spec reads
         method=method,
@@ -36,7 +36,7 @@ def default_spec(method: str):
             for name in ("temperature", "top_p", "max_tokens", "include_scores_in_prompt")
         },
     )
-    return extraction_spec(job, RunnerSettings.from_django())
+    return extraction_spec(job, WorkerSettings.from_django())
 
 
 def airline_rows(count: int, *, first: int = 0) -> list[dict]:

@@ -25,7 +25,7 @@ from . import exports
 from .api.throttling import client_address
 from .formatting import format_cost, format_duration, job_id_search
 from .models import ExtractJob, ExtractRow, JobState, Property
-from .services import access, lifecycle, throttle
+from .services import access, grants, lifecycle, throttle
 
 
 class LimitedAdminLoginForm(AdminAuthenticationForm):
@@ -244,6 +244,13 @@ class ExtractJobAdmin(ReadOnlyAdmin):
     @admin.action(description="Export properties as JSONL")
     def export_jsonl(self, request, queryset):
         return properties_download(queryset, "jsonl")
+
+    def changelist_view(self, request, extra_context=None):
+        """The job list, and below it the workers alive with their calls in
+        flight and each running job's share of them."""
+        return super().changelist_view(
+            request, {"workers": grants.workers_at_work(), **(extra_context or {})}
+        )
 
     def get_urls(self):
         info = self.opts.app_label, self.opts.model_name

@@ -18,8 +18,8 @@ from django.db import connection
 from . import exports, rowfiles
 from .formatting import format_cost, format_duration, job_id_search
 from .models import ExtractJob, ExtractRow, JobState, Property, RowStatus
-from .runner import ChunkRunner, RunnerSettings
 from .services import lifecycle
+from .worker.engine import Engine, WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +125,9 @@ class InlineRunner(threading.Thread):
     def run(self) -> None:
         try:
             lifecycle.job_mark_running(job_id=self.job_id)
-            config = RunnerSettings.from_django()
+            config = WorkerSettings.from_django()
             while self._work_left():
-                ChunkRunner(self.job_id, config).run()
+                Engine(config, job_id=self.job_id).run()
         except Exception as exc:
             log.exception("job %s: the inline runner crashed", self.job_id)
             self.error = exc

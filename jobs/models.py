@@ -247,13 +247,15 @@ class Property(models.Model):
 
 class WorkerSlots(models.Model):
     """How many of a job's max_workers LLM calls one worker may have in
-    flight. The grants of a job's workers never add up to more than its
-    max_workers: a worker raises its own only with the job row locked, and
-    starts no call beyond it (see grants.set_slots)."""
+    flight, and how many it had at its last heartbeat. The grants of a
+    job's workers never add up to more than its max_workers: a worker
+    raises its own only with the job row locked, and starts no call beyond
+    it (see grants.set_slots)."""
 
     job = models.ForeignKey(ExtractJob, on_delete=models.CASCADE, related_name="worker_slots")
     worker_id = models.CharField(max_length=150)
     slots = models.PositiveIntegerField(default=0)
+    in_flight = models.PositiveIntegerField(default=0, db_default=0)
     # False once the worker has no rows left to call: its share goes to the others.
     wants = models.BooleanField(default=True)
     # A grant not renewed for a lease period belongs to a dead worker.

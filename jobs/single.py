@@ -24,8 +24,8 @@ from extraction.extract import CacheKeys, RowOutcome, build_messages, extract_ro
 from extraction.llm import LLMCallError, make_client
 
 from .models import ExtractJob, JobState
-from .runner import RunnerSettings, extraction_spec
 from .services import cache, claims, lifecycle, sql
+from .worker.engine import WorkerSettings, extraction_spec
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class SingleResult:
     outcome: RowOutcome | None = None
 
 
-def deadline_seconds(config: RunnerSettings) -> float:
+def deadline_seconds(config: WorkerSettings) -> float:
     """How long a single extraction may take: one call's full timeout plus
     the longest wait before a retry. Retries after quick failures (a 429, a
     500) fit in it; a second full-length call does not, since a browser
@@ -62,9 +62,9 @@ def extract_single(
     params: lifecycle.JobParams,
     encoded_row: str,
     hung_up: Callable[[], bool] = lambda: False,
-    config: RunnerSettings | None = None,
+    config: WorkerSettings | None = None,
 ) -> SingleResult:
-    config = config or RunnerSettings.from_django()
+    config = config or WorkerSettings.from_django()
     worker_id = f"web:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     job, claimed = lifecycle.single_row_start(
         owner=owner, row=row, params=params, encoded_row=encoded_row, worker_id=worker_id
@@ -98,7 +98,7 @@ def extract_single(
 def _extract(
     job: ExtractJob,
     row: sql.ClaimedRow,
-    config: RunnerSettings,
+    config: WorkerSettings,
     worker_id: str,
     hung_up: Callable[[], bool],
 ) -> tuple[RowOutcome | None, str]:
@@ -131,7 +131,7 @@ def _extract(
             if time.monotonic() - last_lease >= config.lease_seconds / 3:
                 # So that the sweep never takes the row for a dead worker's.
                 last_lease = time.monotonic()
-                claims.renew_leases(job_id=job.id, worker_id=worker_id)
+                claims.renew_leases(worker_id=worker_id, in_flight={job.id: 1})
     finally:
         # Cancelling the call closes its connection: the LLM endpoint sees it end.
         if call is not None:
@@ -142,7 +142,7 @@ def _extract(
         loop.close()
 
 
-def _timed_out(config: RunnerSettings) -> RowOutcome:
+def _timed_out(config: WorkerSettings) -> RowOutcome:
     return RowOutcome(
         error=f"no answer within {deadline_seconds(config):g} s "
         "(STRINGSIGHT_LLM_TIMEOUT + STRINGSIGHT_RETRY_MAX_SECONDS); the call was cancelled",

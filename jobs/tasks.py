@@ -1,15 +1,21 @@
-"""django-q2 tasks: take an id, call the services. No rules live here."""
+"""django-q2 tasks: take an id, call the services or the worker. No rules live here."""
 
-from .runner import ChunkRunner, RunnerSettings
-from .services import lifecycle, recovery
+from .services import recovery
+from .worker.engine import Engine, WorkerSettings
 
 
-def process_job_chunk(job_id: str) -> str:
-    """Work on the job until no rows are left to claim. Safe to run twice:
-    rows are claimed in the database, so a second delivery only helps."""
-    lifecycle.job_mark_running(job_id=job_id)
-    return ChunkRunner(job_id, RunnerSettings.from_django()).run()
+def serve_jobs() -> str:
+    """Take part in every running job until none has rows left for this
+    worker. Safe to run any number of times at once: rows are claimed and
+    calls granted in the database, so another worker only adds capacity."""
+    return Engine(WorkerSettings.from_django()).run()
 
 
 def sweep() -> str:
     return str(recovery.sweep())
+
+
+def process_job_chunk(job_id: str) -> str:
+    """A task enqueued by a release whose workers served one job each:
+    serving every job includes that one."""
+    return serve_jobs()

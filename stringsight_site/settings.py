@@ -27,7 +27,7 @@ def envbool(name: str, default: bool) -> bool:
     raise ImproperlyConfigured(f"{name}={value!r} is not a boolean (use true or false)")
 
 
-def envint(name: str, default: int, minimum: int = 0) -> int:
+def envint(name: str, default: int | None, minimum: int = 0) -> int | None:
     value = os.environ.get(name)
     if value is None or value == "":
         return default
@@ -321,13 +321,15 @@ STRINGSIGHT_ALLOWED_MODELS = envlist(
 STRINGSIGHT_DEFAULT_MAX_COST_USD = envfloat("STRINGSIGHT_DEFAULT_MAX_COST_USD", None)
 STRINGSIGHT_USER_DAILY_BUDGET_USD = envfloat("STRINGSIGHT_USER_DAILY_BUDGET_USD", None)
 
-# Orchestration. A start enqueues one task per CHUNK_SIZE rows, so at most
-# that many worker processes share a job; a task claims rows until none are
-# left (or half of Q_TASK_TIMEOUT has passed). The worker re-reads the job
-# at least every CANCEL_POLL_SECONDS while calls are in flight. Memory is
-# bounded by the calls in flight, not by the job: a worker holds its calls
+# Orchestration. Each qcluster worker process serves every running job at
+# once: WORKER_CONCURRENCY is its LLM calls in flight, divided between
+# owners, then between each owner's jobs (never more than a job's
+# max_workers, nor an owner's USER_MAX_CONCURRENCY across all workers).
+# The worker re-reads the jobs at least every CANCEL_POLL_SECONDS. Memory is
+# bounded by the calls in flight, not by the jobs: a worker holds its calls
 # and as many rows again ready to call.
-STRINGSIGHT_CHUNK_SIZE = envint("STRINGSIGHT_CHUNK_SIZE", 1000, minimum=1)
+STRINGSIGHT_WORKER_CONCURRENCY = envint("STRINGSIGHT_WORKER_CONCURRENCY", 64, minimum=1)
+STRINGSIGHT_USER_MAX_CONCURRENCY = envint("STRINGSIGHT_USER_MAX_CONCURRENCY", None, minimum=1)
 STRINGSIGHT_CANCEL_POLL_SECONDS = envfloat("STRINGSIGHT_CANCEL_POLL_SECONDS", 0.05, minimum=0.01)
 # A claimed row's lease: its worker renews it (and its slot grant) four
 # times a lease, whatever its LLM calls are doing, so a living worker keeps

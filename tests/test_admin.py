@@ -12,8 +12,8 @@ from django.utils import timezone
 from extraction.extract import RowOutcome
 from jobs import exports
 from jobs.formatting import format_duration
-from jobs.models import ExtractJob, ExtractRow, JobState, Property, RowStatus
-from jobs.services import claims, lifecycle
+from jobs.models import ExtractJob, ExtractRow, JobState, Property, RowStatus, WorkerSlots
+from jobs.services import claims, grants, lifecycle
 from tests import factories
 from tests.factories import done_outcome, make_job, property_dict, simple_rows
 
@@ -591,3 +591,26 @@ def test_job_state_colours_cover_every_state():
     from jobs.admin import STATE_COLOURS
 
     assert set(STATE_COLOURS) == set(JobState)
+
+
+def test_job_list_shows_the_workers_alive_their_calls_and_each_jobs_share(admin_client, jobs, settings):
+    running = jobs["running"]
+    grants.set_slots(job_id=running.id, worker_id="host-a:11:aa", slots=6, in_flight=0, wants=True)
+    grants.set_slots(job_id=running.id, worker_id="host-b:12:bb", slots=2, in_flight=0, wants=True)
+    claims.renew_leases(worker_id="host-a:11:aa", in_flight={running.id: 5})
+    dead = timezone.now() - timedelta(seconds=settings.STRINGSIGHT_LEASE_SECONDS + 1)
+    WorkerSlots.objects.filter(worker_id="host-b:12:bb").update(renewed_at=dead)
+
+    html = admin_client.get(JOBS_URL).content.decode()
+
+    block = html[html.index('id="workers-at-work"') :]
+    assert "host-a:11:aa" in block
+    assert "host-b:12:bb" not in block  # its grant lapsed: that worker is dead
+    assert re.search(r'<td class="calls">5</td>', block)
+    assert f"{str(running.id)[:8]}</a> (alice: 5 / 6)" in block
+
+
+def test_job_list_says_when_no_worker_is_at_work(admin_client, jobs):
+    html = admin_client.get(JOBS_URL).content.decode()
+
+    assert "No worker holds a running job's calls right now." in html

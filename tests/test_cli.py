@@ -145,7 +145,6 @@ def test_extract_inline_writes_every_property_of_the_airline_rows(sim, airline_r
 def test_extract_reads_and_writes_each_file_format(
     sim_env, user, airline_rows, tmp_path, settings, source_name, output_name
 ):
-    settings.STRINGSIGHT_CHUNK_SIZE = 2  # the queued tasks, if a worker took them, would only help
     rows = airline_rows[20:24]
     source, output = tmp_path / source_name, tmp_path / output_name
     write_rows(source, rows)

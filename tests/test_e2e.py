@@ -86,8 +86,9 @@ def test_a_cancel_mid_run_is_immediate_and_final(api, qcluster, sim, airline_row
     assert (body["state"], body["message"]) == ("cancelled", "job cancelled")
     frozen = body["properties_count"]
     assert frozen > 0
-    # The worker's task ends once it has aborted its calls; nothing is stored after.
-    task = wait_for(lambda: Task.objects.filter(group=job_id).first(), timeout=30)
+    # The worker aborts the job's calls; with no other job it then ends its
+    # task. Nothing is stored after.
+    task = wait_for(lambda: Task.objects.filter(func="jobs.tasks.serve_jobs").first(), timeout=30)
     requests = wait_for(lambda: (log := sim.requests()) and all(r["ended_at"] for r in log) and log, 30)
     assert task.success is True
     after = status(api, job_id)
@@ -115,10 +116,10 @@ def test_a_queued_job_cancelled_before_any_worker_runs_makes_no_llm_call(
 
     cancelled = api.post("/extract/jobs/cancel", {"job_id": job_id}, format="json").json()
     worker_process.start()
-    task = wait_for(lambda: Task.objects.filter(group=job_id).first(), timeout=30)
+    task = wait_for(lambda: Task.objects.filter(func="jobs.tasks.serve_jobs").first(), timeout=30)
 
     assert (cancelled["state"], cancelled["properties_count"]) == ("cancelled", 0)
     assert task.success is True
-    assert task.result == "job is not running: nothing to do"
+    assert task.result == "recorded 0 rows; no job has rows left to claim"
     assert status(api, job_id)["state"] == "cancelled"
     assert sim.requests() == []

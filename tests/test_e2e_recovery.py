@@ -123,10 +123,10 @@ def test_a_killed_worker_is_replaced_within_seconds_with_default_settings(
 def test_when_one_of_two_clusters_is_killed_the_other_finishes_its_rows(
     api, start_worker, sim, airline_rows, settings
 ):
-    settings.STRINGSIGHT_CHUNK_SIZE = 20
+    settings.STRINGSIGHT_WORKER_CONCURRENCY = 4
     sim.configure(latency_ms=300, jitter_ms=100, paused=True)
-    alpha = start_worker("alpha", Q_WORKERS="1", STRINGSIGHT_CHUNK_SIZE="20")
-    start_worker("beta", Q_WORKERS="1", STRINGSIGHT_CHUNK_SIZE="20")
+    alpha = start_worker("alpha", Q_WORKERS="1", STRINGSIGHT_WORKER_CONCURRENCY="4")
+    start_worker("beta", Q_WORKERS="1", STRINGSIGHT_WORKER_CONCURRENCY="4")
     job_id = start_job(api, airline_rows, max_workers=8)
     # Both clusters on the job before any answer comes back.
     wait_for(lambda: workers_with_grants(job_id) == {"alpha", "beta"}, timeout=60)
@@ -175,12 +175,12 @@ def test_a_worker_whose_calls_outlast_the_lease_keeps_its_rows(api, start_worker
 def test_two_clusters_share_one_job_without_extracting_a_row_twice(
     api, start_worker, sim, airline_rows, settings
 ):
-    settings.STRINGSIGHT_CHUNK_SIZE = 20
+    settings.STRINGSIGHT_WORKER_CONCURRENCY = 4
     sim.configure(latency_ms=150, jitter_ms=50, paused=True)
-    # One worker process each: a cluster holds up to its workers + 2 tasks
-    # (3 here), so the job's 10 tasks cannot all go to whichever polls first.
+    # One worker process of 4 calls each: the job's 16 need both, so the
+    # first on it asks for the other.
     for name in ("alpha", "beta"):
-        start_worker(name, Q_WORKERS="1", STRINGSIGHT_CHUNK_SIZE="20")
+        start_worker(name, Q_WORKERS="1", STRINGSIGHT_WORKER_CONCURRENCY="4")
     job_id = start_job(api, unique_rows(airline_rows, 2), max_workers=16)
     # No answer comes back before both clusters are on the job.
     wait_for(lambda: workers_with_grants(job_id) == {"alpha", "beta"}, timeout=60)
@@ -197,17 +197,17 @@ def test_two_clusters_share_one_job_without_extracting_a_row_twice(
 
 @on_postgres
 def test_a_cluster_started_while_a_job_runs_takes_part_in_it(api, start_worker, sim, airline_rows, settings):
-    settings.STRINGSIGHT_CHUNK_SIZE = 20
+    settings.STRINGSIGHT_WORKER_CONCURRENCY = 4
     sim.configure(latency_ms=200, jitter_ms=50)
-    start_worker("early", Q_WORKERS="2", STRINGSIGHT_CHUNK_SIZE="20")
-    job_id = start_job(api, airline_rows[:100] + unique_rows(airline_rows[:20], 1), max_workers=8)
+    start_worker("early", Q_WORKERS="2", STRINGSIGHT_WORKER_CONCURRENCY="4")
+    job_id = start_job(api, airline_rows[:100] + unique_rows(airline_rows[:20], 1), max_workers=12)
     wait_for(lambda: status(api, job_id)["count_done"] >= 10, timeout=60)
     # Hold the job open (no answer comes back) until the late cluster is on it.
     sim.configure(paused=True)
 
-    # The job has 6 tasks; with django-q2's default queue_limit (workers
-    # squared) the early cluster would have taken all of them ahead.
-    start_worker("late", Q_WORKERS="2", STRINGSIGHT_CHUNK_SIZE="20")
+    # The early cluster's two processes make 8 of the job's 12 calls, so
+    # they ask for one more worker, which only the late cluster can be.
+    start_worker("late", Q_WORKERS="2", STRINGSIGHT_WORKER_CONCURRENCY="4")
     wait_for(lambda: "late" in workers_with_grants(job_id), timeout=60)
     sim.configure(paused=False, latency_ms=500)
     final = wait_until_finished(api, job_id, timeout=120)

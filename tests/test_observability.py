@@ -11,7 +11,7 @@ from jobs.events import JsonFormatter
 from jobs.models import Heartbeat
 from jobs.services import lifecycle, recovery
 from tests.factories import make_job, simple_rows
-from tests.test_runner import run_chunk
+from tests.test_worker import run_job
 
 pytestmark = pytest.mark.django_db
 
@@ -30,7 +30,7 @@ def test_each_job_and_row_event_is_one_json_line_with_the_job_id(user, sim, capl
     rows[1]["prompt"] += " [[sim:bad_json]]"
     with caplog.at_level(logging.INFO, logger="stringsight.events"):
         job = make_job(user, rows)
-        run_chunk(job, sim)
+        run_job(job, sim)
 
     events = event_lines(caplog)
 

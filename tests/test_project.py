@@ -24,9 +24,11 @@ def test_migrations_are_committed():
 
 def test_every_environment_variable_is_in_the_readme_table():
     settings_source = (ROOT / "stringsight_site" / "settings.py").read_text()
-    runner_source = (ROOT / "jobs" / "runner.py").read_text()
+    sources = "".join(
+        path.read_text() for path in [*(ROOT / "jobs").rglob("*.py"), *(ROOT / "extraction").rglob("*.py")]
+    )
     read = set(re.findall(r'env(?:bool|int|float|list|prices)\("([A-Z_]+)"', settings_source))
-    read |= set(re.findall(r'os\.environ(?:\.get\(|\[)"([A-Z_]+)"', settings_source + runner_source))
+    read |= set(re.findall(r'os\.environ(?:\.get\(|\[)"([A-Z_]+)"', settings_source + sources))
     table_rows = re.findall(r"^\| `([A-Z_]+)` \|", (ROOT / "README.md").read_text(), flags=re.MULTILINE)
 
     assert read - set(table_rows) == set()

@@ -172,19 +172,19 @@ def test_an_answer_keeps_at_most_the_limit_of_properties_and_counts_the_rest():
 
 @pytest.mark.django_db(transaction=True)
 def test_the_runner_keeps_the_configured_number_of_properties(user, sim, settings, no_background_worker):
-    from tests.test_runner import run_chunk
+    from tests.test_worker import run_job
 
     settings.STRINGSIGHT_MAX_PROPERTIES_PER_ROW = 1
     job = make_job(user, simple_rows(3))
 
-    run_chunk(job, sim)
+    run_job(job, sim)
 
     assert Property.objects.filter(job=job).count() == 3
     assert all(row.properties_dropped >= 1 for row in ExtractRow.objects.filter(job=job))
 
 
 @pytest.mark.e2e
-def test_100000_properties_stream_with_bounded_memory(web_server, user):
+def test_100000_properties_stream_with_bounded_memory(web_server, user, no_background_worker):
     # Built whole, the result of 100,000 properties cost the web process
     # +560 MB; the benchmark shows it within 50 MB streamed.
     job = stored_properties(make_job(user, simple_rows(2000)), per_row=50)

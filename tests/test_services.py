@@ -39,18 +39,29 @@ def test_job_start_stores_rows_in_input_order_with_question_ids(user):
     assert (job.state, job.count_total, job.count_done, job.properties_count) == ("queued", 3, 0, 0)
 
 
-def test_job_start_enqueues_one_task_per_chunk_after_commit(
+def test_job_start_wakes_enough_workers_for_its_max_workers_after_commit(
     user, settings, django_capture_on_commit_callbacks
 ):
-    settings.STRINGSIGHT_CHUNK_SIZE = 2
+    settings.STRINGSIGHT_WORKER_CONCURRENCY = 4
+    settings.Q_CLUSTER = {**settings.Q_CLUSTER, "workers": 3}
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
-        make_job(user, simple_rows(5))
+        make_job(user, simple_rows(5), max_workers=9)
     assert OrmQ.objects.count() == 0  # nothing is enqueued before the job is committed
 
     for callback in callbacks:
         callback()
+    assert OrmQ.objects.count() == 3  # 9 calls at once need 3 workers of 4
 
-    assert OrmQ.objects.count() == 3
+    with django_capture_on_commit_callbacks(execute=True):
+        make_job(user, simple_rows(5), max_workers=9)
+    assert OrmQ.objects.count() == 3  # the waiting tasks serve every job
+
+
+def test_a_small_job_wakes_one_worker(user, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        make_job(user, simple_rows(5), max_workers=2)
+
+    assert OrmQ.objects.count() == 1
 
 
 def test_claim_rows_takes_lowest_pending_indexes(user):
@@ -73,7 +84,7 @@ def test_slot_grants_never_add_up_to_more_than_max_workers(user):
     second = grants.set_slots(job_id=job.id, worker_id="w2", slots=3, in_flight=0, wants=True)
 
     assert (first, second) == (5, 0)  # w1 holds every slot until it gives some back
-    view = grants.slot_view(job_id=job.id)
+    view = slot_view(job.id)
     assert view.grants == {"w1": (5, True), "w2": (0, True)}
     assert (view.fair_share("w1", wants=True), view.fair_share("w2", wants=True)) == (3, 2)
 
@@ -82,14 +93,14 @@ def test_slot_grants_never_add_up_to_more_than_max_workers(user):
     assert grants.set_slots(job_id=job.id, worker_id="w2", slots=2, in_flight=0, wants=True) == 1
     assert grants.set_slots(job_id=job.id, worker_id="w1", slots=3, in_flight=2, wants=True) == 3
     assert grants.set_slots(job_id=job.id, worker_id="w2", slots=2, in_flight=1, wants=True) == 2
-    assert sum(slots for slots, _ in grants.slot_view(job_id=job.id).grants.values()) == 5
+    assert sum(slots for slots, _ in slot_view(job.id).grants.values()) == 5
 
 
 def test_fair_shares_add_up_to_max_workers_among_the_workers_that_want_slots(user):
     job = start_running(user, simple_rows(10), max_workers=7)
     for worker in ("a", "b", "c"):
         grants.set_slots(job_id=job.id, worker_id=worker, slots=0, in_flight=0, wants=True)
-    view = grants.slot_view(job_id=job.id)
+    view = slot_view(job.id)
 
     assert [view.fair_share(worker, wants=True) for worker in ("a", "b", "c")] == [3, 2, 2]
     assert view.fair_share("d", wants=True) == 1  # a newcomer counts itself in: 7 among four
@@ -97,7 +108,7 @@ def test_fair_shares_add_up_to_max_workers_among_the_workers_that_want_slots(use
 
     # A worker with no rows left to call leaves its share to the others.
     grants.set_slots(job_id=job.id, worker_id="c", slots=0, in_flight=0, wants=False)
-    view = grants.slot_view(job_id=job.id)
+    view = slot_view(job.id)
     assert [view.fair_share(worker, wants=True) for worker in ("a", "b")] == [4, 3]
 
 
@@ -110,7 +121,7 @@ def test_a_dead_workers_grant_is_given_back_after_a_lease_period(user, settings)
         renewed_at=timezone.now() - timedelta(seconds=settings.STRINGSIGHT_LEASE_SECONDS + 1)
     )
 
-    assert grants.slot_view(job_id=job.id).grants == {"alive": (0, True)}
+    assert slot_view(job.id).grants == {"alive": (0, True)}
     assert grants.set_slots(job_id=job.id, worker_id="alive", slots=4, in_flight=0, wants=True) == 4
     # The sweep acts on the death (a living worker wants rows: nothing to
     # enqueue), then forgets the grant.
@@ -126,12 +137,13 @@ def test_renewing_leases_keeps_the_grant_alive_and_release_gives_it_back(user, s
         renewed_at=timezone.now() - timedelta(seconds=settings.STRINGSIGHT_LEASE_SECONDS - 1)
     )
 
-    claims.renew_leases(job_id=job.id, worker_id="w1")
+    claims.renew_leases(worker_id="w1", in_flight={job.id: 3})
     WorkerSlots.objects.update(renewed_at=F("renewed_at") - timedelta(seconds=2))
 
-    assert grants.slot_view(job_id=job.id).grants == {"w1": (4, True)}
+    assert slot_view(job.id).grants == {"w1": (4, True)}
+    assert WorkerSlots.objects.get().in_flight == 3  # what the status shows
     grants.release_slots(job_id=job.id, worker_id="w1")
-    assert grants.slot_view(job_id=job.id).grants == {}
+    assert slot_view(job.id).grants == {}
 
 
 @pytest.mark.parametrize("state", ["queued", "cancelled", "done", "error"])
@@ -139,7 +151,7 @@ def test_no_slots_unless_the_job_is_running(user, state):
     job = make_job(user)
     ExtractJob.objects.filter(pk=job.id).update(state=state)
 
-    assert grants.slot_view(job_id=job.id) is None
+    assert slot_view(job.id) is None
     assert grants.set_slots(job_id=job.id, worker_id="w1", slots=2, in_flight=0, wants=True) is None
     assert not WorkerSlots.objects.exists()
 
@@ -390,3 +402,9 @@ def test_a_batch_stores_the_rows_still_ours_when_one_was_taken_over(user):
     assert ExtractRow.objects.get(pk=second.id).status == "running"
     assert Property.objects.filter(row_id=first.id).count() == 2
     assert Property.objects.filter(row_id=second.id).count() == 0
+
+
+def slot_view(job_id):
+    """The job's grants as a worker reads them, or None unless it runs."""
+    found = [job for job in grants.jobs_to_serve(only_job=job_id) if job.state == "running"]
+    return found[0].slots if found else None

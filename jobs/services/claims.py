@@ -120,13 +120,31 @@ def claim_rows(*, job_id, worker_id: str, limit: int) -> Claim:
 RENEWALS_PER_LEASE = 4
 
 
-def renew_leases(*, job_id, worker_id: str) -> int:
-    """Keep the worker's rows and its slot grant for another lease period."""
+def renew_leases(*, worker_id: str, in_flight: dict) -> int:
+    """Keep the worker's rows and slot grants, in every job, for another
+    lease period, and note each job's calls in flight on its grant (job id:
+    calls). Returns the rows renewed."""
     now = timezone.now()
-    WorkerSlots.objects.filter(job_id=job_id, worker_id=worker_id).update(renewed_at=now)
-    return ExtractRow.objects.filter(job_id=job_id, status=RowStatus.RUNNING, claimed_by=worker_id).update(
-        lease_expires_at=now + timedelta(seconds=settings.STRINGSIGHT_LEASE_SECONDS)
-    )
+    with transaction.atomic():
+        for job_id, calls in in_flight.items():
+            WorkerSlots.objects.filter(job_id=job_id, worker_id=worker_id).update(
+                renewed_at=now, in_flight=calls
+            )
+        WorkerSlots.objects.filter(worker_id=worker_id).exclude(job_id__in=list(in_flight)).update(
+            renewed_at=now, in_flight=0
+        )
+        return ExtractRow.objects.filter(status=RowStatus.RUNNING, claimed_by=worker_id).update(
+            lease_expires_at=now + timedelta(seconds=settings.STRINGSIGHT_LEASE_SECONDS)
+        )
+
+
+def give_back_rows(*, worker_id: str, job_id=None) -> int:
+    """Rows the worker claimed but will not call (it is leaving) are
+    pending again at once, for any worker, instead of after their lease."""
+    rows = ExtractRow.objects.filter(status=RowStatus.RUNNING, claimed_by=worker_id)
+    if job_id is not None:
+        rows = rows.filter(job_id=job_id)
+    return rows.update(status=RowStatus.PENDING, claimed_by="", lease_expires_at=None, started_at=None)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
+from django_q.brokers import get_broker
 from django_q.tasks import async_task
 
 from extraction.rows import encode_row, input_index_for, question_id_for, sample_indexes
@@ -83,7 +84,7 @@ def job_start(
         )
         if idempotency is not None:
             IdempotencyKey.objects.filter(pk=key.pk).update(answer=idempotency.answer(job))
-        transaction.on_commit(lambda: enqueue_job_work(job_id=job.id, row_count=len(picked)))
+        transaction.on_commit(lambda: wake_workers(job_id=job.id, max_workers=params.max_workers))
     log_event("job_started", job_id=job.id, rows=len(picked), model=params.model_name, method=params.method)
     return job
 
@@ -148,14 +149,28 @@ def job_start_once(
     return StartOutcome(job_id=job.id, answer=idempotency.answer(job), replayed=False)
 
 
-def enqueue_job_work(*, job_id, row_count: int) -> int:
-    """One task per chunk of rows. A task only says "work on this job"; which
-    rows it takes is decided by claims against the database."""
-    tasks = math.ceil(row_count / settings.STRINGSIGHT_CHUNK_SIZE)
+def wake_workers(*, job_id, max_workers: int) -> int:
+    """Make sure enough worker processes serve the jobs for this one's
+    max_workers: a worker already serving takes the job up at its next
+    poll, and each task waiting in the broker starts one more (which takes
+    part in every job). Returns the tasks enqueued."""
     ExtractJob.objects.filter(pk=job_id).update(work_enqueued_at=timezone.now())
+    wanted = min(
+        settings.Q_CLUSTER["workers"], math.ceil(max_workers / settings.STRINGSIGHT_WORKER_CONCURRENCY)
+    )
+    tasks = max(1, wanted) - get_broker().queue_size()
     for _ in range(tasks):
-        async_task("jobs.tasks.process_job_chunk", str(job_id), group=str(job_id))
-    return tasks
+        async_task("jobs.tasks.serve_jobs")
+    return max(0, tasks)
+
+
+def wake_a_worker() -> bool:
+    """One more worker process (on any machine) for the running jobs,
+    unless a task already waits in the broker for one."""
+    if get_broker().queue_size():
+        return False
+    async_task("jobs.tasks.serve_jobs")
+    return True
 
 
 def job_mark_running(*, job_id) -> None:
@@ -235,7 +250,7 @@ def job_resume(
         if max_total_tokens is not None:
             changes["max_total_tokens"] = max_total_tokens
         ExtractJob.objects.filter(pk=job.pk).update(**changes)
-        transaction.on_commit(lambda: enqueue_job_work(job_id=job.pk, row_count=reopened))
+        transaction.on_commit(lambda: wake_workers(job_id=job.pk, max_workers=locked.max_workers))
     log_event("job_resumed", job_id=job.pk, rows=reopened, retry_failed=retry_failed)
     job.refresh_from_db()
     return job

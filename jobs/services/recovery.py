@@ -25,7 +25,7 @@ from ..models import (
 from .claims import release_expired_rows
 from .grants import grants_alive_since
 from .idempotency import forget_idempotency_keys
-from .lifecycle import enqueue_job_work
+from .lifecycle import wake_workers
 from .sql import lock_if_running
 
 
@@ -124,7 +124,7 @@ def requeue_abandoned_jobs(*, job_ids, now) -> int:
             continue
         pending = ExtractRow.objects.filter(job_id=job_id, status=RowStatus.PENDING).count()
         if pending and ExtractJob.objects.filter(pk=job_id, state=JobState.RUNNING).exists():
-            enqueue_job_work(job_id=job_id, row_count=pending)
+            wake_workers(job_id=job_id, max_workers=1)
             log_event("job_requeued", job_id=job_id, rows=pending, reason="its worker died")
             requeued += 1
     return requeued
@@ -154,7 +154,7 @@ def requeue_stalled_jobs(*, now) -> int:
             continue
         pending = rows.filter(status=RowStatus.PENDING).count()
         if pending:
-            enqueue_job_work(job_id=job_id, row_count=pending)
+            wake_workers(job_id=job_id, max_workers=1)
             log_event("job_requeued", job_id=job_id, rows=pending, reason="no worker and no progress")
             requeued += 1
     return requeued
