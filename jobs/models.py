@@ -162,20 +162,30 @@ class ExtractRow(models.Model):
     input_index = models.PositiveIntegerField(null=True, blank=True)
     question_id = models.CharField(max_length=200)
     data = OrderedJSONField()
-    status = models.CharField(max_length=16, choices=RowStatus.choices, default=RowStatus.PENDING)
-    attempts = models.PositiveIntegerField(default=0, help_text="LLM calls made for this row.")
-    error = models.TextField(blank=True, default="")
-    raw_answer = models.TextField(blank=True, default="")
-    properties_dropped = models.PositiveIntegerField(default=0)
-    cached = models.BooleanField(default=False, help_text="The answer came from the completion cache.")
-    prompt_tokens = models.PositiveIntegerField(default=0)
-    completion_tokens = models.PositiveIntegerField(default=0)
+    status = models.CharField(
+        max_length=16, choices=RowStatus.choices, default=RowStatus.PENDING, db_default=RowStatus.PENDING
+    )
+    attempts = models.PositiveIntegerField(default=0, db_default=0, help_text="LLM calls made for this row.")
+    error = models.TextField(blank=True, default="", db_default="")
+    raw_answer = models.TextField(blank=True, default="", db_default="")
+    properties_dropped = models.PositiveIntegerField(default=0, db_default=0)
+    cached = models.BooleanField(
+        default=False, db_default=False, help_text="The answer came from the completion cache."
+    )
+    prompt_tokens = models.PositiveIntegerField(default=0, db_default=0)
+    completion_tokens = models.PositiveIntegerField(default=0, db_default=0)
     claimed_by = models.CharField(
-        max_length=150, blank=True, default="", help_text="The worker that holds or last held the row."
+        max_length=150,
+        blank=True,
+        default="",
+        db_default="",
+        help_text="The worker that holds or last held the row.",
     )
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     lease_expiries = models.PositiveSmallIntegerField(
-        default=0, help_text="Times a worker died (its lease ran out) while extracting this row."
+        default=0,
+        db_default=0,
+        help_text="Times a worker died (its lease ran out) while extracting this row.",
     )
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)

@@ -21,40 +21,34 @@ from ..models import (
     RowStatus,
 )
 
-_STORED_ROW_FIELDS = (
-    "job", "index", "question_id", "data", "input_index", "status", "attempts", "error", "raw_answer",
-    "properties_dropped", "cached", "prompt_tokens", "completion_tokens", "claimed_by", "lease_expiries",
-)  # fmt: skip
+# What a new row's insert names; every other column takes its default from
+# the database (the model's db_default).
+_NEW_ROW_FIELDS = ("job", "index", "question_id", "data", "input_index")
 
 
 def insert_rows(job: ExtractJob, rows: list[tuple[int, str, str, int]]) -> None:
     """A job's rows as their JSON text, in as few round trips as the
-    database allows: a 5,000-row start spent more time in bulk_create's
-    per-field Python and a second JSON encoding than in the database."""
-    fields = [ExtractRow._meta.get_field(name) for name in _STORED_ROW_FIELDS]
+    database allows: bulk_create's per-field Python and a second JSON
+    encoding cost a large start more than the database did."""
+    fields = [ExtractRow._meta.get_field(name) for name in _NEW_ROW_FIELDS]
     columns = ", ".join(connection.ops.quote_name(field.column) for field in fields)
     table = connection.ops.quote_name(ExtractRow._meta.db_table)
-    pending = RowStatus.PENDING
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
-            # Binary COPY: 107 MB of transcripts in 0.35 s (text COPY 0.55 s,
-            # executemany 1.5 s): the server copies text without unescaping it.
+            # Binary COPY: the server copies the text without unescaping it.
             with cursor.cursor.copy(f"COPY {table} ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
                 copy.set_types([field.db_type(connection).partition("(")[0] for field in fields])
-                # attempts, error, raw_answer, dropped, cached, tokens, claimed_by, lease_expiries
-                fresh = (0, "", "", 0, False, 0, 0, "", 0)
                 for index, question_id, encoded, input_index in rows:
-                    copy.write_row((job.pk, index, question_id, encoded, input_index, pending, *fresh))
+                    copy.write_row((job.pk, index, question_id, encoded, input_index))
             return
         job_value = fields[0].get_db_prep_value(job.pk, connection)
-        sql = (
-            f"INSERT INTO {table} ({columns}) VALUES (%s, %s, %s, %s, %s, %s, 0, '', '', 0, %s, 0, 0, '', 0)"
-        )
+        placeholders = ", ".join(["%s"] * len(fields))
+        sql = f"INSERT INTO {table} ({columns}) VALUES ({placeholders})"
         for start in range(0, len(rows), 1000):
             cursor.executemany(
                 sql,
                 [
-                    (job_value, index, question_id, encoded, input_index, pending, False)
+                    (job_value, index, question_id, encoded, input_index)
                     for index, question_id, encoded, input_index in rows[start : start + 1000]
                 ],
             )

@@ -159,7 +159,8 @@ class Engine:
         self.results: queue.SimpleQueue = queue.SimpleQueue()
         self.served: dict[uuid.UUID, _Served] = {}
         self.recorded = 0
-        self.started = time.monotonic()
+        # Claim time counts from the first poll, not from the setup before it.
+        self.started: float | None = None
         self.last_poll = self.last_renewal = self.last_help = -math.inf
         self.idle_since: float | None = None
         self.loop_thread: LoopThread | None = None
@@ -167,7 +168,6 @@ class Engine:
         self.client = None
 
     def run(self) -> str:
-        self.started = time.monotonic()
         self.loop_thread = LoopThread()
         self.pool = CallPool(
             self.loop_thread.loop, self.results, is_fatal=lambda answer: isinstance(answer, LLMCallError)
@@ -212,6 +212,8 @@ class Engine:
 
     def _poll(self) -> StopReason | None:
         """Read the jobs, take this worker's shares, claim rows where needed."""
+        if self.started is None:
+            self.started = time.monotonic()
         may_claim = time.monotonic() - self.started < self.config.claim_seconds
         jobs = grants.jobs_to_serve(only_job=self.only_job)
         if self.only_job is not None and not jobs:
