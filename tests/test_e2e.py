@@ -4,6 +4,7 @@ LLM simulator over HTTP, on whichever database the suite runs on."""
 import time
 
 import pytest
+from django.utils import timezone
 from django_q.models import OrmQ, Task
 
 from jobs.models import ExtractRow, Property
@@ -59,6 +60,12 @@ def test_a_job_runs_to_done_with_every_rows_properties(api, qcluster, sim, airli
     assert len(sim.requests()) == 40
 
 
+def serve_jobs_task(*, since):
+    """A worker task that ended after `since` (not one an earlier test's
+    worker finished late)."""
+    return Task.objects.filter(func="jobs.tasks.serve_jobs", stopped__gte=since).first()
+
+
 def with_fast_answers(rows: list[dict], fast: int) -> list[dict]:
     """The first `fast` rows answered in 300 ms; the others take the
     simulator's latency."""
@@ -75,6 +82,7 @@ def test_a_cancel_mid_run_is_immediate_and_final(api, qcluster, sim, airline_row
     # benchmark #3's figure.
     sim.configure(latency_ms=60_000)
     rows = with_fast_answers(airline_rows, 16)
+    started = timezone.now()
     job_id = api.post("/extract/jobs/start", {"rows": rows, "max_workers": 8}, format="json").json()["job_id"]
     wait_for(lambda: status(api, job_id)["count_done"] == 16 and sim.stats()["in_flight"] == 8, timeout=60)
 
@@ -88,7 +96,7 @@ def test_a_cancel_mid_run_is_immediate_and_final(api, qcluster, sim, airline_row
     assert frozen > 0
     # The worker aborts the job's calls; with no other job it then ends its
     # task. Nothing is stored after.
-    task = wait_for(lambda: Task.objects.filter(func="jobs.tasks.serve_jobs").first(), timeout=30)
+    task = wait_for(lambda: serve_jobs_task(since=started), timeout=30)
     requests = wait_for(lambda: (log := sim.requests()) and all(r["ended_at"] for r in log) and log, 30)
     assert task.success is True
     after = status(api, job_id)
@@ -115,8 +123,9 @@ def test_a_queued_job_cancelled_before_any_worker_runs_makes_no_llm_call(
     assert OrmQ.objects.count() == 1
 
     cancelled = api.post("/extract/jobs/cancel", {"job_id": job_id}, format="json").json()
+    restarted = timezone.now()
     worker_process.start()
-    task = wait_for(lambda: Task.objects.filter(func="jobs.tasks.serve_jobs").first(), timeout=30)
+    task = wait_for(lambda: serve_jobs_task(since=restarted), timeout=30)
 
     assert (cancelled["state"], cancelled["properties_count"]) == ("cancelled", 0)
     assert task.success is True

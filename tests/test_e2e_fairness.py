@@ -42,11 +42,12 @@ def test_a_small_job_started_beside_a_big_one_finishes_while_the_big_one_runs(ap
 
 
 def test_six_users_jobs_all_have_rows_done_before_any_of_them_ends(django_user_model, qcluster, sim):
-    sim.configure(latency_ms=200)
-    jobs = [
-        start(api, simple_rows(150, marker=f"tag-{n}"), max_workers=16)
-        for n, api in enumerate(apis_of(django_user_model, 6))
-    ]
+    # Answers wait until all six jobs are started: however slow the starts,
+    # no job can finish before the last one exists.
+    sim.configure(latency_ms=200, paused=True)
+    apis = apis_of(django_user_model, 6)
+    jobs = [start(api, simple_rows(150, marker=f"tag-{n}"), max_workers=16) for n, api in enumerate(apis)]
+    sim.configure(paused=False)
 
     wait_for(
         lambda: not ExtractJob.objects.filter(pk__in=jobs, state__in=("queued", "running")).exists(),
