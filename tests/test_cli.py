@@ -304,7 +304,28 @@ def test_extract_names_the_bad_option(tmp_path):
     with pytest.raises(CommandError) as error:
         run_extract(str(source), "--max-workers", "0")
 
-    assert str(error.value) == "max_workers: Ensure this value is greater than or equal to 1."
+    assert str(error.value) == "Error: argument --max-workers: expected a whole number of at least 1, got 0"
+    assert ExtractJob.objects.count() == 0
+
+
+@pytest.mark.django_db
+def test_extract_keeps_the_apis_rules(tmp_path, settings):
+    source = tmp_path / "rows.jsonl"
+    write_rows(source, simple_rows(1))
+
+    with pytest.raises(CommandError) as too_many:
+        run_extract(str(source), "--max-workers", str(settings.STRINGSIGHT_MAX_WORKERS + 1))
+    with pytest.raises(CommandError) as not_allowed:
+        run_extract(str(source), "--model", "o1-pro")
+
+    assert str(too_many.value) == (
+        f"max_workers: {settings.STRINGSIGHT_MAX_WORKERS + 1} is above the limit of "
+        f"{settings.STRINGSIGHT_MAX_WORKERS} (STRINGSIGHT_MAX_WORKERS)"
+    )
+    assert str(not_allowed.value) == (
+        "model_name: 'o1-pro' is not an allowed model; allowed: "
+        f"{', '.join(settings.STRINGSIGHT_ALLOWED_MODELS)} (STRINGSIGHT_ALLOWED_MODELS)"
+    )
     assert ExtractJob.objects.count() == 0
 
 
