@@ -23,7 +23,7 @@ from rest_framework import serializers
 from extraction.extract import RowOutcome
 from extraction.rows import INDEX_COLUMN
 
-from .models import ExtractJob, JobKind, JobState, Method, RowStatus
+from .models import ExtractJob, ExtractRow, JobKind, JobState, Method, RowStatus
 from .services import standing
 from .services.lifecycle import CancelOutcome
 
@@ -250,8 +250,10 @@ def row_items(rows) -> list[dict]:
 
 
 def rows_for_page(job: ExtractJob):
-    """The row columns ROW reads, and no others: not the transcript."""
-    return job.rows.only(*ROW.fields)
+    """The row columns ROW reads, and no others: not the transcript. (Not
+    `job.rows`: its rows would each read their deferred job_id, one query
+    a row, to be linked to the job.)"""
+    return ExtractRow.objects.filter(job_id=job.pk).only(*ROW.fields)
 
 
 # What a property says, as the API lists it; its source is a record of

@@ -34,9 +34,10 @@ def check_active_jobs(*, owner_id) -> None:
         jobs.filter(owner_id=owner_id) if owner_id is not None else jobs.filter(owner__isnull=True)
     ).count()
     if active >= limit:
+        jobs = "job" if active == 1 else "jobs"
         most = "the most" if active == limit else f"more than the {limit}"
         raise LimitReached(
             TOO_MANY_ACTIVE_JOBS,
-            f"you have {active} active jobs, {most} STRINGSIGHT_USER_MAX_ACTIVE_JOBS allows; "
+            f"you have {active} active {jobs}, {most} STRINGSIGHT_USER_MAX_ACTIVE_JOBS allows; "
             "wait for one to finish or cancel one",
         )
