@@ -49,9 +49,11 @@ class Body:
             (serializers.Serializer,),
             {field: out.schema for field, out in fields.items()},
         )
+        # DRF orders fields by when they were made; the schema keeps the table's order.
+        self.serializer._declared_fields = {field: out.schema for field, out in fields.items()}
 
-    def of(self, source) -> dict:
-        return {field: read(source) for field, read in self._reads}
+    def of(self, source, *, leaving_out: tuple[str, ...] = ()) -> dict:
+        return {field: read(source) for field, read in self._reads if field not in leaving_out}
 
     def nested(self, **options) -> serializers.Serializer:
         return self.serializer(**options)
@@ -356,8 +358,7 @@ RESULT_CHUNK = 2000
 def result_chunks(job: ExtractJob, *, seed: bool = False) -> Iterator[bytes]:
     """result_payload as the bytes DRF's JSONRenderer writes for it, a batch
     of properties at a time from a database cursor."""
-    body = SEED_RESULT if seed else RESULT
-    head = {field: read(job) for field, read in body._reads if field != "properties"}
+    head = (SEED_RESULT if seed else RESULT).of(job, leaving_out=("properties",))
     yield _as_drf_writes(orjson.dumps(head)[:-1] + b',"properties":[')
     records = property_values(in_input_order(job)).iterator(chunk_size=RESULT_CHUNK)
     separator = b""

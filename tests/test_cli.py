@@ -2,6 +2,7 @@
 (its exit code, Ctrl-C) `manage.py extract` runs as a real subprocess on the
 test database, talking to the LLM simulator over HTTP."""
 
+import ast
 import io
 import json
 import signal
@@ -574,3 +575,31 @@ def test_jobs_take_a_unique_start_of_a_job_id():
         with pytest.raises(CommandError) as error:
             run_jobs("show", prefix)
         assert str(error.value) == message
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "jobs/cli.py",
+        "jobs/presenter.py",
+        "jobs/management/commands/extract.py",
+        "jobs/management/commands/jobs.py",
+        *sorted(f"jobs/services/{module.name}" for module in (ROOT / "jobs" / "services").glob("*.py")),
+    ],
+)
+def test_the_cli_and_what_it_uses_never_import_the_api(path):
+    """The CLI is an interface of its own: it starts, shows and changes jobs
+    through the services and the presenter, as the API does, not through
+    the API."""
+    tree = ast.parse((ROOT / path).read_text())
+    package = path.removesuffix(".py").replace("/", ".").rsplit(".", 1)[0]
+    imported = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(part for part in (base, node.module) if part)
+            imported += [module, *(f"{module}.{alias.name}" for alias in node.names)]
+
+    assert [name for name in imported if name == "jobs.api" or name.startswith("jobs.api.")] == []
