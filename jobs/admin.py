@@ -25,7 +25,7 @@ from . import exports
 from .api.throttling import client_address
 from .formatting import format_cost, format_duration, job_id_search
 from .models import ExtractJob, ExtractRow, JobState, Property
-from .services import access, grants, lifecycle, throttle
+from .services import access, grants, lifecycle, standing, throttle
 
 
 class LimitedAdminLoginForm(AdminAuthenticationForm):
@@ -137,6 +137,7 @@ class ExtractJobAdmin(ReadOnlyAdmin):
         "kind",
         "state_badge",
         "progress",
+        "queue_or_calls",
         "properties",
         "tokens",
         "cost",
@@ -186,7 +187,8 @@ class ExtractJobAdmin(ReadOnlyAdmin):
 
     def get_queryset(self, request):
         # The jobs the API shows this user: with the view permission, everyone's.
-        return super().get_queryset(request).filter(pk__in=access.jobs_visible_to(request.user).values("pk"))
+        jobs = super().get_queryset(request).filter(pk__in=access.jobs_visible_to(request.user).values("pk"))
+        return standing.with_standing(jobs)
 
     @admin.display(description="id", ordering="id")
     def short_id(self, job):
@@ -200,6 +202,17 @@ class ExtractJobAdmin(ReadOnlyAdmin):
     @admin.display(description="progress")
     def progress(self, job):
         return progress_bar(job)
+
+    @admin.display(description="queue / calls")
+    def queue_or_calls(self, job):
+        """A queued job's place (the queued jobs ahead of it), a running
+        job's LLM calls in flight."""
+        if job.state == JobState.QUEUED:
+            return f"{standing.queue_position(job)} ahead"
+        if job.state == JobState.RUNNING:
+            calls = standing.calls_in_flight(job)
+            return f"{calls} call{'' if calls == 1 else 's'}"
+        return "—"
 
     @admin.display(description="properties", ordering="properties_count")
     def properties(self, job):

@@ -2,6 +2,7 @@
 job found by its id or the start of it, a job's properties written to a
 file, the inline runner and the progress line."""
 
+import argparse
 import logging
 import math
 import signal
@@ -19,12 +20,33 @@ from . import exports, rowfiles
 from .formatting import format_cost, format_duration, job_id_search
 from .models import ExtractJob, ExtractRow, JobState, Property, RowStatus
 from .services import lifecycle
+from .services.errors import InvalidInput, JobError
 from .worker.engine import Engine, WorkerSettings
 
 log = logging.getLogger(__name__)
 
 OUTPUT_FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 MIN_ID_PREFIX = 6
+# The most a count option's column holds (a PositiveIntegerField on PostgreSQL).
+MAX_COUNT = 2**31 - 1
+
+
+def count_option(text: str) -> int:
+    """An option's whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value}")
+    if value > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at most {MAX_COUNT}, got {value}")
+    return value
+
+
+def error_message(exc: JobError) -> str:
+    """A refusal as the API words it: naming its field, if it has one."""
+    return exc.detail if isinstance(exc, InvalidInput) else exc.message
 
 
 def read_rows(path: Path) -> list:

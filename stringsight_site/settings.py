@@ -351,6 +351,9 @@ STRINGSIGHT_MAX_ROWS = envint("STRINGSIGHT_MAX_ROWS", 50_000, minimum=1)
 STRINGSIGHT_MAX_ROW_BYTES = envint("STRINGSIGHT_MAX_ROW_BYTES", 2 * 1024 * 1024, minimum=256)
 STRINGSIGHT_MAX_WORKERS = envint("STRINGSIGHT_MAX_WORKERS", 256, minimum=1)
 STRINGSIGHT_MAX_TOKENS_CAP = envint("STRINGSIGHT_MAX_TOKENS_CAP", 32_768, minimum=1)
+# Queued and running jobs one user may have (anonymous callers share one
+# count); a start or resume beyond it answers 429. Unset: no limit.
+STRINGSIGHT_USER_MAX_ACTIVE_JOBS = envint("STRINGSIGHT_USER_MAX_ACTIVE_JOBS", None, minimum=1)
 # What one start may cost the web process: its memory is a few bytes per
 # byte of real transcripts (body, Python objects, stored text; measured in
 # BENCHMARKS.md, "Memory per request").

@@ -2,6 +2,7 @@
 (its exit code, Ctrl-C) `manage.py extract` runs as a real subprocess on the
 test database, talking to the LLM simulator over HTTP."""
 
+import ast
 import io
 import json
 import signal
@@ -303,7 +304,28 @@ def test_extract_names_the_bad_option(tmp_path):
     with pytest.raises(CommandError) as error:
         run_extract(str(source), "--max-workers", "0")
 
-    assert str(error.value) == "max_workers: Ensure this value is greater than or equal to 1."
+    assert str(error.value) == "Error: argument --max-workers: expected a whole number of at least 1, got 0"
+    assert ExtractJob.objects.count() == 0
+
+
+@pytest.mark.django_db
+def test_extract_keeps_the_apis_rules(tmp_path, settings):
+    source = tmp_path / "rows.jsonl"
+    write_rows(source, simple_rows(1))
+
+    with pytest.raises(CommandError) as too_many:
+        run_extract(str(source), "--max-workers", str(settings.STRINGSIGHT_MAX_WORKERS + 1))
+    with pytest.raises(CommandError) as not_allowed:
+        run_extract(str(source), "--model", "o1-pro")
+
+    assert str(too_many.value) == (
+        f"max_workers: {settings.STRINGSIGHT_MAX_WORKERS + 1} is above the limit of "
+        f"{settings.STRINGSIGHT_MAX_WORKERS} (STRINGSIGHT_MAX_WORKERS)"
+    )
+    assert str(not_allowed.value) == (
+        "model_name: 'o1-pro' is not an allowed model; allowed: "
+        f"{', '.join(settings.STRINGSIGHT_ALLOWED_MODELS)} (STRINGSIGHT_ALLOWED_MODELS)"
+    )
     assert ExtractJob.objects.count() == 0
 
 
@@ -552,3 +574,31 @@ def test_jobs_take_a_unique_start_of_a_job_id():
         with pytest.raises(CommandError) as error:
             run_jobs("show", prefix)
         assert str(error.value) == message
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "jobs/cli.py",
+        "jobs/presenter.py",
+        "jobs/management/commands/extract.py",
+        "jobs/management/commands/jobs.py",
+        *sorted(f"jobs/services/{module.name}" for module in (ROOT / "jobs" / "services").glob("*.py")),
+    ],
+)
+def test_the_cli_and_what_it_uses_never_import_the_api(path):
+    """The CLI is an interface of its own: it starts, shows and changes jobs
+    through the services and the presenter, as the API does, not through
+    the API."""
+    tree = ast.parse((ROOT / path).read_text())
+    package = path.removesuffix(".py").replace("/", ".").rsplit(".", 1)[0]
+    imported = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(part for part in (base, node.module) if part)
+            imported += [module, *(f"{module}.{alias.name}" for alias in node.names)]
+
+    assert [name for name in imported if name == "jobs.api" or name.startswith("jobs.api.")] == []

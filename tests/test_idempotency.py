@@ -11,7 +11,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from jobs.models import ExtractJob, ExtractRow, IdempotencyKey
-from jobs.services import idempotency, lifecycle
+from jobs.services import errors, idempotency, lifecycle
 from tests.factories import job_params, simple_rows
 
 pytestmark = pytest.mark.django_db
@@ -142,7 +142,9 @@ def test_a_start_that_loses_the_race_for_its_key_answers_with_the_winners_job(us
     same = lifecycle.job_start_once(
         owner=user, idempotency=idempotent("h"), rows=simple_rows(2), params=job_params()
     )
-    with pytest.raises(idempotency.IdempotencyKeyReused):
+    with pytest.raises(
+        errors.JobConflict, match=r"^Idempotency-Key: this key started a job with a different"
+    ):
         lifecycle.job_start_once(
             owner=user, idempotency=idempotent("other"), rows=simple_rows(2), params=job_params()
         )

@@ -14,8 +14,7 @@ from rest_framework.renderers import JSONRenderer
 
 from extraction.extract import ExtractionSpec, RowOutcome, outcome_from_answer
 from extraction.llm import CallSettings
-from jobs import exports
-from jobs.api import payloads
+from jobs import exports, presenter
 from jobs.models import ExtractJob, ExtractRow, Property
 from jobs.services import claims, lifecycle, sql
 from tests.factories import make_job, property_dict, simple_rows
@@ -67,8 +66,10 @@ def test_a_streamed_result_is_the_bytes_drf_would_have_written(api, user, path, 
     assert response.streaming
     assert response["Content-Type"] == "application/json"
     streamed = b"".join(response.streaming_content)
-    assert streamed == JSONRenderer().render(payloads.result_payload(job, seed=seed))
-    assert len(list(payloads.result_chunks(job, seed=seed))) == 4  # head, two batches of 2,000 and less, tail
+    assert streamed == JSONRenderer().render(presenter.result_payload(job, seed=seed))
+    assert (
+        len(list(presenter.result_chunks(job, seed=seed))) == 4
+    )  # head, two batches of 2,000 and less, tail
     body = json.loads(streamed)
     assert (body["count"], len(body["properties"])) == (2700, 2700)
     assert body["properties"][0]["property_description"] == f"{TRICKY} 0.0"

@@ -1,4 +1,7 @@
-"""The OpenAPI schema is complete and real responses match it."""
+"""The OpenAPI schema is complete and real responses match it. The job
+bodies are built from the very tables their schema is made of
+(jobs.presenter); the error shape and the frontend's other bodies are
+written beside their serializers, and these tests keep them honest."""
 
 import json
 

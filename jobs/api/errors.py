@@ -3,13 +3,16 @@
     {"detail": "rows[3]: missing column ...", "code": "invalid", "field": "rows[3]", "errors": {...}}
 
 `detail` is a sentence that names the field; `errors` (validation only)
-maps every failing field to its messages.
+maps every failing field to its messages. The services' refusals
+(jobs.services.errors) are mapped here, and only here, to their statuses.
 """
 
 from django.http import JsonResponse
 from rest_framework import status
 from rest_framework.exceptions import APIException, ValidationError
 from rest_framework.views import exception_handler as drf_exception_handler
+
+from ..services.errors import InvalidInput, JobConflict, JobError, LimitReached, with_field
 
 
 class Conflict(APIException):
@@ -18,10 +21,20 @@ class Conflict(APIException):
     default_detail = "The job is not in a state that allows this."
 
 
-class DailyBudgetExceeded(APIException):
+class Limited(APIException):
     status_code = status.HTTP_429_TOO_MANY_REQUESTS
-    default_code = "daily_budget_exceeded"
-    default_detail = "The daily budget cannot pay for this job."
+    default_code = "limit_reached"
+    default_detail = "A limit is reached."
+
+
+def as_api_exception(exc: JobError) -> APIException:
+    if isinstance(exc, InvalidInput):
+        return ValidationError({exc.field: [exc.message]})
+    if isinstance(exc, JobConflict):
+        return Conflict(exc.message)
+    if isinstance(exc, LimitReached):
+        return Limited(exc.message, code=exc.code)
+    raise TypeError(f"no answer for {type(exc).__name__}") from exc
 
 
 def error_response(status: int, detail: str, code: str, **extra) -> JsonResponse:
@@ -30,6 +43,8 @@ def error_response(status: int, detail: str, code: str, **extra) -> JsonResponse
 
 
 def exception_handler(exc, context):
+    if isinstance(exc, JobError):
+        exc = as_api_exception(exc)
     response = drf_exception_handler(exc, context)
     if response is None:
         return None
@@ -42,14 +57,6 @@ def exception_handler(exc, context):
         detail = exc.detail if isinstance(exc, APIException) else str(exc)
         response.data = {"detail": str(detail), "code": getattr(detail, "code", "error")}
     return response
-
-
-def with_field(field: str, message: str) -> str:
-    """ "rows[3]: ..." as it is; "may not be blank" as "title: may not be blank"."""
-    head = field.split(".")[0]
-    if message.startswith((f"{head}:", f"{head}.", f"{head}[")):
-        return message
-    return f"{field}: {message}"
 
 
 def flatten_errors(detail, prefix: str = "") -> dict[str, list[str]]:

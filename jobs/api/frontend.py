@@ -13,16 +13,15 @@ from rest_framework.views import APIView
 from extraction.prompts import PROMPT_NAMES, named_prompt, prompt_catalogue
 from extraction.rows import REQUIRED_COLUMNS, RowError, detect_method, json_type
 
-from .. import rowfiles, single
+from .. import presenter, rowfiles, single
 from ..models import Method
-from ..services import budgets
-from .errors import DailyBudgetExceeded, error_response, flatten_errors, with_field
+from ..services import options
+from ..services.errors import InvalidInput, with_field
+from .errors import error_response, flatten_errors
 from .hangup import client_socket, hung_up
-from .payloads import property_payloads
 from .permissions import JobAPIPermission
-from .serializers import ErrorSerializer, RowsField, SeedPropertySerializer, StartJobSerializer
+from .serializers import ErrorSerializer, RowsField, StartJobSerializer
 
-FAILURES_SHOWN = 5  # as upstream: the first parse failures, with return_debug
 PREVIEW_ROWS = 50
 # An answer no one reads: the client has gone (nginx's code for it).
 CLIENT_CLOSED_REQUEST = 499
@@ -140,7 +139,7 @@ class RowField(RowsField):
 
 
 class ExtractSingleSerializer(StartJobSerializer):
-    """The start's own fields and rules, for one row."""
+    """The start's own fields, for one row."""
 
     rows = None
     sample_size = None
@@ -155,61 +154,12 @@ class ExtractSingleSerializer(StartJobSerializer):
 
     def validate(self, attrs):
         row = attrs.pop("row")
-        attrs["rows"] = [row]
-        try:
-            self.validate_rows(attrs["rows"])
-            validated = super().validate(attrs)
-        except serializers.ValidationError as exc:
-            raise serializers.ValidationError(_as_one_row(exc.detail)) from None
-        return {
-            "row": row,
-            "params": validated["params"],
-            "encoded_row": validated["encoded_rows"][0],
-            "return_debug": bool(attrs.get("return_debug")),
-        }
+        return_debug = bool(attrs.pop("return_debug", None))
+        request = super().validate({**attrs, "rows": [row]})["request"]
+        return {"request": request, "return_debug": return_debug}
 
 
-def _as_one_row(detail) -> dict[str, list[str]]:
-    """The start's errors about rows[0], named after this call's `row`."""
-    renamed = {}
-    for field, messages in flatten_errors(detail).items():
-        if field in ("rows", "0"):  # "0": the row size check names the row by its position
-            field = "row"
-        elif field.startswith("rows[0]"):
-            field = "row" + field.removeprefix("rows[0]")
-        renamed[field] = [
-            "row" + message.removeprefix("rows[0]") if message.startswith("rows[0]") else message
-            for message in messages
-        ]
-    return renamed
-
-
-class ExtractSingleDebugSerializer(serializers.Serializer):
-    raw_answer = serializers.CharField(allow_blank=True)
-    prompt_tokens = serializers.IntegerField()
-    completion_tokens = serializers.IntegerField()
-    total_tokens = serializers.IntegerField()
-    cost_usd = serializers.FloatField(allow_null=True, help_text="Null when no price is known for the model.")
-    cached = serializers.BooleanField(help_text="The answer came from the completion cache.")
-    attempts = serializers.IntegerField()
-    dropped = serializers.IntegerField(help_text="Items of the answer that were not valid properties.")
-
-
-class PropertyCountsSerializer(serializers.Serializer):
-    properties = serializers.IntegerField()
-
-
-class ExtractSingleResponseSerializer(serializers.Serializer):
-    job_id = serializers.UUIDField(help_text="The one-row job (kind single) that records this extraction.")
-    properties = SeedPropertySerializer(many=True)
-    counts = PropertyCountsSerializer()
-    failures = serializers.ListField(
-        child=serializers.CharField(), help_text="With return_debug: up to 5 parse failures."
-    )
-    error = serializers.CharField(
-        allow_null=True, help_text="Why the row failed (no valid property, or the LLM call failed)."
-    )
-    debug = ExtractSingleDebugSerializer(required=False, help_text="Only with return_debug.")
+ExtractSingleResponseSerializer = presenter.SINGLE.serializer
 
 
 class ExtractSingleView(APIView):
@@ -232,17 +182,15 @@ class ExtractSingleView(APIView):
     def post(self, request):
         body = ExtractSingleSerializer(data=request.data)
         body.is_valid(raise_exception=True)
+        accepted = options.accept_single_row(body.validated_data["request"])
         sock = client_socket(request.META)
-        try:
-            result = single.extract_single(
-                owner=request.user if request.user.is_authenticated else None,
-                row=body.validated_data["row"],
-                params=body.validated_data["params"],
-                encoded_row=body.validated_data["encoded_row"],
-                hung_up=(lambda: hung_up(sock)) if sock is not None else (lambda: False),
-            )
-        except budgets.DailyBudgetExceeded as exc:
-            raise DailyBudgetExceeded(str(exc)) from None
+        result = single.extract_single(
+            owner=request.user if request.user.is_authenticated else None,
+            row=accepted.rows[0],
+            params=accepted.params,
+            encoded_row=accepted.encoded_rows[0],
+            hung_up=(lambda: hung_up(sock)) if sock is not None else (lambda: False),
+        )
         return single_response(result, return_debug=body.validated_data["return_debug"])
 
 
@@ -258,28 +206,7 @@ def single_response(result: single.SingleResult, *, return_debug: bool):
         return error_response(
             409, f"the extraction was stopped: its job is {job.state}", "conflict", job_id=str(job.id)
         )
-    properties = property_payloads(job.properties.order_by("position"), seed=True)
-    body = {
-        "job_id": job.id,
-        "properties": properties,
-        "counts": {"properties": len(properties)},
-        "failures": [],
-        "error": outcome.error,
-    }
-    if return_debug:
-        failures = outcome.problems or ([outcome.error] if outcome.error else [])
-        body["failures"] = failures[:FAILURES_SHOWN]
-        body["debug"] = {
-            "raw_answer": outcome.raw_answer,
-            "prompt_tokens": job.prompt_tokens,
-            "completion_tokens": job.completion_tokens,
-            "total_tokens": job.total_tokens,
-            "cost_usd": job.cost_usd,
-            "cached": outcome.cached,
-            "attempts": outcome.attempts,
-            "dropped": outcome.dropped,
-        }
-    return Response(body)
+    return Response(presenter.single_payload(job, outcome, return_debug=return_debug))
 
 
 class DetectResponseSerializer(serializers.Serializer):
@@ -335,13 +262,18 @@ class DetectAndValidateView(APIView):
 
 
 def detect_payload(rows: list) -> dict:
-    """What the start would make of these rows, checked by its own serializer."""
+    """What a start would make of these rows, checked by its own serializer and rules."""
     check = StartJobSerializer(data={"rows": rows})
-    valid = check.is_valid()
     error = None
-    if not valid:
+    if not check.is_valid():
         field, messages = next(iter(flatten_errors(check.errors).items()))
         error = with_field(field, messages[0])
+    else:
+        try:
+            options.accept_start(check.validated_data["request"])
+        except InvalidInput as exc:
+            error = exc.detail
+    valid = error is None
     objects = [row for row in rows if isinstance(row, dict)]
     try:
         method = detect_method(objects[0]) if objects else None

@@ -1,36 +1,18 @@
-"""Request validation and the documented shapes of every response.
+"""The shapes of requests (types and ranges: what a start may ask for is
+decided by services.options) and the documented shapes of every response.
 
-Responses are built as plain dicts (see `payloads`) for speed; the output
-serializers here describe them for the OpenAPI schema, and a test checks
-that real responses match it.
+Response bodies are built by jobs.presenter, from tables that also make
+their serializers here: the schema documents exactly what is sent.
 """
 
-import re
-
-from django.conf import settings
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from extraction.prompts import UnknownPromptError, resolve_system_prompt
-from extraction.rows import RowError, encode_row, json_type, nul_path, validate_rows
+from extraction.rows import json_type
 
+from .. import presenter
 from ..models import JobKind, JobState, Method, RowStatus
-from ..services.budgets import model_allowed, price_for
-from ..services.lifecycle import JobParams
-
-# Upstream StringSight's frontend sends these; a caller who omits a value
-# (or sends null) gets the same.
-DEFAULTS = {
-    "system_prompt": "default",
-    "task_description": "",
-    "temperature": 0.6,
-    "top_p": 0.95,
-    "max_tokens": 2048,
-    "max_workers": 16,
-    "include_scores_in_prompt": False,
-    "use_cache": True,
-}
-
+from ..services.options import DEFAULTS, StartRequest  # noqa: F401  (DEFAULTS: bench/rows.py reads them here)
 
 _TEXT = {"type": ["string", "number"], "minLength": 1}
 _RESPONSE = {
@@ -109,22 +91,6 @@ class NumberField(serializers.FloatField):
         return super().to_internal_value(data)
 
 
-# C0 and C1 controls and DEL: a model id is sent in a JSON body, logged and
-# shown; CR, LF or ESC in it could forge log lines or terminal output.
-CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def prompt_within_limit(value: str | None) -> str | None:
-    """A prompt is copied into every LLM call in flight: its size is a
-    worker's memory and every call's cost."""
-    limit = settings.STRINGSIGHT_MAX_PROMPT_BYTES
-    if value is not None and len(value) * 4 > limit and (size := len(value.encode())) > limit:
-        raise serializers.ValidationError(
-            f"{size} bytes is more than the limit of {limit} bytes (STRINGSIGHT_MAX_PROMPT_BYTES)"
-        )
-    return value
-
-
 class StartJobSerializer(serializers.Serializer):
     rows = RowsField()
     method = serializers.ChoiceField(
@@ -184,225 +150,22 @@ class StartJobSerializer(serializers.Serializer):
         help_text="Accepted for compatibility with StringSight; ignored.",
     )
 
-    def validate_system_prompt(self, value):
-        return prompt_within_limit(value)
-
-    def validate_custom_system_prompt(self, value):
-        return prompt_within_limit(value)
-
-    def validate_task_description(self, value):
-        return prompt_within_limit(value)
-
-    def validate_model_name(self, value):
-        if value is not None and CONTROL_CHARACTERS.search(value):
-            raise serializers.ValidationError(
-                "a model id holds no control characters (such as CR, LF, tab or ESC)"
-            )
-        return value
-
-    def validate_max_tokens(self, value):
-        cap = settings.STRINGSIGHT_MAX_TOKENS_CAP
-        if value is not None and value > cap:
-            raise serializers.ValidationError(
-                f"{value} is above the limit of {cap} (STRINGSIGHT_MAX_TOKENS_CAP)"
-            )
-        return value
-
-    def validate_max_workers(self, value):
-        cap = settings.STRINGSIGHT_MAX_WORKERS
-        if value is not None and value > cap:
-            raise serializers.ValidationError(
-                f"{value} is above the limit of {cap} (STRINGSIGHT_MAX_WORKERS)"
-            )
-        return value
-
-    def validate_rows(self, rows):
-        limit = settings.STRINGSIGHT_MAX_ROWS
-        if isinstance(rows, list) and len(rows) > limit:
-            raise serializers.ValidationError(
-                f"{len(rows)} rows are more than the limit of {limit} per job (STRINGSIGHT_MAX_ROWS)"
-            )
-        if isinstance(rows, list):
-            row_limit = settings.STRINGSIGHT_MAX_ROW_BYTES
-            # Encoded once: the size check's text is what the rows are stored as.
-            self.encoded_rows = [encode_row(row) for row in rows]
-            for index, encoded in enumerate(self.encoded_rows):
-                # orjson writes NUL as \u0000: a cheap test before the walk.
-                if "\\u0000" in encoded and (where := nul_path(rows[index])) is not None:
-                    raise serializers.ValidationError(
-                        {index: {where: ["holds a NUL character (\\u0000), which cannot be stored"]}}
-                    )
-                size = len(encoded.encode())
-                if size > row_limit:
-                    raise serializers.ValidationError(
-                        {
-                            index: [
-                                f"{size} bytes is more than the limit of {row_limit} bytes per row "
-                                "(STRINGSIGHT_MAX_ROW_BYTES)"
-                            ]
-                        }
-                    )
-        return rows
-
     def validate(self, attrs):
-        values = {name: attrs.get(name) for name in DEFAULTS}
-        for name, default in DEFAULTS.items():
-            if values[name] is None:
-                values[name] = default
-        try:
-            method = validate_rows(attrs["rows"], attrs.get("method"))
-        except RowError as exc:
-            raise serializers.ValidationError({exc.field: [exc.message]}) from None
-        try:
-            resolved = resolve_system_prompt(
-                values["system_prompt"],
-                method,
-                task_description=values["task_description"] or None,
-                custom_system_prompt=attrs.get("custom_system_prompt") or None,
-            )
-        except UnknownPromptError as exc:
-            raise serializers.ValidationError({"system_prompt": [str(exc)]}) from None
-        system_prompt = attrs.get("custom_system_prompt") or values["system_prompt"]
-        model_name = attrs.get("model_name") or settings.STRINGSIGHT_DEFAULT_MODEL
-        if not model_allowed(model_name):
-            raise serializers.ValidationError(
-                {
-                    "model_name": [
-                        f"{model_name!r} is not an allowed model; allowed: "
-                        f"{', '.join(settings.STRINGSIGHT_ALLOWED_MODELS)} (STRINGSIGHT_ALLOWED_MODELS)"
-                    ]
-                }
-            )
-        max_cost_usd = attrs.get("max_cost_usd")
-        if max_cost_usd is None and price_for(model_name) is not None:
-            max_cost_usd = settings.STRINGSIGHT_DEFAULT_MAX_COST_USD
-        if attrs.get("max_cost_usd") is not None and price_for(model_name) is None:
-            raise serializers.ValidationError(
-                {
-                    "max_cost_usd": [
-                        f"no price is known for model {model_name!r}, so a cost budget cannot be kept; "
-                        "add it to STRINGSIGHT_PRICES or use max_total_tokens"
-                    ]
-                }
-            )
-        params = JobParams(
-            method=method,
-            system_prompt=system_prompt,
-            resolved_system_prompt=resolved,
-            task_description=values["task_description"],
-            model_name=model_name,
-            temperature=values["temperature"],
-            top_p=values["top_p"],
-            max_tokens=values["max_tokens"],
-            max_workers=values["max_workers"],
-            include_scores_in_prompt=values["include_scores_in_prompt"],
-            sample_size=attrs.get("sample_size"),
-            use_cache=values["use_cache"],
-            max_cost_usd=max_cost_usd,
-            max_total_tokens=attrs.get("max_total_tokens"),
-        )
-        return {"rows": attrs["rows"], "params": params, "encoded_rows": getattr(self, "encoded_rows", None)}
+        return {"request": StartRequest.of(attrs)}
 
 
-class UsageSerializer(serializers.Serializer):
-    prompt_tokens = serializers.IntegerField()
-    completion_tokens = serializers.IntegerField()
-    total_tokens = serializers.IntegerField()
-
-
-class BudgetSerializer(serializers.Serializer):
-    max_cost_usd = serializers.FloatField(allow_null=True)
-    max_total_tokens = serializers.IntegerField(allow_null=True)
-
-
-class JobStatusSerializer(serializers.Serializer):
-    job_id = serializers.UUIDField()
-    state = serializers.ChoiceField(choices=JobState.choices)
-    kind = serializers.ChoiceField(
-        choices=JobKind.choices,
-        help_text="rows: rows run by workers; single: one row extracted by /extract/single.",
-    )
-    progress = serializers.FloatField(help_text="Finished rows (done or failed) over all rows, 0..1.")
-    count_done = serializers.IntegerField()
-    count_failed = serializers.IntegerField()
-    count_total = serializers.IntegerField()
-    properties_count = serializers.IntegerField()
-    error = serializers.CharField(allow_null=True)
-    method = serializers.ChoiceField(choices=Method.choices)
-    model_name = serializers.CharField()
-    created_at = serializers.DateTimeField()
-    started_at = serializers.DateTimeField(allow_null=True)
-    finished_at = serializers.DateTimeField(allow_null=True)
-    cancelled_at = serializers.DateTimeField(allow_null=True)
-    usage = UsageSerializer()
-    cost_usd = serializers.FloatField(
-        allow_null=True,
-        help_text="Estimated from the tokens used; null when no price is known for the model.",
-    )
-    cache_hits = serializers.IntegerField(
-        help_text="Rows answered from the completion cache, with no LLM call."
-    )
-    sample_size = serializers.IntegerField(allow_null=True)
-    budget = BudgetSerializer()
+JobStatusSerializer = presenter.STATUS.serializer
+JobDetailSerializer = presenter.DETAIL.serializer
+CancelResponseSerializer = presenter.CANCEL.serializer
+PropertySerializer = presenter.PROPERTY.serializer
+SeedPropertySerializer = presenter.SEED_PROPERTY.serializer
+ResultSerializer = presenter.RESULT.serializer
+SeedResultSerializer = presenter.SEED_RESULT.serializer
+RowOutcomeSerializer = presenter.ROW.serializer
 
 
 class CancelRequestSerializer(serializers.Serializer):
     job_id = serializers.UUIDField()
-
-
-class CancelResponseSerializer(serializers.Serializer):
-    job_id = serializers.UUIDField()
-    state = serializers.ChoiceField(choices=JobState.choices)
-    message = serializers.CharField()
-    properties_count = serializers.IntegerField(help_text="Final: it never changes after the cancel.")
-
-
-class _PropertyContentSerializer(serializers.Serializer):
-    id = serializers.UUIDField()
-    question_id = serializers.CharField()
-    model = serializers.CharField()
-    property_description = serializers.CharField()
-    category = serializers.CharField(allow_blank=True)
-    reason = serializers.CharField(allow_blank=True)
-    evidence = serializers.ListField(child=serializers.CharField(allow_blank=True))
-    behavior_type = serializers.CharField()
-    contains_errors = serializers.BooleanField()
-    unexpected_behavior = serializers.BooleanField()
-
-
-class PropertySerializer(_PropertyContentSerializer):
-    row_index = serializers.IntegerField(help_text="The row's position in the job (after sampling).")
-    input_index = serializers.IntegerField(
-        help_text="The caller's index of the row: its __index when it had one, else its position "
-        "in the request."
-    )
-
-
-# The seed paths' property: the caller's index of the row is its row_index,
-# and its __index (a name a class body would mangle).
-SeedPropertySerializer = type(
-    "SeedPropertySerializer",
-    (_PropertyContentSerializer,),
-    {
-        "row_index": serializers.IntegerField(
-            help_text="The caller's index of the row: its __index when it had one, else its position "
-            "in the request."
-        ),
-        "__index": serializers.IntegerField(help_text="The same as row_index."),
-    },
-)
-
-
-class ResultSerializer(serializers.Serializer):
-    job_id = serializers.UUIDField()
-    state = serializers.ChoiceField(choices=JobState.choices)
-    cancelled = serializers.BooleanField()
-    count = serializers.IntegerField()
-    properties = PropertySerializer(many=True)
-
-
-class SeedResultSerializer(ResultSerializer):
-    properties = SeedPropertySerializer(many=True)
 
 
 class ErrorSerializer(serializers.Serializer):
@@ -421,46 +184,6 @@ class PromptSerializer(serializers.Serializer):
 class PromptListSerializer(serializers.Serializer):
     names = serializers.ListField(child=serializers.CharField())
     prompts = PromptSerializer(many=True)
-
-
-class OutcomesSerializer(serializers.Serializer):
-    done = serializers.IntegerField()
-    failed = serializers.IntegerField()
-    running = serializers.IntegerField()
-    pending = serializers.IntegerField()
-    cancelled = serializers.IntegerField()
-
-
-class JobDetailSerializer(JobStatusSerializer):
-    outcomes = OutcomesSerializer(help_text="Rows per outcome; they add up to count_total.")
-    rows_per_second = serializers.FloatField(
-        allow_null=True, help_text="While running: rows finished per second."
-    )
-    eta_seconds = serializers.FloatField(
-        allow_null=True, help_text="While running: seconds until the last row."
-    )
-
-
-class RowOutcomeSerializer(serializers.Serializer):
-    index = serializers.IntegerField()
-    input_index = serializers.IntegerField(
-        help_text="The caller's index of the row: its __index when it had one, else its position "
-        "in the request."
-    )
-    question_id = serializers.CharField()
-    status = serializers.ChoiceField(choices=RowStatus.choices)
-    attempts = serializers.IntegerField(help_text="LLM calls made for the row.")
-    error = serializers.CharField(allow_blank=True)
-    raw_answer = serializers.CharField(allow_blank=True, help_text="The LLM's answer, kept once per row.")
-    properties_dropped = serializers.IntegerField(help_text="Invalid items in the answer that were dropped.")
-    cached = serializers.BooleanField()
-    prompt_tokens = serializers.IntegerField()
-    completion_tokens = serializers.IntegerField()
-    claimed_by = serializers.CharField(
-        allow_blank=True, help_text="The worker that holds or last held the row."
-    )
-    started_at = serializers.DateTimeField(allow_null=True)
-    finished_at = serializers.DateTimeField(allow_null=True)
 
 
 class ResumeRequestSerializer(serializers.Serializer):

@@ -21,12 +21,10 @@ from rest_framework.views import APIView
 
 from extraction.prompts import PROMPT_NAMES, list_prompts
 
-from .. import exports
-from ..models import ExtractJob, JobState
-from ..services import access, budgets, lifecycle
-from ..services.idempotency import IdempotencyKeyReused, IdempotentStart, start_replay
-from .errors import Conflict, DailyBudgetExceeded
-from .payloads import CALLER_INDEX, ROW_FIELDS, detail_payload, result_chunks, status_payload
+from .. import exports, presenter
+from ..models import ExtractJob
+from ..services import access, lifecycle, options, standing
+from ..services.idempotency import IdempotentStart, start_replay
 from .permissions import JobAPIPermission
 from .renderers import DOWNLOAD_FORMATS, CSVRenderer, ExplicitFormatFirst, JSONLRenderer, ParquetRenderer
 from .serializers import (
@@ -39,7 +37,6 @@ from .serializers import (
     JobStatusSerializer,
     PromptListSerializer,
     PropertyPageSerializer,
-    PropertySerializer,
     ResultSerializer,
     ResumeRequestSerializer,
     RowPageSerializer,
@@ -140,7 +137,7 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
     def get_queryset(self):
         return access.jobs_visible_to(self.request.user)
 
-    def find_job(self, job_id) -> ExtractJob:
+    def find_job(self, job_id, *, with_standing: bool = False) -> ExtractJob:
         if job_id is None or job_id == "":
             raise ValidationError({"job_id": ["this field is required"]})
         try:
@@ -149,7 +146,8 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
             raise ValidationError(
                 {"job_id": [f"{str(job_id)[:100]!r} is not a valid job id (expected a UUID)"]}
             ) from None
-        job = self.get_queryset().filter(pk=pk).first()
+        jobs = self.get_queryset().filter(pk=pk)
+        job = (standing.with_standing(jobs) if with_standing else jobs).first()
         if job is None:
             raise NotFound(f"job_id: no job {pk}")
         return job
@@ -171,27 +169,19 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
                 return replay
         serializer = StartJobSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        try:
-            if idempotency is None:
-                job = lifecycle.job_start(owner=owner, **serializer.validated_data)
-                return Response(status_payload(job), status=status.HTTP_201_CREATED)
-            started = lifecycle.job_start_once(
-                owner=owner, idempotency=idempotency, **serializer.validated_data
-            )
-        except budgets.DailyBudgetExceeded as exc:
-            raise DailyBudgetExceeded(str(exc)) from None
-        except IdempotencyKeyReused as exc:
-            raise Conflict(str(exc)) from None
+        accepted = options.accept_start(serializer.validated_data["request"])
+        start = {"rows": accepted.rows, "params": accepted.params, "encoded_rows": accepted.encoded_rows}
+        if idempotency is None:
+            job = lifecycle.job_start(owner=owner, **start)
+            return Response(presenter.status_payload(job), status=status.HTTP_201_CREATED)
+        started = lifecycle.job_start_once(owner=owner, idempotency=idempotency, **start)
         return Response(
             json.loads(started.answer),
             status=status.HTTP_200_OK if started.replayed else status.HTTP_201_CREATED,
         )
 
     def replay(self, owner, idempotency: IdempotentStart) -> Response | None:
-        try:
-            earlier = start_replay(owner=owner, idempotency=idempotency)
-        except IdempotencyKeyReused as exc:
-            raise Conflict(str(exc)) from None
+        earlier = start_replay(owner=owner, idempotency=idempotency)
         return None if earlier is None else Response(json.loads(earlier.answer), status=status.HTTP_200_OK)
 
     @extend_schema(
@@ -211,7 +201,7 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
         responses={200: JobDetailSerializer, **ERRORS},
     )
     def retrieve(self, request, job_id=None):
-        return Response(detail_payload(self.find_job(job_id)))
+        return Response(presenter.detail_payload(self.find_job(job_id, with_standing=True)))
 
     @extend_schema(
         operation_id="jobs_cancel",
@@ -221,7 +211,7 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
         responses={200: CancelResponseSerializer, 409: ErrorSerializer, **ERRORS},
     )
     def cancel(self, request, job_id=None):
-        return self.cancel_response(self.find_job(job_id))
+        return self.cancel_response(self.find_job(job_id), refuse_finished=True)
 
     @extend_schema(
         operation_id="jobs_result",
@@ -239,7 +229,8 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
         responses={200: JobStatusSerializer, **ERRORS},
     )
     def seed_status(self, request):
-        return Response(status_payload(self.find_job(request.query_params.get("job_id"))))
+        job = self.find_job(request.query_params.get("job_id"), with_standing=True)
+        return Response(presenter.status_payload(job))
 
     @extend_schema(
         operation_id="extract_jobs_cancel",
@@ -251,7 +242,7 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
     )
     def seed_cancel(self, request):
         body = request.data if isinstance(request.data, dict) else {}
-        return self.cancel_response(self.find_job(body.get("job_id")), finished_is_ok=True)
+        return self.cancel_response(self.find_job(body.get("job_id")), refuse_finished=False)
 
     @extend_schema(
         operation_id="extract_jobs_result",
@@ -267,36 +258,16 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
         if not access.may_change(self.request.user, job):
             raise PermissionDenied(f"{verb} another user's job needs the jobs.change_extractjob permission")
 
-    def cancel_response(self, job: ExtractJob, *, finished_is_ok: bool = False) -> Response:
+    def cancel_response(self, job: ExtractJob, *, refuse_finished: bool) -> Response:
         self.require_change(job, "cancelling")
-        outcome = lifecycle.job_cancel(job=job)
-        job = outcome.job
-        if job.state == JobState.CANCELLED:
-            message = "job cancelled" if outcome.cancelled_now else "job was already cancelled"
-        elif finished_is_ok:
-            # The StringSight frontend shows any non-2xx as "Failed to cancel",
-            # also for a click that raced the job's last row.
-            message = f"job had already finished (state: {job.state}); nothing was cancelled"
-        else:
-            raise Conflict(f"job already finished (state: {job.state})")
-        return Response(
-            {
-                "job_id": job.id,
-                "state": job.state,
-                "message": message,
-                "properties_count": job.properties_count,
-            }
-        )
+        outcome = lifecycle.job_cancel(job=job, refuse_finished=refuse_finished)
+        return Response(presenter.cancel_payload(outcome))
 
     def result_response(self, job: ExtractJob, *, seed: bool = False) -> StreamingHttpResponse:
-        if job.is_active:
-            raise Conflict(
-                f"job is not finished (state: {job.state}); results are ready once it is done, "
-                "cancelled or error"
-            )
+        lifecycle.require_result_ready(job)
         # Streamed a batch of properties at a time: built whole, 100,000
         # properties held the web process's memory many times over.
-        return StreamingHttpResponse(result_chunks(job, seed=seed), content_type="application/json")
+        return StreamingHttpResponse(presenter.result_chunks(job, seed=seed), content_type="application/json")
 
     @extend_schema(
         operation_id="jobs_list",
@@ -318,8 +289,8 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
             **{key: value for key, value in filters.items() if value is not None}
         )
         paginator = JobCursor()
-        page = paginator.paginate_queryset(jobs, request, view=self)
-        return paginator.get_paginated_response([status_payload(job) for job in page])
+        page = paginator.paginate_queryset(standing.with_standing(jobs), request, view=self)
+        return paginator.get_paginated_response([presenter.status_payload(job) for job in page])
 
     @extend_schema(
         operation_id="jobs_delete",
@@ -331,10 +302,7 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
         job = self.find_job(job_id)
         if not access.may_delete(request.user, job):
             raise PermissionDenied("deleting another user's job needs the jobs.delete_extractjob permission")
-        try:
-            lifecycle.job_delete(job=job)
-        except lifecycle.JobStillActive as exc:
-            raise Conflict(str(exc)) from None
+        lifecycle.job_delete(job=job)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
     @extend_schema(
@@ -342,20 +310,15 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
         summary="Run a cancelled or failed job's unfinished rows again",
         parameters=[JOB_ID_PATH],
         request=ResumeRequestSerializer,
-        responses={200: JobStatusSerializer, 409: ErrorSerializer, **ERRORS},
+        responses={200: JobStatusSerializer, 409: ErrorSerializer, 429: ErrorSerializer, **ERRORS},
     )
     def resume(self, request, job_id=None):
         job = self.find_job(job_id)
         self.require_change(job, "resuming")
         body = ResumeRequestSerializer(data=request.data if isinstance(request.data, dict) else {})
         body.is_valid(raise_exception=True)
-        if body.validated_data.get("max_cost_usd") is not None and not job.has_prices:
-            raise ValidationError({"max_cost_usd": [f"no price is known for model {job.model_name!r}"]})
-        try:
-            job = lifecycle.job_resume(job=job, **body.validated_data)
-        except lifecycle.JobNotResumable as exc:
-            raise Conflict(str(exc)) from None
-        return Response(status_payload(job))
+        job = lifecycle.job_resume(job=job, **body.validated_data)
+        return Response(presenter.status_payload(job))
 
     @extend_schema(
         operation_id="jobs_rows",
@@ -367,21 +330,12 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
         job = self.find_job(job_id)
         query = RowQuerySerializer(data=request.query_params.dict())
         query.is_valid(raise_exception=True)
-        rows = job.rows.only(*ROW_FIELDS)
+        rows = presenter.rows_for_page(job)
         if "status" in query.validated_data:
             rows = rows.filter(status=query.validated_data["status"])
         paginator = RowCursor()
         page = paginator.paginate_queryset(rows, request, view=self)
-        return paginator.get_paginated_response(
-            [
-                {
-                    **{field: getattr(row, field) for field in ROW_FIELDS},
-                    # Rows stored before it was recorded have none: their position stands in.
-                    "input_index": row.index if row.input_index is None else row.input_index,
-                }
-                for row in page
-            ]
-        )
+        return paginator.get_paginated_response(presenter.row_items(page))
 
     @extend_schema(
         operation_id="jobs_properties",
@@ -412,12 +366,9 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
             return self.download(job, download)
         paginator = PropertyCursor()
         page = paginator.paginate_queryset(
-            job.properties.annotate(caller_index=CALLER_INDEX), request, view=self
+            presenter.property_values(job.properties.all()), request, view=self
         )
-        fields = [name for name in PropertySerializer().fields if name != "input_index"]
-        return paginator.get_paginated_response(
-            [{**{name: getattr(p, name) for name in fields}, "input_index": p.caller_index} for p in page]
-        )
+        return paginator.get_paginated_response([presenter.as_listed(record, seed=False) for record in page])
 
     def get_renderers(self):
         if self.action == "properties":
@@ -466,7 +417,7 @@ def idempotent_start(request) -> IdempotentStart | None:
     return IdempotentStart(
         key=key,
         request_hash=digest.hexdigest(),
-        answer=lambda job: json.dumps(status_payload(job), cls=JSONEncoder),
+        answer=lambda job: json.dumps(presenter.status_payload(job), cls=JSONEncoder),
     )
 
 

@@ -2,6 +2,12 @@
 
 - lifecycle: start, cancel, resume, delete, fail. The API, admin and CLI
   call only this module (and access) for writes.
+- options: what a start may ask for: the caller's values with the defaults
+  and rules applied, before anything is stored.
+- errors: what a rule raises when it refuses (JobError and its kinds),
+  which each interface translates in one place.
+- limits: what one user may have at once (active jobs).
+- standing: where a job stands: its place in the queue, its calls in flight.
 - claims: the worker protocol: claim rows, renew their leases, record results.
 - grants: how many LLM calls in flight each worker may have for a job.
 - budgets: prices, estimates, job budgets and the daily budget per user.

@@ -16,6 +16,8 @@ from ..models import (
     JobState,
     RowStatus,
 )
+from .errors import InvalidInput, LimitReached
+from .limits import lock_owner
 from .sql import close_unfinished_rows
 
 if TYPE_CHECKING:
@@ -27,14 +29,23 @@ def price_for(model_name: str) -> tuple[float, float] | None:
     return settings.STRINGSIGHT_PRICES.get(model_name)
 
 
+def require_price(model_name: str) -> None:
+    """A cost budget (max_cost_usd) can be kept only for a model with a price."""
+    if price_for(model_name) is None:
+        raise InvalidInput(
+            "max_cost_usd",
+            f"no price is known for model {model_name!r}, so a cost budget cannot be kept; "
+            "add it to STRINGSIGHT_PRICES or use max_total_tokens",
+        )
+
+
 def model_allowed(model_name: str) -> bool:
     """Whether the operator lets jobs use this model (STRINGSIGHT_ALLOWED_MODELS)."""
     allowed = settings.STRINGSIGHT_ALLOWED_MODELS
     return "*" in allowed or model_name in allowed
 
 
-class DailyBudgetExceeded(Exception):
-    pass
+DAILY_BUDGET_EXCEEDED = "daily_budget_exceeded"
 
 
 def estimate_cost(params: "JobParams", texts: list[str]) -> float | None:
@@ -73,19 +84,20 @@ def spent_today(*, owner_id) -> float:
 def check_daily_budget(*, owner, model_name: str, estimate: float | None) -> None:
     """At start: the owner's spend today, plus what their running jobs may
     still spend (their estimates less their cost so far), plus this job's
-    estimate, must stay within STRINGSIGHT_USER_DAILY_BUDGET_USD. The owner's
-    row is locked meanwhile, so two starts cannot both take the last of it."""
+    estimate, must stay within STRINGSIGHT_USER_DAILY_BUDGET_USD, else
+    LimitReached. The owner is locked meanwhile, so two starts cannot both
+    take the last of it."""
     limit = settings.STRINGSIGHT_USER_DAILY_BUDGET_USD
     if limit is None:
         return
     if estimate is None:
-        raise DailyBudgetExceeded(
+        raise LimitReached(
+            DAILY_BUDGET_EXCEEDED,
             f"no price is known for model {model_name!r}, so STRINGSIGHT_USER_DAILY_BUDGET_USD "
-            "cannot be kept; add it to STRINGSIGHT_PRICES"
+            "cannot be kept; add it to STRINGSIGHT_PRICES",
         )
     owner_id = owner.pk if owner is not None else None
-    if owner is not None:
-        type(owner).objects.select_for_update().filter(pk=owner_id).exists()
+    lock_owner(owner_id)
     jobs = _jobs_of_today(owner_id)
     reserved = sum(
         max(0.0, (job.estimated_cost_usd or 0.0) - (job.cost_usd or 0.0))
@@ -99,10 +111,11 @@ def check_daily_budget(*, owner, model_name: str, estimate: float | None) -> Non
     )
     spent = spent_today(owner_id=owner_id)
     if spent + reserved + estimate > limit:
-        raise DailyBudgetExceeded(
+        raise LimitReached(
+            DAILY_BUDGET_EXCEEDED,
             f"daily budget exceeded: ${spent:.4f} spent today and ${reserved:.4f} held by running jobs, "
             f"and this job may cost up to ${estimate:.4f}, more than the ${limit:.4f} a user may spend "
-            "a day (STRINGSIGHT_USER_DAILY_BUDGET_USD)"
+            "a day (STRINGSIGHT_USER_DAILY_BUDGET_USD)",
         )
 
 

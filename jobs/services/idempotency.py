@@ -11,6 +11,7 @@ from ..models import (
     ExtractJob,
     IdempotencyKey,
 )
+from .errors import JobConflict
 
 
 @dataclass(frozen=True)
@@ -31,10 +32,6 @@ class StartOutcome:
     replayed: bool
 
 
-class IdempotencyKeyReused(Exception):
-    pass
-
-
 IDEMPOTENCY_KEY_LIFETIME = timedelta(hours=24)
 
 
@@ -52,7 +49,7 @@ def take_idempotency_key(*, owner, idempotency: IdempotentStart, job: ExtractJob
 def start_replay(*, owner, idempotency: IdempotentStart) -> StartOutcome | None:
     """The start its owner made with this key in the last 24 hours
     (anonymous callers share one scope, as they share jobs), or None.
-    Raises IdempotencyKeyReused if that start's request was another."""
+    JobConflict if that start's request was another."""
     earlier = (
         IdempotencyKey.objects.filter(
             owner=owner,
@@ -65,7 +62,7 @@ def start_replay(*, owner, idempotency: IdempotentStart) -> StartOutcome | None:
     if earlier is None:
         return None
     if earlier.request_hash != idempotency.request_hash:
-        raise IdempotencyKeyReused(
+        raise JobConflict(
             "Idempotency-Key: this key started a job with a different request in the last 24 hours; "
             "send a new key to start another job"
         )

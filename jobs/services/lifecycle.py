@@ -1,5 +1,7 @@
 """A job's life: start, cancel, resume, delete, fail. The API, admin and CLI
-call these for every change to a job and hold no rules of their own."""
+call these for every change to a job and hold no rules of their own; a
+rule that refuses raises one of .errors (what a start may ask for is
+accepted first, by .options)."""
 
 import math
 from dataclasses import dataclass
@@ -25,9 +27,11 @@ from ..models import (
     Property,
     RowStatus,
 )
-from .budgets import check_daily_budget, estimate_cost, price_for
+from .budgets import check_daily_budget, estimate_cost, price_for, require_price
 from .claims import claim_rows
+from .errors import JobConflict
 from .idempotency import IdempotentStart, StartOutcome, start_replay, take_idempotency_key
+from .limits import check_active_jobs
 from .sql import ClaimedRow, close_unfinished_rows, insert_rows
 
 
@@ -59,14 +63,16 @@ def job_start(
 ) -> ExtractJob:
     """Store the job and its (sampled) rows in one transaction, then enqueue
     its work. `encoded_rows` are the rows' JSON texts when the caller has
-    them already (the API measured each row's size with them). Raises
-    DailyBudgetExceeded when the owner's daily budget cannot pay for it.
-    With `idempotency`, an IntegrityError means another start took the key
-    first (see job_start_once)."""
+    them already (options.accept_start measured each row's size with them).
+    Raises LimitReached when the owner has as many active jobs as they may,
+    or their daily budget cannot pay for it. With `idempotency`, an
+    IntegrityError means another start took the key first (see
+    job_start_once)."""
     picked = sample_indexes(len(rows), params.sample_size)
     texts = [encoded_rows[at] if encoded_rows else encode_row(rows[at]) for at in picked]
     estimate = estimate_cost(params, texts)
     with transaction.atomic():
+        check_active_jobs(owner_id=owner.pk if owner is not None else None)
         check_daily_budget(owner=owner, model_name=params.model_name, estimate=estimate)
         job = _create_job(owner=owner, params=params, count_total=len(picked), estimated_cost_usd=estimate)
         if idempotency is not None:
@@ -109,9 +115,10 @@ def single_row_start(
     `worker_id`, as a worker would, so recording its result, a cancel and
     the sweep treat it like any other job. The row is None when the claim
     found nothing to take (the job was cancelled at once, or a budget could
-    not pay for the call). Raises DailyBudgetExceeded as job_start does."""
+    not pay for the call). Raises LimitReached as job_start does."""
     estimate = estimate_cost(params, [encoded_row])
     with transaction.atomic():
+        check_active_jobs(owner_id=owner.pk if owner is not None else None)
         check_daily_budget(owner=owner, model_name=params.model_name, estimate=estimate)
         job = _create_job(
             owner=owner, params=params, count_total=1, kind=JobKind.SINGLE, estimated_cost_usd=estimate
@@ -185,12 +192,24 @@ class CancelOutcome:
     job: ExtractJob
     cancelled_now: bool
 
+    @property
+    def message(self) -> str:
+        if self.job.state == JobState.CANCELLED:
+            return "job cancelled" if self.cancelled_now else "job was already cancelled"
+        return f"job had already finished (state: {self.job.state}); nothing was cancelled"
 
-def job_cancel(*, job: ExtractJob) -> CancelOutcome:
+
+def job_cancel(*, job: ExtractJob, refuse_finished: bool = False) -> CancelOutcome:
     """Cancel at once and for good: the job and its unfinished rows become
     `cancelled` together. A row result racing with this either commits
     before it (and is counted in the reported properties_count) or finds the
-    job no longer running and is discarded, so the count never changes."""
+    job no longer running and is discarded, so the count never changes.
+
+    A job that had already ended is left as it is. Cancelling one that
+    ended done or in error is a JobConflict with `refuse_finished` (the
+    RESTful API); elsewhere the outcome says so (the seed path answers as
+    upstream StringSight does, and its frontend shows any error as "Failed
+    to cancel", also for a click that raced the job's last row)."""
     now = timezone.now()
     with transaction.atomic():
         won = ExtractJob.objects.filter(pk=job.pk, state__in=ACTIVE_STATES).update(
@@ -201,11 +220,9 @@ def job_cancel(*, job: ExtractJob) -> CancelOutcome:
         job.refresh_from_db()
     if won:
         log_event("job_cancelled", job_id=job.pk, properties_count=job.properties_count)
+    elif refuse_finished and job.state != JobState.CANCELLED:
+        raise JobConflict(f"job already finished (state: {job.state})")
     return CancelOutcome(job=job, cancelled_now=bool(won))
-
-
-class JobNotResumable(Exception):
-    pass
 
 
 def job_resume(
@@ -217,7 +234,11 @@ def job_resume(
 ) -> ExtractJob:
     """Run a cancelled, failed or done job's unfinished rows again (and its
     failed rows, with retry_failed). Done rows are never sent again. A new
-    budget may be given, since a job stopped by its budget needs a larger one."""
+    budget may be given, since a job stopped by its budget needs a larger
+    one. The job is active again, so it counts against its owner's active
+    jobs (LimitReached). JobConflict when the job cannot be resumed."""
+    if max_cost_usd is not None:
+        require_price(job.model_name)
     resumable = [JobState.CANCELLED, JobState.ERROR] + ([JobState.DONE] if retry_failed else [])
     statuses = [RowStatus.PENDING, RowStatus.RUNNING, RowStatus.CANCELLED]
     if retry_failed:
@@ -225,7 +246,9 @@ def job_resume(
     with transaction.atomic():
         locked = ExtractJob.objects.select_for_update().filter(pk=job.pk, state__in=resumable).first()
         if locked is None:
-            raise JobNotResumable(_not_resumable_reason(job, retry_failed))
+            raise JobConflict(_not_resumable_reason(job, retry_failed))
+        # After the job's lock: a worker's grant takes the job's, then the owner's.
+        check_active_jobs(owner_id=locked.owner_id)
         rows = ExtractRow.objects.filter(job_id=job.pk, status__in=statuses)
         retried_failures = rows.filter(status=RowStatus.FAILED).count() if retry_failed else 0
         reopened = rows.update(
@@ -237,7 +260,7 @@ def job_resume(
             finished_at=None,
         )
         if not reopened:
-            raise JobNotResumable(f"job has no rows to run again (state: {locked.state})")
+            raise JobConflict(f"job has no rows to run again (state: {locked.state})")
         changes = {
             "state": JobState.QUEUED,
             "error": "",
@@ -263,10 +286,6 @@ def _not_resumable_reason(job: ExtractJob, retry_failed: bool) -> str:
     return f"job already finished (state: {job.state}); only retry_failed can run its failed rows again"
 
 
-class JobStillActive(Exception):
-    pass
-
-
 def job_delete(*, job: ExtractJob) -> None:
     """Delete a finished job with its rows and properties. The bulk deletes
     skip Django's object-by-object cascade, which would load every row."""
@@ -277,7 +296,7 @@ def job_delete(*, job: ExtractJob) -> None:
             .exclude(state__in=ACTIVE_STATES)
             .exists()
         ):
-            raise JobStillActive(f"job is still {job.state}; cancel it before deleting it")
+            raise JobConflict(f"job is still {job.state}; cancel it before deleting it")
         Property.objects.filter(job_id=job.pk).delete()
         job_column = ExtractRow._meta.get_field("job")
         with connection.cursor() as cursor:
@@ -302,6 +321,15 @@ def job_fail(*, job_id, error: str) -> bool:
     if won:
         log_event("job_failed", job_id=job_id, error=error)
     return bool(won)
+
+
+def require_result_ready(job: ExtractJob) -> None:
+    """A job's properties are its result once it has ended; before, they
+    still change (JobConflict)."""
+    if job.is_active:
+        raise JobConflict(
+            f"job is not finished (state: {job.state}); results are ready once it is done, cancelled or error"
+        )
 
 
 def job_state(*, job_id) -> str | None:

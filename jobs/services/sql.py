@@ -199,3 +199,16 @@ def insert_properties(job_id, results: list[tuple[ClaimedRow, RowOutcome]]) -> N
         cursor.executemany(
             f"INSERT INTO {quote(Property._meta.db_table)} ({columns}) VALUES ({placeholders})", values
         )
+
+
+# Any fixed number: the lock's name among PostgreSQL's advisory locks.
+_ANONYMOUS_OWNER_LOCK = 0x5757_0001
+
+
+def lock_anonymous_owner() -> None:
+    """What locking the owner's row is for a user, for anonymous callers,
+    who have no row: a lock held until the transaction ends. SQLite's
+    IMMEDIATE transactions are serialised already."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_ANONYMOUS_OWNER_LOCK])

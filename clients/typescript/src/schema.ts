@@ -387,7 +387,7 @@ export interface components {
             /** @description Items of the answer that were not valid properties. */
             dropped: number;
         };
-        /** @description The start's own fields and rules, for one row. */
+        /** @description The start's own fields, for one row. */
         ExtractSingleRequest: {
             /**
              * @description Detected from the rows' columns when omitted.
@@ -479,6 +479,10 @@ export interface components {
             cache_hits: number;
             sample_size: number | null;
             budget: components["schemas"]["Budget"];
+            /** @description While queued: the queued jobs (of every user) created before this one, which workers take up first. Null otherwise. */
+            queue_position: number | null;
+            /** @description While running: the job's LLM calls in flight across all workers. 0 otherwise. */
+            calls_in_flight: number;
             /** @description Rows per outcome; they add up to count_total. */
             outcomes: components["schemas"]["Outcomes"];
             /**
@@ -543,6 +547,10 @@ export interface components {
             cache_hits: number;
             sample_size: number | null;
             budget: components["schemas"]["Budget"];
+            /** @description While queued: the queued jobs (of every user) created before this one, which workers take up first. Null otherwise. */
+            queue_position: number | null;
+            /** @description While running: the job's LLM calls in flight across all workers. 0 otherwise. */
+            calls_in_flight: number;
         };
         /**
          * @description * `rows` - Rows
@@ -1431,6 +1439,14 @@ export interface operations {
                 };
             };
             415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            429: {
                 headers: {
                     [name: string]: unknown;
                 };

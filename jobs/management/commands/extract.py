@@ -8,13 +8,12 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from jobs.api.errors import flatten_errors, with_field
-from jobs.api.payloads import detail_payload
-from jobs.api.serializers import StartJobSerializer
 from jobs.cli import (
     InlineRunner,
     ProgressLine,
+    count_option,
     ctrl_c_flag,
+    error_message,
     output_format,
     quiet_logs,
     read_rows,
@@ -23,7 +22,9 @@ from jobs.cli import (
 )
 from jobs.formatting import format_cost
 from jobs.models import ExtractJob, JobState
-from jobs.services import budgets, lifecycle
+from jobs.presenter import detail_payload
+from jobs.services import lifecycle, options
+from jobs.services.errors import JobError
 
 QUEUED_HINT_SECONDS = 10.0
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report it
@@ -54,8 +55,8 @@ class Command(BaseCommand):
         parser.add_argument("--model", help="the LLM to ask (default: STRINGSIGHT_DEFAULT_MODEL)")
         parser.add_argument("--system-prompt", help="a prompt name (default, agent) or literal prompt text")
         parser.add_argument("--task-description")
-        parser.add_argument("--sample-size", type=int, help="run a seeded sample of this many rows")
-        parser.add_argument("--max-workers", type=int, help="concurrent LLM calls (default 16)")
+        parser.add_argument("--sample-size", type=count_option, help="run a seeded sample of this many rows")
+        parser.add_argument("--max-workers", type=count_option, help="concurrent LLM calls (default 16)")
         parser.add_argument(
             "--out", metavar="OUTPUT", help="default: <input stem>.properties.jsonl next to the input"
         )
@@ -159,29 +160,22 @@ class Command(BaseCommand):
             raise CommandError(f"job {job.id} was cancelled elsewhere (the API, the admin or `jobs cancel`)")
 
 
-def start_job(source: Path, username: str | None, options: dict) -> ExtractJob:
-    """Validate the file's rows exactly as the API does, then start the job."""
-    request = {"rows": read_rows(source)}
-    request.update(
-        {field: options[option] for option, field in START_OPTIONS.items() if options[option] is not None}
+def start_job(source: Path, username: str | None, given: dict) -> ExtractJob:
+    """Start a job of the file's rows by the rules the API starts one by."""
+    request = options.StartRequest(
+        rows=read_rows(source),
+        **{field: given[option] for option, field in START_OPTIONS.items() if given[option] is not None},
     )
-    serializer = StartJobSerializer(data=request)
-    if not serializer.is_valid():
-        raise CommandError(validation_message(serializer.errors))
     try:
-        return lifecycle.job_start(owner=user_named(username), **serializer.validated_data)
-    except budgets.DailyBudgetExceeded as exc:
-        raise CommandError(str(exc)) from None
-
-
-def validation_message(errors) -> str:
-    """The API's error messages, one a line, each naming its field."""
-    lines = []
-    for field, messages in flatten_errors(errors).items():
-        for message in messages:
-            # Row errors name their row already: "rows[3]: missing column ...".
-            lines.append(with_field(field, message))
-    return "\n".join(lines)
+        accepted = options.accept_start(request)
+        return lifecycle.job_start(
+            owner=user_named(username),
+            rows=accepted.rows,
+            params=accepted.params,
+            encoded_rows=accepted.encoded_rows,
+        )
+    except JobError as exc:
+        raise CommandError(error_message(exc)) from None
 
 
 def summary(job: ExtractJob, written: int, output: Path) -> str:

@@ -6,11 +6,12 @@ from contextlib import nullcontext
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
-from jobs.api.payloads import detail_payload
-from jobs.cli import find_job, quiet_logs, user_named
+from jobs.cli import error_message, find_job, quiet_logs, user_named
 from jobs.formatting import format_cost, format_duration
 from jobs.models import ExtractJob, JobState, RowStatus
+from jobs.presenter import detail_payload
 from jobs.services import lifecycle
+from jobs.services.errors import JobError
 
 FAILED_ROWS_SHOWN = 5
 ERROR_CHARS_SHOWN = 200
@@ -99,6 +100,10 @@ class Command(BaseCommand):
             f"  cache hits:  {job.cache_hits}",
             f"  budget:      {', '.join(budget)}",
         ]
+        if (ahead := detail["queue_position"]) is not None:
+            lines.append(f"  queue:       {ahead} queued job{'' if ahead == 1 else 's'} ahead of it")
+        if job.state == JobState.RUNNING:
+            lines.append(f"  in flight:   {detail['calls_in_flight']} LLM calls")
         if detail["rows_per_second"] is not None:
             eta = detail["eta_seconds"]
             lines.append(
@@ -136,8 +141,8 @@ class Command(BaseCommand):
         failed_before = job.count_failed
         try:
             job = lifecycle.job_resume(job=job, retry_failed=retry_failed)
-        except lifecycle.JobNotResumable as exc:
-            raise CommandError(f"job {job.id} cannot be resumed: {exc}") from None
+        except JobError as exc:
+            raise CommandError(f"job {job.id} cannot be resumed: {error_message(exc)}") from None
         reopened = job.count_total - job.count_done - job.count_failed
         retried = f" ({failed_before - job.count_failed} of them failed before)" if retry_failed else ""
         self.stdout.write(
