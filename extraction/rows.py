@@ -249,35 +249,6 @@ def input_index_for(row: dict, position: int) -> int:
     return position
 
 
-def pair_side_by_side(rows: list[dict]) -> list[dict]:
-    """Pair single_model rows by prompt: the first two models seen answer as A and B, in file order."""
-    by_prompt: dict[str, list[dict]] = {}
-    for row in rows:
-        answers = by_prompt.setdefault(str(row["prompt"]), [])
-        if len(answers) < 2 and all(answer["model"] != row["model"] for answer in answers):
-            answers.append(row)
-    paired = []
-    for prompt, answers in by_prompt.items():
-        if len(answers) < 2:
-            continue
-        row_a, row_b = answers
-        pair = {
-            "prompt": prompt,
-            "model_a": row_a["model"],
-            "model_b": row_b["model"],
-            "model_a_response": row_a["model_response"],
-            "model_b_response": row_b["model_response"],
-        }
-        if row_a.get("question_id") is not None:
-            pair["question_id"] = row_a["question_id"]
-        if row_a.get("score") is not None:
-            pair["score_a"] = row_a["score"]
-        if row_b.get("score") is not None:
-            pair["score_b"] = row_b["score"]
-        paired.append(pair)
-    return paired
-
-
 DEFAULT_SAMPLE_SEED = 42
 
 
@@ -288,10 +259,6 @@ def sample_indexes(count: int, size: int | None, *, seed: int = DEFAULT_SAMPLE_S
     if size is None or size >= count:
         return list(range(count))
     return sorted(random.Random(seed).sample(range(count), size))
-
-
-def sample_rows(rows: list[dict], size: int | None, *, seed: int = DEFAULT_SAMPLE_SEED) -> list[dict]:
-    return [rows[index] for index in sample_indexes(len(rows), size, seed=seed)]
 
 
 def nul_path(value, path: str = "") -> str | None:

@@ -94,20 +94,14 @@ def _jsonl_line(record: dict) -> str:
 
 # A cell a spreadsheet would read as a formula (=, +, -, @, or a tab or CR
 # before one) gets a leading apostrophe, as OWASP advises; so does a cell
-# that already starts with apostrophes before one, so the escape reads back
-# exactly (read_export removes one apostrophe).
+# that already starts with apostrophes before one, so that taking one
+# leading apostrophe off always gives the value back.
 _FORMULA = re.compile(r"'*[=+\-@\t\r]")
 
 
 def csv_safe(value):
     if isinstance(value, str) and _FORMULA.match(value):
         return "'" + value
-    return value
-
-
-def _csv_unescape(value):
-    if isinstance(value, str) and value.startswith("'") and _FORMULA.match(value, 1):
-        return value[1:]
     return value
 
 
@@ -192,24 +186,6 @@ def parquet_chunks(records: Iterable[dict]) -> Iterator[bytes]:
             writer.write_table(pa.Table.from_pylist(chunk, schema=PARQUET_SCHEMA))
             yield sink.take()
     yield sink.take()
-
-
-def parquet_bytes(records: Iterable[dict]) -> bytes:
-    return b"".join(parquet_chunks(records))
-
-
-def read_export(data: bytes, export_format: str) -> pd.DataFrame:
-    """The inverse of the writers above, for clients and tests."""
-    if export_format == "jsonl":
-        return pd.read_json(io.BytesIO(data), lines=True, dtype={"question_id": str})
-    if export_format == "csv":
-        frame = pd.read_csv(io.BytesIO(data), dtype={"question_id": str}, keep_default_na=False)
-        for column in frame.columns:
-            if not pd.api.types.is_numeric_dtype(frame[column]):
-                frame[column] = frame[column].map(_csv_unescape)
-        frame["evidence"] = frame["evidence"].map(json.loads)
-        return frame
-    return pd.read_parquet(io.BytesIO(data))
 
 
 def _chunked(records: Iterable[dict]) -> Iterator[list[dict]]:

@@ -5,10 +5,9 @@ and budgets."""
 import pytest
 
 from extraction.render import render_row
-from extraction.rows import pair_side_by_side
 from jobs.models import ExtractJob, ExtractRow, Property
 from jobs.services import lifecycle
-from tests.factories import job_params, make_job, simple_rows
+from tests.factories import job_params, make_job, pair_side_by_side, simple_rows
 from tests.fixtures_simulator import user_sha256
 from tests.test_worker import run_job
 

@@ -176,7 +176,7 @@ def test_every_download_format_reads_back_to_the_same_properties(api, user, down
     assert response.status_code == 200
     assert response["Content-Disposition"] == f'attachment; filename="job-{job.id}-properties.{download}"'
     body = b"".join(response.streaming_content) if response.streaming else response.content
-    frame = exports.read_export(body, download)
+    frame = factories.read_export(body, download)
     read_back = [
         {
             **record,

@@ -18,6 +18,7 @@ from jobs import exports
 from jobs.api import payloads
 from jobs.models import ExtractJob, ExtractRow, Property
 from jobs.services import claims, lifecycle, sql
+from tests import factories
 from tests.factories import make_job, property_dict, simple_rows
 from tests.fixtures_web import memory_of, reset_peak_memory
 
@@ -93,7 +94,7 @@ def test_a_result_with_no_properties_is_valid_json(api, user):
 def test_parquet_is_written_a_row_group_per_chunk_and_reads_back_whole(user):
     job = stored_properties(make_job(user, simple_rows(5)), per_row=900)
 
-    data = exports.parquet_bytes(exports.export_records(Property.objects.filter(job=job), "parquet"))
+    data = factories.parquet_bytes(exports.export_records(Property.objects.filter(job=job), "parquet"))
 
     parquet = pq.ParquetFile(io.BytesIO(data))
     assert parquet.metadata.num_row_groups == 3  # 4,500 properties, 2,000 a chunk
@@ -124,7 +125,7 @@ def test_csv_cells_that_would_be_formulas_are_escaped_and_read_back_as_they_were
         )
 
     data = "".join(exports.csv_chunks(exports.export_records(Property.objects.filter(job=job), "csv")))
-    frame = exports.read_export(data.encode(), "csv")
+    frame = factories.read_export(data.encode(), "csv")
 
     cells = [record["property_description"] for record in csv.DictReader(io.StringIO(data))]
     assert cells == [
