@@ -1,16 +1,19 @@
-"""Small builders for jobs and rows used across the tests, and a reader of
-the export files."""
+"""Small builders for jobs and rows used across the tests, a worker run in
+the test's process, and a reader of the export files."""
 
 import io
 import json
+import threading
 
 import pandas as pd
+from django.db import connection
 
 from extraction.extract import RowOutcome
 from jobs import exports
 from jobs.services import claims, lifecycle
 from jobs.services.lifecycle import JobParams
 from jobs.services.sql import ClaimedRow
+from jobs.worker.engine import Engine, WorkerSettings
 
 PROMPT = "You are a careful assistant."
 
@@ -116,6 +119,48 @@ def record_row_result(
         job_id=job_id, worker_id=worker_id, results=[(row, outcome)], model_name=model_name
     )
     return recorded.stored == 1
+
+
+# A worker's settings for the tests: quick polls and retries, the simulator's key.
+WORKER_SETTINGS = {
+    "poll_seconds": 0.05,
+    "lease_seconds": 60,
+    "api_key": "sim-key",
+    "llm_timeout": 10.0,
+    "max_attempts": 3,
+    "retry_base": 0.01,
+    "retry_max": 0.05,
+    "structured_output": True,
+}
+
+
+def run_job(job_id, **settings) -> str:
+    """Run the job in this process as a worker serving only it would, until
+    it is done or stops running; `settings` override WORKER_SETTINGS and
+    must name the LLM's `base_url` (the simulator's). Returns why the
+    worker stopped."""
+    lifecycle.job_mark_running(job_id=job_id)
+    return Engine(WorkerSettings(**{**WORKER_SETTINGS, **settings}), job_id=job_id).run()
+
+
+def run_at_once(job_id, *, runners: int = 2, meanwhile=None, **settings) -> None:
+    """run_job on several threads at once (each with its own connection), as
+    several worker processes would; `meanwhile` runs on this thread while
+    they work."""
+
+    def run():
+        try:
+            run_job(job_id, **settings)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run) for _ in range(runners)]
+    for thread in threads:
+        thread.start()
+    if meanwhile is not None:
+        meanwhile()
+    for thread in threads:
+        thread.join()
 
 
 def parquet_bytes(records) -> bytes:

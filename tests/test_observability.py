@@ -10,8 +10,7 @@ from django.utils import timezone
 from jobs.events import JsonFormatter
 from jobs.models import Heartbeat
 from jobs.services import lifecycle, recovery
-from tests.factories import make_job, simple_rows
-from tests.test_worker import run_job
+from tests.factories import make_job, run_job, simple_rows
 
 pytestmark = pytest.mark.django_db
 
@@ -30,7 +29,7 @@ def test_each_job_and_row_event_is_one_json_line_with_the_job_id(user, sim, capl
     rows[1]["prompt"] += " [[sim:bad_json]]"
     with caplog.at_level(logging.INFO, logger="stringsight.events"):
         job = make_job(user, rows)
-        run_job(job, sim)
+        run_job(job.id, base_url=sim.base_url)
 
     events = event_lines(caplog)
 

@@ -19,7 +19,7 @@ from jobs.api import payloads
 from jobs.models import ExtractJob, ExtractRow, Property
 from jobs.services import claims, lifecycle, sql
 from tests import factories
-from tests.factories import make_job, property_dict, simple_rows
+from tests.factories import make_job, property_dict, run_job, simple_rows
 from tests.fixtures_web import memory_of, reset_peak_memory
 
 pytestmark = pytest.mark.django_db
@@ -173,12 +173,11 @@ def test_an_answer_keeps_at_most_the_limit_of_properties_and_counts_the_rest():
 
 @pytest.mark.django_db(transaction=True)
 def test_the_runner_keeps_the_configured_number_of_properties(user, sim, settings, no_background_worker):
-    from tests.test_worker import run_job
 
     settings.STRINGSIGHT_MAX_PROPERTIES_PER_ROW = 1
     job = make_job(user, simple_rows(3))
 
-    run_job(job, sim)
+    run_job(job.id, base_url=sim.base_url)
 
     assert Property.objects.filter(job=job).count() == 3
     assert all(row.properties_dropped >= 1 for row in ExtractRow.objects.filter(job=job))
