@@ -26,7 +26,8 @@ _RESPONSE_COLUMNS = {
 }
 
 # Stored in columns of 200 characters (rows' question_id, properties' model):
-# a longer value used to pass the start and crash the worker's insert.
+# a longer value is refused at the start, where the caller can fix it,
+# rather than failing the worker's insert.
 MAX_NAME_CHARS = 200
 _NAME_COLUMNS = {
     "single_model": ("model", "question_id"),
@@ -283,8 +284,9 @@ def nul_path(value, path: str = "") -> str | None:
 
 
 def encode_row(row: dict) -> str:
-    """A row as the JSON text it is stored as (and measured by); orjson
-    writes a 107 MB start's rows in 0.1 s where json took 0.6 s."""
+    """A row as the JSON text it is stored as (and measured by), written by
+    orjson (perf.json_dumps): every row of a start is encoded while the
+    caller waits (#5 in BENCHMARKS.md)."""
     return perf.json_dumps(row).decode()
 
 

@@ -40,7 +40,8 @@ def property_records(properties, *, evidence_as_json: bool = False) -> Iterator[
     """Each property as a plain dict, in job and input order, read in chunks.
 
     Ids and evidence are read as text: Django's converters (a UUID object
-    per id, a JSON decode per evidence list) were most of an export's time.
+    per id, a JSON decode per evidence list) would otherwise take most of an
+    export's time (#4 in BENCHMARKS.md).
     With `evidence_as_json` the evidence stays the JSON text it is stored as."""
     rows = (
         properties.order_by("job_id", "row_index", "position")
@@ -83,8 +84,8 @@ def jsonl_chunks(records: Iterable[dict]) -> Iterator[str]:
 
 
 def _jsonl_line(record: dict) -> str:
-    # orjson: the standard library's encoder was 12 µs a property, most of
-    # an export's time.
+    # orjson: the standard library's encoder would take most of an export's
+    # time (#4 in BENCHMARKS.md).
     evidence = record["evidence"]
     if not isinstance(evidence, JSONText):
         return orjson.dumps(record).decode() + "\n"
@@ -179,7 +180,8 @@ class _Sink(io.RawIOBase):
 
 def parquet_chunks(records: Iterable[dict]) -> Iterator[bytes]:
     """A Parquet file written a row group per chunk of records, its bytes
-    handed on as they are written: the whole set used to be built first."""
+    handed on as they are written, so memory stays bounded however many
+    properties there are."""
     sink = _Sink()
     with pq.ParquetWriter(sink, PARQUET_SCHEMA) as writer:
         for chunk in _chunked(records):

@@ -185,8 +185,8 @@ def test_the_runner_keeps_the_configured_number_of_properties(user, sim, setting
 
 @pytest.mark.e2e
 def test_100000_properties_stream_with_bounded_memory(web_server, user, no_background_worker):
-    # Built whole, the result of 100,000 properties cost the web process
-    # +560 MB; the benchmark shows it within 50 MB streamed.
+    # Built whole, the result would cost the web process memory in
+    # proportion to the job; streamed, the cost stays flat.
     job = stored_properties(make_job(user, simple_rows(2000)), per_row=50)
     server = web_server("--workers", "1")
     token = Token.objects.create(user=user).key
