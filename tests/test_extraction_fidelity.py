@@ -122,15 +122,25 @@ def test_structured_output_is_asked_for_and_dropped_where_unsupported(user, sim)
     assert (fallback.state, fallback.count_done) == ("done", 1)
 
 
+def described(job) -> list[tuple[int, str]]:
+    return list(
+        job.properties.order_by("row_index", "position").values_list("row_index", "property_description")
+    )
+
+
 def test_free_text_answers_are_parsed_when_structured_output_is_off(user, sim, airline_rows):
-    job = make_job(user, airline_rows[:3])
+    structured = make_job(user, airline_rows[:3])
+    run_job(structured.id, base_url=sim.base_url)
+    job = make_job(user, airline_rows[:3], use_cache=False)
 
     run_job(job.id, base_url=sim.base_url, structured_output=False)
 
     job.refresh_from_db()
-    assert {request["response_format_type"] for request in sim.requests()} == {None}
+    assert [request["response_format_type"] for request in sim.requests()] == ["json_schema"] * 3 + [None] * 3
     assert (job.count_done, job.count_failed) == (3, 0)
-    assert job.properties_count >= 9
+    # The simulator describes a transcript alike in prose and as an object.
+    assert described(job) == described(structured)
+    assert job.properties_count == len(described(job)) >= 9
 
 
 def test_a_token_budget_stops_the_job_before_the_call_that_would_exceed_it(user, sim, airline_rows):
