@@ -137,7 +137,7 @@ def base_env(*, database_url: str, work_dir: Path, extra: dict[str, str] | None 
             "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
             "DATABASE_CONN_MAX_AGE": "600",
             "STRINGSIGHT_VAR_DIR": str(work_dir),
-            # 5,000 demo transcripts are a 106 MB request, over the 100 MB default.
+            # The largest starts measured must never meet the body limit.
             "STRINGSIGHT_MAX_REQUEST_BYTES": str(1 << 30),
             "PYTHONUNBUFFERED": "1",
         }

@@ -19,7 +19,7 @@ from typing import Any
 import openai
 from openai.types.chat import ChatCompletion
 
-from . import jsontext
+from stringsight_site import perf
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,8 @@ RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APIConnec
 
 
 def make_client(*, api_key: str | None, base_url: str | None, timeout: float) -> openai.AsyncOpenAI:
-    """The SDK over its aiohttp transport, which costs a worker about half
-    the CPU per call of the default httpx one. A missing key is the
+    """The SDK over its aiohttp transport, which costs a worker much less
+    CPU per call than the default httpx one (BENCHMARKS.md, "What changed"). A missing key is the
     endpoint's to refuse (401), so the job reports it like any other bad
     credential instead of crashing the worker."""
     return openai.AsyncOpenAI(
@@ -91,7 +91,7 @@ async def complete(
         attempt += 1
         try:
             # The SDK's typed create() walks every request through its
-            # TypedDict transform (a third of a call's CPU); ours is plain
+            # TypedDict transform (a large part of a call's CPU); ours is plain
             # JSON already, so it goes through the SDK's generic post(), as
             # bytes (its `content`) that the SDK sends as they are.
             response = await client.post(
@@ -145,9 +145,9 @@ def request_arguments(messages: list[dict[str, Any]], call: CallSettings) -> dic
 
 def request_body(messages: list[dict[str, Any]], call: CallSettings) -> bytes:
     """The request as the JSON the SDK would send (json.dumps, compact,
-    non-ASCII as it is), written by orjson: 20 µs instead of 100 µs for a
-    21 KB transcript, 6 % of a worker's CPU per row at 0 ms latency."""
-    return jsontext.dumps(request_arguments(messages, call))
+    non-ASCII as it is), written by orjson (perf.json_dumps): with json's
+    encoder it would be a visible part of a worker's CPU per row (#2)."""
+    return perf.json_dumps(request_arguments(messages, call))
 
 
 def completion_from(response: Any, attempts: int) -> Completion:

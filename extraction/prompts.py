@@ -230,9 +230,6 @@ def property_json_schema(method: str) -> dict:
     }
 
 
-PROPERTY_JSON_SCHEMA = property_json_schema("single_model")
-
-
 def response_format(method: str) -> dict:
     """The `response_format` argument for a structured-output chat completion."""
     if method not in METHODS:

@@ -6,7 +6,7 @@ import math
 import random
 import re
 
-from . import jsontext
+from stringsight_site import perf
 
 METHODS = ("single_model", "side_by_side")
 
@@ -26,7 +26,8 @@ _RESPONSE_COLUMNS = {
 }
 
 # Stored in columns of 200 characters (rows' question_id, properties' model):
-# a longer value used to pass the start and crash the worker's insert.
+# a longer value is refused at the start, where the caller can fix it,
+# rather than failing the worker's insert.
 MAX_NAME_CHARS = 200
 _NAME_COLUMNS = {
     "single_model": ("model", "question_id"),
@@ -249,35 +250,6 @@ def input_index_for(row: dict, position: int) -> int:
     return position
 
 
-def pair_side_by_side(rows: list[dict]) -> list[dict]:
-    """Pair single_model rows by prompt: the first two models seen answer as A and B, in file order."""
-    by_prompt: dict[str, list[dict]] = {}
-    for row in rows:
-        answers = by_prompt.setdefault(str(row["prompt"]), [])
-        if len(answers) < 2 and all(answer["model"] != row["model"] for answer in answers):
-            answers.append(row)
-    paired = []
-    for prompt, answers in by_prompt.items():
-        if len(answers) < 2:
-            continue
-        row_a, row_b = answers
-        pair = {
-            "prompt": prompt,
-            "model_a": row_a["model"],
-            "model_b": row_b["model"],
-            "model_a_response": row_a["model_response"],
-            "model_b_response": row_b["model_response"],
-        }
-        if row_a.get("question_id") is not None:
-            pair["question_id"] = row_a["question_id"]
-        if row_a.get("score") is not None:
-            pair["score_a"] = row_a["score"]
-        if row_b.get("score") is not None:
-            pair["score_b"] = row_b["score"]
-        paired.append(pair)
-    return paired
-
-
 DEFAULT_SAMPLE_SEED = 42
 
 
@@ -288,10 +260,6 @@ def sample_indexes(count: int, size: int | None, *, seed: int = DEFAULT_SAMPLE_S
     if size is None or size >= count:
         return list(range(count))
     return sorted(random.Random(seed).sample(range(count), size))
-
-
-def sample_rows(rows: list[dict], size: int | None, *, seed: int = DEFAULT_SAMPLE_SEED) -> list[dict]:
-    return [rows[index] for index in sample_indexes(len(rows), size, seed=seed)]
 
 
 def nul_path(value, path: str = "") -> str | None:
@@ -316,9 +284,10 @@ def nul_path(value, path: str = "") -> str | None:
 
 
 def encode_row(row: dict) -> str:
-    """A row as the JSON text it is stored as (and measured by); orjson
-    writes a 107 MB start's rows in 0.1 s where json took 0.6 s."""
-    return jsontext.dumps(row).decode()
+    """A row as the JSON text it is stored as (and measured by), written by
+    orjson (perf.json_dumps): every row of a start is encoded while the
+    caller waits (#5 in BENCHMARKS.md)."""
+    return perf.json_dumps(row).decode()
 
 
 LONE_SURROGATE = "a string holds an unpaired surrogate escape (such as \\ud800), which is not Unicode text"

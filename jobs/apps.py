@@ -1,6 +1,6 @@
-import gc
-
 from django.apps import AppConfig
+
+from stringsight_site import perf
 
 # post_spawn's receiver that sweeps in every worker process (jobs.sweeper).
 BACKGROUND_SWEEPS = "jobs.background_sweeps"
@@ -20,12 +20,9 @@ class JobsConfig(AppConfig):
 
 
 def settle_worker(**kwargs) -> None:
-    """Once a qcluster process has spawned, hide its long-lived objects
-    (Django, the OpenAI SDK, every module) from the cyclic garbage
-    collector: each full collection walked all of them, which was 0.9 s of
-    CPU in a 5,000-row run of 7.7 s. Short-lived objects are collected as
-    before; reference counting frees the rest."""
-    from . import tasks  # noqa: F401 (loads the runner and the SDK first)
+    """Once a qcluster process has spawned and loaded what it runs on, keep
+    those long-lived objects out of the cyclic collector's way
+    (perf.freeze_long_lived_objects)."""
+    from . import tasks  # noqa: F401 (loads the worker and the SDK first)
 
-    gc.collect()
-    gc.freeze()
+    perf.freeze_long_lived_objects()

@@ -40,7 +40,8 @@ def property_records(properties, *, evidence_as_json: bool = False) -> Iterator[
     """Each property as a plain dict, in job and input order, read in chunks.
 
     Ids and evidence are read as text: Django's converters (a UUID object
-    per id, a JSON decode per evidence list) were most of an export's time.
+    per id, a JSON decode per evidence list) would otherwise take most of an
+    export's time (#4 in BENCHMARKS.md).
     With `evidence_as_json` the evidence stays the JSON text it is stored as."""
     rows = (
         properties.order_by("job_id", "row_index", "position")
@@ -83,8 +84,8 @@ def jsonl_chunks(records: Iterable[dict]) -> Iterator[str]:
 
 
 def _jsonl_line(record: dict) -> str:
-    # orjson: the standard library's encoder was 12 µs a property, most of
-    # an export's time.
+    # orjson: the standard library's encoder would take most of an export's
+    # time (#4 in BENCHMARKS.md).
     evidence = record["evidence"]
     if not isinstance(evidence, JSONText):
         return orjson.dumps(record).decode() + "\n"
@@ -94,20 +95,14 @@ def _jsonl_line(record: dict) -> str:
 
 # A cell a spreadsheet would read as a formula (=, +, -, @, or a tab or CR
 # before one) gets a leading apostrophe, as OWASP advises; so does a cell
-# that already starts with apostrophes before one, so the escape reads back
-# exactly (read_export removes one apostrophe).
+# that already starts with apostrophes before one, so that taking one
+# leading apostrophe off always gives the value back.
 _FORMULA = re.compile(r"'*[=+\-@\t\r]")
 
 
 def csv_safe(value):
     if isinstance(value, str) and _FORMULA.match(value):
         return "'" + value
-    return value
-
-
-def _csv_unescape(value):
-    if isinstance(value, str) and value.startswith("'") and _FORMULA.match(value, 1):
-        return value[1:]
     return value
 
 
@@ -185,31 +180,14 @@ class _Sink(io.RawIOBase):
 
 def parquet_chunks(records: Iterable[dict]) -> Iterator[bytes]:
     """A Parquet file written a row group per chunk of records, its bytes
-    handed on as they are written: the whole set used to be built first."""
+    handed on as they are written, so memory stays bounded however many
+    properties there are."""
     sink = _Sink()
     with pq.ParquetWriter(sink, PARQUET_SCHEMA) as writer:
         for chunk in _chunked(records):
             writer.write_table(pa.Table.from_pylist(chunk, schema=PARQUET_SCHEMA))
             yield sink.take()
     yield sink.take()
-
-
-def parquet_bytes(records: Iterable[dict]) -> bytes:
-    return b"".join(parquet_chunks(records))
-
-
-def read_export(data: bytes, export_format: str) -> pd.DataFrame:
-    """The inverse of the writers above, for clients and tests."""
-    if export_format == "jsonl":
-        return pd.read_json(io.BytesIO(data), lines=True, dtype={"question_id": str})
-    if export_format == "csv":
-        frame = pd.read_csv(io.BytesIO(data), dtype={"question_id": str}, keep_default_na=False)
-        for column in frame.columns:
-            if not pd.api.types.is_numeric_dtype(frame[column]):
-                frame[column] = frame[column].map(_csv_unescape)
-        frame["evidence"] = frame["evidence"].map(json.loads)
-        return frame
-    return pd.read_parquet(io.BytesIO(data))
 
 
 def _chunked(records: Iterable[dict]) -> Iterator[list[dict]]:

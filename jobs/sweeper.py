@@ -1,8 +1,9 @@
 """Sweeps from the background of every qcluster worker process.
 
-django-q2 runs schedules at most once a minute, from a scheduler that looks
-every 30 s or so, which left a dead worker's rows idle for up to 90 s after
-their lease ran out. Instead each worker process offers to sweep twice per
+django-q2 runs schedules at most once a minute, from a scheduler that only
+looks now and then, so a schedule alone would leave a dead worker's rows
+idle long after their lease ran out (#8 in BENCHMARKS.md asks for progress
+soon after a kill). Instead each worker process offers to sweep twice per
 STRINGSIGHT_SWEEP_SECONDS, on a thread of its own (idle or busy with a
 task), and the database lets one offer through per interval
 (recovery.sweep_if_due).

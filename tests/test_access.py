@@ -13,8 +13,7 @@ from rest_framework.test import APIClient
 
 from jobs.models import ExtractJob, ExtractRow
 from tests.conftest import grant, token_client
-from tests.factories import make_job, simple_rows
-from tests.test_worker import run_job
+from tests.factories import make_job, run_job, simple_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.django_db
@@ -234,11 +233,11 @@ def test_the_llm_key_never_reaches_errors_logs_or_responses(api, user, sim, capl
     job = make_job(user, rows)
 
     with caplog.at_level(logging.DEBUG):
-        run_job(job, sim, api_key=secret)
+        run_job(job.id, base_url=sim.base_url, api_key=secret)
     sim.configure(api_key="another-key")
     failing = make_job(user, simple_rows(1, marker="second"))
     with caplog.at_level(logging.DEBUG):
-        run_job(failing, sim, api_key=secret)
+        run_job(failing.id, base_url=sim.base_url, api_key=secret)
 
     echoed = ExtractRow.objects.get(job=job, index=0)
     assert echoed.status == "failed"

@@ -304,7 +304,7 @@ def test_export_actions_stream_the_selected_jobs_properties(admin_client, jobs, 
         rf'attachment; filename="properties-\d{{8}}-\d{{6}}\.{export_format}"',
         response["Content-Disposition"],
     )
-    frame = exports.read_export(b"".join(response.streaming_content), export_format)
+    frame = factories.read_export(b"".join(response.streaming_content), export_format)
     read_back = frame.to_dict(orient="records")
     for record in read_back:
         record["evidence"] = list(record["evidence"])

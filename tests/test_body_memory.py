@@ -121,8 +121,9 @@ def test_the_hostile_body_is_refused_naming_the_row_limit_with_the_defaults():
 
 @pytest.mark.e2e
 def test_a_20_mb_body_of_empty_rows_costs_the_web_process_little_and_briefly(web_server, user):
-    # The issue measured +630 MB for this body (about 30 bytes per byte),
-    # kept after the answer; the benchmark shows it within 100 MB now.
+    # Parsed into objects, each `{}` of this body would cost Python many
+    # times its two bytes, kept after the answer; it is refused while its
+    # rows are counted instead (#10 in BENCHMARKS.md).
     server = web_server("--workers", "1")
     token = Token.objects.create(user=user).key
     (pid,) = server.worker_pids()

@@ -63,7 +63,7 @@ def plain(record: dict) -> dict:
 
 
 def written_properties(path) -> list[dict]:
-    frame = exports.read_export(path.read_bytes(), path.suffix.removeprefix("."))
+    frame = factories.read_export(path.read_bytes(), path.suffix.removeprefix("."))
     return [plain(record) for record in frame.to_dict(orient="records")]
 
 

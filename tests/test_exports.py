@@ -2,6 +2,7 @@ import pytest
 
 from jobs import exports
 from jobs.models import Property
+from tests import factories
 from tests.factories import make_job, property_dict
 
 pytestmark = pytest.mark.django_db
@@ -36,7 +37,7 @@ def export(job, export_format) -> bytes:
     # As the API, the admin and the CLI call it.
     records = exports.export_records(Property.objects.filter(job=job), export_format)
     if export_format == "parquet":
-        return exports.parquet_bytes(records)
+        return factories.parquet_bytes(records)
     return "".join(exports.TEXT_WRITERS[export_format](records)).encode()
 
 
@@ -66,7 +67,7 @@ def test_records_are_the_stored_properties_in_input_order(stored):
 def test_every_format_round_trips_through_pandas(stored, export_format):
     expected = from_the_orm(stored)
 
-    frame = exports.read_export(export(stored, export_format), export_format)
+    frame = factories.read_export(export(stored, export_format), export_format)
 
     read_back = frame.to_dict(orient="records")
     for record in read_back:

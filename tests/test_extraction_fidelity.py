@@ -5,12 +5,10 @@ and budgets."""
 import pytest
 
 from extraction.render import render_row
-from extraction.rows import pair_side_by_side
 from jobs.models import ExtractJob, ExtractRow, Property
 from jobs.services import lifecycle
-from tests.factories import job_params, make_job, simple_rows
+from tests.factories import job_params, make_job, pair_side_by_side, run_job, simple_rows
 from tests.fixtures_simulator import user_sha256
-from tests.test_worker import run_job
 
 pytestmark = pytest.mark.django_db
 
@@ -19,7 +17,7 @@ def test_side_by_side_properties_name_the_real_models(user, sim, airline_rows):
     pairs = pair_side_by_side(airline_rows)[:6]
     job = make_job(user, pairs, method="side_by_side")
 
-    run_job(job, sim)
+    run_job(job.id, base_url=sim.base_url)
 
     job.refresh_from_db()
     assert (job.state, job.count_done) == ("done", 6)
@@ -34,8 +32,8 @@ def test_scores_reach_the_llm_only_when_asked(user, sim):
     job = make_job(user, rows, include_scores_in_prompt=True)
     hidden = make_job(user, rows)
 
-    run_job(job, sim)
-    run_job(hidden, sim)
+    run_job(job.id, base_url=sim.base_url)
+    run_job(hidden.id, base_url=sim.base_url)
 
     sent = [request["user_sha256"] for request in sim.requests()]
     assert sent == [
@@ -61,11 +59,11 @@ def test_sample_size_runs_a_deterministic_sample(user):
 def test_a_rerun_of_identical_rows_is_answered_from_the_cache(user, sim, airline_rows):
     rows = airline_rows[:5]
     first = make_job(user, rows)
-    run_job(first, sim)
+    run_job(first.id, base_url=sim.base_url)
     calls_before = len(sim.requests())
 
     again = make_job(user, rows)
-    run_job(again, sim)
+    run_job(again.id, base_url=sim.base_url)
 
     again.refresh_from_db()
     assert calls_before == 5
@@ -82,10 +80,10 @@ def test_a_rerun_of_identical_rows_is_answered_from_the_cache(user, sim, airline
 
 def test_use_cache_false_asks_the_llm_again(user, sim):
     rows = simple_rows(3)
-    run_job(make_job(user, rows), sim)
+    run_job(make_job(user, rows).id, base_url=sim.base_url)
 
     fresh = make_job(user, rows, use_cache=False)
-    run_job(fresh, sim)
+    run_job(fresh.id, base_url=sim.base_url)
 
     fresh.refresh_from_db()
     assert len(sim.requests()) == 6
@@ -94,26 +92,26 @@ def test_use_cache_false_asks_the_llm_again(user, sim):
 
 def test_a_failed_answer_is_not_cached(user, sim):
     rows = simple_rows(1, marker="[[sim:bad_json]]")
-    run_job(make_job(user, rows), sim)
-    run_job(make_job(user, rows), sim)
+    run_job(make_job(user, rows).id, base_url=sim.base_url)
+    run_job(make_job(user, rows).id, base_url=sim.base_url)
 
     assert len(sim.requests()) == 4  # each job asked twice (the answer is re-asked once)
 
 
 def test_the_cache_key_covers_the_sampling_parameters(user, sim):
     rows = simple_rows(2)
-    run_job(make_job(user, rows, temperature=0.0), sim)
-    run_job(make_job(user, rows, temperature=0.5), sim)
+    run_job(make_job(user, rows, temperature=0.0).id, base_url=sim.base_url)
+    run_job(make_job(user, rows, temperature=0.5).id, base_url=sim.base_url)
 
     assert len(sim.requests()) == 4
 
 
 def test_structured_output_is_asked_for_and_dropped_where_unsupported(user, sim):
-    run_job(make_job(user, simple_rows(1)), sim)
+    run_job(make_job(user, simple_rows(1)).id, base_url=sim.base_url)
     sim.configure(structured_output=False)
     fallback = make_job(user, simple_rows(1, marker="other"))
 
-    run_job(fallback, sim)
+    run_job(fallback.id, base_url=sim.base_url)
 
     assert [request["response_format_type"] for request in sim.requests()] == [
         "json_schema",
@@ -124,22 +122,32 @@ def test_structured_output_is_asked_for_and_dropped_where_unsupported(user, sim)
     assert (fallback.state, fallback.count_done) == ("done", 1)
 
 
-def test_free_text_answers_are_parsed_when_structured_output_is_off(user, sim, airline_rows):
-    job = make_job(user, airline_rows[:3])
+def described(job) -> list[tuple[int, str]]:
+    return list(
+        job.properties.order_by("row_index", "position").values_list("row_index", "property_description")
+    )
 
-    run_job(job, sim, structured_output=False)
+
+def test_free_text_answers_are_parsed_when_structured_output_is_off(user, sim, airline_rows):
+    structured = make_job(user, airline_rows[:3])
+    run_job(structured.id, base_url=sim.base_url)
+    job = make_job(user, airline_rows[:3], use_cache=False)
+
+    run_job(job.id, base_url=sim.base_url, structured_output=False)
 
     job.refresh_from_db()
-    assert {request["response_format_type"] for request in sim.requests()} == {None}
+    assert [request["response_format_type"] for request in sim.requests()] == ["json_schema"] * 3 + [None] * 3
     assert (job.count_done, job.count_failed) == (3, 0)
-    assert job.properties_count >= 9
+    # The simulator describes a transcript alike in prose and as an object.
+    assert described(job) == described(structured)
+    assert job.properties_count == len(described(job)) >= 9
 
 
 def test_a_token_budget_stops_the_job_before_the_call_that_would_exceed_it(user, sim, airline_rows):
     rows = airline_rows[:10]
     job = make_job(user, rows, max_workers=1, max_tokens=1500, max_total_tokens=20_000)
 
-    run_job(job, sim)
+    run_job(job.id, base_url=sim.base_url)
 
     job.refresh_from_db()
     assert job.state == "error"
@@ -158,7 +166,7 @@ def test_a_spent_cost_budget_makes_no_call(user, sim):
     job.refresh_from_db()
     assert (job.price_input_per_mtok, job.price_output_per_mtok) == (0.15, 0.60)
 
-    run_job(job, sim)
+    run_job(job.id, base_url=sim.base_url)
 
     job.refresh_from_db()
     assert job.state == "error"
@@ -172,7 +180,7 @@ def test_a_spent_cost_budget_makes_no_call(user, sim):
 def test_cost_is_estimated_from_tokens_and_the_frozen_prices(user, sim):
     job = make_job(user, simple_rows(2), model_name="gpt-4o-mini")
 
-    run_job(job, sim)
+    run_job(job.id, base_url=sim.base_url)
 
     job.refresh_from_db()
     expected = (job.prompt_tokens * 0.15 + job.completion_tokens * 0.60) / 1_000_000

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from extraction.render import render_row
-from extraction.rows import pair_side_by_side
+from tests.factories import pair_side_by_side
 
 DATA = Path(__file__).parent / "data"
 GOLDEN = DATA / "golden"

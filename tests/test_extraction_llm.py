@@ -3,6 +3,7 @@
 import asyncio
 import email.utils
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -84,8 +85,9 @@ def test_complete_sends_parameters_exactly_and_reports_usage(sim):
     completion = call(sim, temperature=0.0, top_p=0.25, max_tokens=777)
 
     assert completion.attempts == 1
-    assert completion.prompt_tokens > 0
-    assert completion.completion_tokens > 0
+    # The simulator counts a token per four characters, rounded up.
+    assert completion.prompt_tokens == math.ceil(sum(len(m["content"]) for m in MESSAGES) / 4)
+    assert completion.completion_tokens == math.ceil(len(completion.text) / 4)
     request = sim.requests()[0]
     assert (request["temperature"], request["top_p"], request["max_tokens"]) == (0.0, 0.25, 777)
 

@@ -3,11 +3,11 @@ import pytest
 from extraction.prompts import (
     DEFAULT_TASK_DESCRIPTIONS,
     PROMPT_NAMES,
-    PROPERTY_JSON_SCHEMA,
     UnknownPromptError,
     list_prompts,
     named_prompt,
     prompt_catalogue,
+    property_json_schema,
     resolve_system_prompt,
     response_format,
 )
@@ -169,16 +169,19 @@ def test_list_prompts_places_the_task_description():
     assert all(prompt["text"].count(TASK_SECTION) == 1 for prompt in prompts)
 
 
+SINGLE_MODEL_SCHEMA = property_json_schema("single_model")
+
+
 def item_schema(schema: dict) -> dict:
     return schema["properties"]["properties"]["items"]
 
 
 def test_property_json_schema_is_strict():
-    assert PROPERTY_JSON_SCHEMA["type"] == "object"
-    assert PROPERTY_JSON_SCHEMA["required"] == ["properties"]
-    assert PROPERTY_JSON_SCHEMA["additionalProperties"] is False
-    assert PROPERTY_JSON_SCHEMA["properties"]["properties"]["type"] == "array"
-    items = item_schema(PROPERTY_JSON_SCHEMA)
+    assert SINGLE_MODEL_SCHEMA["type"] == "object"
+    assert SINGLE_MODEL_SCHEMA["required"] == ["properties"]
+    assert SINGLE_MODEL_SCHEMA["additionalProperties"] is False
+    assert SINGLE_MODEL_SCHEMA["properties"]["properties"]["type"] == "array"
+    items = item_schema(SINGLE_MODEL_SCHEMA)
     assert items["additionalProperties"] is False
     assert items["required"] == list(items["properties"])
     assert items["properties"] == {
@@ -198,7 +201,7 @@ def test_property_json_schema_is_strict():
 def test_response_format_wraps_the_schema_for_structured_outputs():
     assert response_format("single_model") == {
         "type": "json_schema",
-        "json_schema": {"name": "properties", "strict": True, "schema": PROPERTY_JSON_SCHEMA},
+        "json_schema": {"name": "properties", "strict": True, "schema": SINGLE_MODEL_SCHEMA},
     }
 
 
@@ -208,7 +211,7 @@ def test_response_format_adds_the_model_label_for_side_by_side():
     assert items["properties"]["model"] == {"type": "string", "enum": ["Model A", "Model B"]}
     assert items["required"][-1] == "model"
     assert items["required"] == list(items["properties"])
-    assert "model" not in item_schema(PROPERTY_JSON_SCHEMA)["properties"]
+    assert "model" not in item_schema(SINGLE_MODEL_SCHEMA)["properties"]
 
 
 def test_response_format_rejects_an_unknown_method():

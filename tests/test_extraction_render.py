@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from extraction.render import render_response, render_row
-from extraction.rows import pair_side_by_side
+from tests.factories import pair_side_by_side
 
 DEMO_PATH = Path(__file__).parent / "data" / "airline_data_demo.jsonl"
 BASE64_PNG = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"

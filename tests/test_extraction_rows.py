@@ -9,7 +9,6 @@ from extraction.rows import (
     encode_row,
     holds_lone_surrogates,
     input_index_for,
-    pair_side_by_side,
     question_id_for,
     validate_rows,
 )
@@ -269,48 +268,6 @@ def test_question_id_for_gives_demo_rows_of_one_prompt_the_same_id():
     assert len(ids) == 50
     assert {len(group) for group in ids.values()} == {1}
     assert len({group.pop() for group in ids.values()}) == 50
-
-
-def test_pair_side_by_side_pairs_the_demo_data_into_50_rows():
-    rows = demo_rows()
-
-    paired = pair_side_by_side(rows)
-
-    assert len(paired) == 50
-    assert validate_rows(paired) == "side_by_side"
-    assert {(row["model_a"], row["model_b"]) for row in paired} == {("gpt-4o", "claude-sonnet-35")}
-    first_prompt = rows[0]["prompt"]
-    answers = {row["model"]: row["model_response"] for row in rows if row["prompt"] == first_prompt}
-    assert paired[0] == {
-        "prompt": first_prompt,
-        "model_a": "gpt-4o",
-        "model_b": "claude-sonnet-35",
-        "model_a_response": answers["gpt-4o"],
-        "model_b_response": answers["claude-sonnet-35"],
-    }
-
-
-def test_pair_side_by_side_takes_the_first_two_models_and_carries_ids_and_scores():
-    rows = [
-        single(prompt="p1", model="m1", score=1, question_id="q1"),
-        single(prompt="p2", model="m1"),
-        single(prompt="p1", model="m1", model_response="again"),
-        single(prompt="p1", model="m2", model_response="second", score={"acc": 0}),
-        single(prompt="p1", model="m3"),
-    ]
-
-    assert pair_side_by_side(rows) == [
-        {
-            "prompt": "p1",
-            "model_a": "m1",
-            "model_b": "m2",
-            "model_a_response": "Done.",
-            "model_b_response": "second",
-            "question_id": "q1",
-            "score_a": 1,
-            "score_b": {"acc": 0},
-        }
-    ]
 
 
 def test_encode_row_writes_the_demo_rows_exactly_as_the_standard_library_would():

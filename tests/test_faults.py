@@ -12,8 +12,7 @@ from extraction.render import render_row
 from jobs.models import ExtractJob, ExtractRow, Property
 from jobs.services import lifecycle
 from llm_simulator import compose_answer
-from tests.factories import make_job, simple_rows
-from tests.test_worker import run_at_once, run_job
+from tests.factories import make_job, run_at_once, run_job, simple_rows
 
 
 def rows_with(markers: dict[int, str], count: int = 4) -> list[dict]:
@@ -41,7 +40,7 @@ def rows_with(markers: dict[int, str], count: int = 4) -> list[dict]:
 def test_a_row_level_fault_fails_that_row_and_the_job_goes_on(user, sim, marker, error, calls):
     job = make_job(user, rows_with({1: marker}))
 
-    run_job(job, sim)
+    run_job(job.id, base_url=sim.base_url)
 
     job.refresh_from_db()
     assert (job.state, job.count_done, job.count_failed) == ("done", 3, 1)
@@ -54,7 +53,7 @@ def test_a_row_level_fault_fails_that_row_and_the_job_goes_on(user, sim, marker,
 def test_invalid_items_are_dropped_and_counted_and_their_siblings_kept(user, sim):
     job = make_job(user, rows_with({0: "[[sim:invalid_items]]"}, count=1))
 
-    run_job(job, sim)
+    run_job(job.id, base_url=sim.base_url)
 
     row = ExtractRow.objects.get(job=job)
     assert (row.status, row.properties_dropped, row.properties.count()) == ("done", 2, 2)
@@ -65,7 +64,7 @@ def test_a_call_that_never_answers_times_out_and_is_retried_within_budget(user, 
     job = make_job(user, rows_with({0: "[[sim:hang]]"}, count=2))
 
     started = time.monotonic()
-    run_job(job, sim, llm_timeout=0.3, max_attempts=2)
+    run_job(job.id, base_url=sim.base_url, llm_timeout=0.3, max_attempts=2)
 
     assert time.monotonic() - started < 30  # the hung calls timed out (they would never end)
     hung = ExtractRow.objects.get(job=job, index=0)
@@ -83,7 +82,7 @@ def test_retry_after_is_honoured_between_attempts(user, sim):
     sim.configure(retry_after=1)
     job = make_job(user, rows_with({0: "[[sim:429x1]]"}, count=1))
 
-    run_job(job, sim, retry_max=5)
+    run_job(job.id, base_url=sim.base_url, retry_max=5)
 
     first, second = sim.requests()
     assert (first["outcome"], second["outcome"]) == ("rate_limited", "ok")
@@ -95,7 +94,7 @@ def test_retry_after_is_honoured_between_attempts(user, sim):
 def test_an_unknown_model_fails_the_job_at_once(user, sim):
     job = make_job(user, simple_rows(30), model_name="no-such-model", max_workers=3)
 
-    run_job(job, sim)
+    run_job(job.id, base_url=sim.base_url)
 
     job.refresh_from_db()
     assert job.state == "error"
@@ -122,7 +121,7 @@ def test_a_cancel_during_a_backoff_sleep_is_honoured_at_once(user, sim, no_backg
 
     canceller = threading.Thread(target=cancel_during_backoff)
     canceller.start()
-    run_job(job, sim, retry_max=60, max_attempts=5)
+    run_job(job.id, base_url=sim.base_url, retry_max=60, max_attempts=5)
     returned = time.monotonic()
     canceller.join()
 
@@ -137,7 +136,7 @@ def test_a_chunk_task_delivered_twice_does_no_duplicate_work(user, sim, no_backg
     sim.configure(latency_ms=30)
     job = make_job(user, simple_rows(40), max_workers=6)
 
-    run_at_once(job, sim)  # the same task, delivered to two worker processes
+    run_at_once(job.id, base_url=sim.base_url)  # the same task, delivered to two worker processes
 
     job.refresh_from_db()
     sent = [request["user_sha256"] for request in sim.requests()]
@@ -157,12 +156,12 @@ def tokens_by_row(job) -> dict[int, tuple[int, int]]:
 def test_a_row_whose_first_answer_is_not_json_is_asked_again_and_done_paying_for_both(user, sim):
     rows = simple_rows(3)
     asked_once = make_job(user, rows)
-    run_job(asked_once, sim)
+    run_job(asked_once.id, base_url=sim.base_url)
     sim.configure(rate_bad_json_first=1.0)
     sim.reset()
     job = make_job(user, rows, use_cache=False)
 
-    run_job(job, sim)
+    run_job(job.id, base_url=sim.base_url)
 
     job.refresh_from_db()
     assert (job.state, job.count_done, job.count_failed) == ("done", 3, 0)
@@ -188,7 +187,7 @@ def test_a_row_whose_first_answer_is_not_json_is_asked_again_and_done_paying_for
 def test_a_row_cut_off_twice_with_nothing_usable_fails_with_both_reasons(user, sim):
     job = make_job(user, simple_rows(1), max_tokens=10)
 
-    run_job(job, sim)
+    run_job(job.id, base_url=sim.base_url)
 
     row = ExtractRow.objects.get(job=job)
     reason = "cut off at max_tokens (finish_reason: length); item 1: cut off at the end of the answer"

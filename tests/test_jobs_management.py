@@ -12,8 +12,7 @@ from jobs import exports
 from jobs.models import ExtractJob, ExtractRow, Property
 from jobs.services import claims, lifecycle
 from tests import factories
-from tests.factories import done_outcome, make_job, property_dict, simple_rows
-from tests.test_worker import run_job
+from tests.factories import done_outcome, make_job, property_dict, run_job, simple_rows
 
 pytestmark = pytest.mark.django_db
 
@@ -136,7 +135,7 @@ def test_rows_list_outcomes_with_errors_and_filter_by_status(api, user, sim):
     rows = simple_rows(4)
     rows[2]["prompt"] += " [[sim:bad_json]]"
     job = make_job(user, rows)
-    run_job(job, sim)
+    run_job(job.id, base_url=sim.base_url)
 
     everything = api.get(f"/api/jobs/{job.id}/rows/").json()["results"]
     failed = api.get(f"/api/jobs/{job.id}/rows/", {"status": "failed"}).json()["results"]
@@ -176,7 +175,7 @@ def test_every_download_format_reads_back_to_the_same_properties(api, user, down
     assert response.status_code == 200
     assert response["Content-Disposition"] == f'attachment; filename="job-{job.id}-properties.{download}"'
     body = b"".join(response.streaming_content) if response.streaming else response.content
-    frame = exports.read_export(body, download)
+    frame = factories.read_export(body, download)
     read_back = [
         {
             **record,
@@ -225,7 +224,7 @@ def test_resume_runs_unfinished_rows_and_never_resends_done_ones(api, user, sim)
     lifecycle.job_cancel(job=ExtractJob.objects.get(pk=job.id))
 
     resumed = api.post(f"/api/jobs/{job.id}/resume/", {}, format="json")
-    run_job(job, sim)
+    run_job(job.id, base_url=sim.base_url)
 
     assert resumed.status_code == 200
     assert (resumed.json()["state"], resumed.json()["count_done"]) == ("queued", 2)
@@ -241,13 +240,13 @@ def test_resume_with_retry_failed_runs_failed_rows_again(api, user, sim):
     rows = simple_rows(3)
     rows[1]["prompt"] += " [[sim:500x1]]"
     job = make_job(user, rows)
-    run_job(job, sim, max_attempts=1)
+    run_job(job.id, base_url=sim.base_url, max_attempts=1)
     job.refresh_from_db()
     assert (job.state, job.count_failed) == ("done", 1)
 
     refused = api.post(f"/api/jobs/{job.id}/resume/", {}, format="json")
     resumed = api.post(f"/api/jobs/{job.id}/resume/", {"retry_failed": True}, format="json")
-    run_job(job, sim)
+    run_job(job.id, base_url=sim.base_url)
 
     assert refused.status_code == 409
     assert refused.json()["detail"] == (
@@ -268,12 +267,12 @@ def test_resume_of_an_active_job_is_a_conflict(api, user):
 
 def test_resume_can_raise_the_budget_of_a_job_stopped_by_it(api, user, sim):
     job = make_job(user, simple_rows(4), max_workers=1, max_total_tokens=1)
-    run_job(job, sim)
+    run_job(job.id, base_url=sim.base_url)
     job.refresh_from_db()
     assert job.error.startswith("budget exceeded")
 
     api.post(f"/api/jobs/{job.id}/resume/", {"max_total_tokens": 10**9}, format="json")
-    run_job(job, sim)
+    run_job(job.id, base_url=sim.base_url)
 
     job.refresh_from_db()
     assert (job.state, job.count_done, job.error, job.max_total_tokens) == ("done", 4, "", 10**9)

@@ -1,6 +1,7 @@
-"""Project hygiene that users rely on: migrations are committed, and every
-setting read from the environment is documented in the README, and the web
-server is ready before its first request."""
+"""Project hygiene that users rely on: migrations are committed, every
+setting read from the environment is documented in the README, the web
+server is ready before its first request, and extraction/ stays plain
+Python."""
 
 import os
 import re
@@ -46,16 +47,17 @@ def test_the_wsgi_application_has_its_views_loaded_before_the_first_request():
     assert loaded.stdout.strip() == "True", loaded.stderr
 
 
-def test_extraction_does_not_import_the_simulator():
+def test_extraction_imports_neither_django_nor_jobs_nor_the_simulator():
     probe = (
-        "import sys, pkgutil, importlib, extraction\n"
-        "for module in pkgutil.iter_modules(extraction.__path__):\n"
-        "    importlib.import_module('extraction.' + module.name)\n"
-        "print(sorted(name for name in sys.modules if name.split('.')[0] in ('llm_simulator', 'django')))"
+        "import pkgutil, importlib, sys, extraction\n"
+        "for module in pkgutil.iter_modules(extraction.__path__, 'extraction.'):\n"
+        "    importlib.import_module(module.name)\n"
+        "print(sorted({name.split('.')[0] for name in sys.modules} & {'django', 'jobs', 'llm_simulator'}))"
     )
+    env = {key: value for key, value in os.environ.items() if key != "DJANGO_SETTINGS_MODULE"}
 
     loaded = subprocess.run(
-        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )
 
     assert loaded.stdout.strip() == "[]", loaded.stderr

@@ -7,8 +7,7 @@ from django.db import connection
 
 from jobs.models import ExtractJob, ExtractRow, Property
 from jobs.services import claims, lifecycle
-from tests.factories import done_outcome, make_job, property_dict, simple_rows
-from tests.test_worker import run_job
+from tests.factories import done_outcome, make_job, property_dict, run_job, simple_rows
 
 pytestmark = pytest.mark.django_db
 
@@ -64,7 +63,7 @@ def test_the_runner_goes_on_past_a_row_the_database_refuses(user, sim, no_backgr
     job = make_job(user, simple_rows(12), max_workers=4)
     leftover_property(job, 5)
 
-    outcome = run_job(job, sim)
+    outcome = run_job(job.id, base_url=sim.base_url)
 
     job.refresh_from_db()
     assert outcome.startswith("recorded 12 rows")

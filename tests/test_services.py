@@ -64,17 +64,22 @@ def test_a_small_job_wakes_one_worker(user, django_capture_on_commit_callbacks):
     assert OrmQ.objects.count() == 1
 
 
-def test_claim_rows_takes_lowest_pending_indexes(user):
+def test_claim_rows_takes_lowest_pending_indexes(user, settings):
     job = start_running(user, simple_rows(5), max_workers=10)
 
+    before = timezone.now()
     claim = claims.claim_rows(job_id=job.id, worker_id="w1", limit=2)
+    after = timezone.now()
 
     assert [row.index for row in claim.rows] == [0, 1]
     assert (claim.job_running, claim.pending_left) == (True, True)
     running = job.rows.filter(status=RowStatus.RUNNING)
     assert sorted(running.values_list("index", flat=True)) == [0, 1]
     assert set(running.values_list("claimed_by", flat=True)) == {"w1"}
-    assert all(row.lease_expires_at is not None for row in running)
+    lease = timedelta(seconds=settings.STRINGSIGHT_LEASE_SECONDS)
+    for row in running:
+        assert before <= row.started_at <= after
+        assert row.lease_expires_at == row.started_at + lease
 
 
 def test_slot_grants_never_add_up_to_more_than_max_workers(user):
@@ -248,13 +253,15 @@ def test_last_row_finishes_the_job_as_done_even_with_failures(user):
     factories.record_row_result(
         job_id=job.id, row_id=first.id, row_index=0, worker_id="w1", outcome=RowOutcome(error="bad answer")
     )
+    before = timezone.now()
     factories.record_row_result(
         job_id=job.id, row_id=second.id, row_index=1, worker_id="w1", outcome=done_outcome(3)
     )
+    after = timezone.now()
 
     job.refresh_from_db()
     assert (job.state, job.count_done, job.count_failed, job.properties_count) == ("done", 1, 1, 3)
-    assert job.finished_at is not None
+    assert before <= job.finished_at <= after
     assert job.error == ""
     assert job.progress == 1.0
 
@@ -301,11 +308,13 @@ def test_job_cancel_is_immediate_for_queued_and_running_jobs(user, running):
     if running:
         claims.claim_rows(job_id=job.id, worker_id="w1", limit=1)
 
+    before = timezone.now()
     outcome = lifecycle.job_cancel(job=job)
+    after = timezone.now()
 
     assert outcome.cancelled_now is True
     assert outcome.job.state == "cancelled"
-    assert outcome.job.cancelled_at is not None
+    assert before <= outcome.job.cancelled_at <= after
     assert set(job.rows.values_list("status", flat=True)) == {"cancelled"}
 
 

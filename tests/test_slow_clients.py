@@ -1,6 +1,7 @@
 """The web server as the Procfile runs it is not stalled by clients that
-never finish their headers (issue 19: with sync workers, two such
-connections held /healthz for 22 s)."""
+never finish their headers (issue 19: a sync worker gives itself to one
+such connection until its timeout, so a few of them leave /healthz
+unanswered)."""
 
 import socket
 
@@ -11,13 +12,14 @@ import pytest
 def test_connections_that_never_finish_their_headers_do_not_stall_the_server(web_server):
     server = web_server()
     stalled = []
-    # Four: as many as the Procfile used to run sync workers (two stalled two).
+    # More than the Procfile's default number of web processes, each of which
+    # a sync worker would give to one stalled connection.
     for _ in range(4):
         connection = socket.create_connection(("127.0.0.1", server.port), timeout=30)
         connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
         stalled.append(connection)
     try:
-        # A sync worker holds a stalled connection until its timeout (120 s):
+        # A sync worker holds a stalled connection until its timeout:
         # with one each, these requests would time out.
         answers = [server.request("GET", "/healthz", timeout=30)[0] for _ in range(5)]
     finally:

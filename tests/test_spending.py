@@ -6,8 +6,7 @@ import pytest
 
 from jobs.models import ExtractJob, ExtractRow
 from jobs.services import budgets
-from tests.factories import make_job, simple_rows
-from tests.test_worker import run_job
+from tests.factories import make_job, run_job, simple_rows
 
 pytestmark = pytest.mark.django_db
 
@@ -117,7 +116,7 @@ def test_a_running_job_stops_at_the_daily_budget(user, sim, settings, no_backgro
         state="done", prompt_tokens=65_000, price_input_per_mtok=0.15, price_output_per_mtok=0.6
     )  # $0.00975 of $0.01
 
-    run_job(job, sim)
+    run_job(job.id, base_url=sim.base_url)
 
     job.refresh_from_db()
     assert job.state == "error"

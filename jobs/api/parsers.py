@@ -5,8 +5,8 @@ from django.conf import settings
 from rest_framework.exceptions import ParseError, ValidationError
 from rest_framework.parsers import JSONParser
 
-from extraction import jsontext
 from extraction.rows import LONE_SURROGATE, holds_lone_surrogates
+from stringsight_site import perf
 
 
 class LimitedJSONParser(JSONParser):
@@ -37,7 +37,7 @@ class LimitedJSONParser(JSONParser):
 
         try:
             if encoding.lower().replace("_", "-") in ("utf-8", "utf8"):
-                data = jsontext.loads(body, fallback=standard)
+                data = perf.json_loads(body, fallback=standard)
             else:
                 data = standard(body)
         except RecursionError:

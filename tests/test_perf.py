@@ -5,15 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from extraction import jsontext
+from stringsight_site import perf
 
 DEMO_PATH = Path(__file__).parent / "data" / "airline_data_demo.jsonl"
 
 
-def test_loads_reads_the_demo_rows_exactly_as_the_standard_library_would():
+def test_json_loads_reads_the_demo_rows_exactly_as_the_standard_library_would():
     text = b"[" + b",".join(DEMO_PATH.read_bytes().splitlines()) + b"]"
 
-    value = jsontext.loads(text)
+    value = perf.json_loads(text)
 
     assert value == json.loads(text)
     assert repr(value) == repr(json.loads(text))  # also key order, and int against float
@@ -33,19 +33,19 @@ def test_loads_reads_the_demo_rows_exactly_as_the_standard_library_would():
         b'"caf\\u00e9 \\ud83d\\ude00"',
     ],
 )
-def test_loads_gives_what_the_standard_library_gives(text):
-    assert repr(jsontext.loads(text)) == repr(json.loads(text))
+def test_json_loads_gives_what_the_standard_library_gives(text):
+    assert repr(perf.json_loads(text)) == repr(json.loads(text))
 
 
 @pytest.mark.parametrize("text", [b'{"score": NaN}', b'["\\ud800"]', b'{"a": 1', b"\xef\xbb\xbf[1]"])
-def test_loads_leaves_what_orjson_refuses_to_the_fallback(text):
+def test_json_loads_leaves_what_orjson_refuses_to_the_fallback(text):
     seen = []
 
     def fallback(refused):
         seen.append(refused)
         return "the fallback's answer"
 
-    assert jsontext.loads(text, fallback=fallback) == "the fallback's answer"
+    assert perf.json_loads(text, fallback=fallback) == "the fallback's answer"
     assert seen == [text]
 
 
@@ -61,7 +61,7 @@ def test_loads_leaves_what_orjson_refuses_to_the_fallback(text):
     ],
 )
 def test_may_hold_long_integer_finds_number_tokens_of_19_digits(text, long_integer):
-    assert jsontext.may_hold_long_integer(text) is long_integer
+    assert perf.may_hold_long_integer(text) is long_integer
 
 
 def test_the_collector_stays_paused_until_every_pausing_thread_is_done():
@@ -70,7 +70,7 @@ def test_the_collector_stays_paused_until_every_pausing_thread_is_done():
     seen = {}
 
     def first():
-        with jsontext.collector_paused():
+        with perf.collector_paused():
             first_inside.set()
             second_done.wait(5)
             seen["after the second ended"] = gc.isenabled()
@@ -78,7 +78,7 @@ def test_the_collector_stays_paused_until_every_pausing_thread_is_done():
     thread = threading.Thread(target=first)
     thread.start()
     first_inside.wait(5)
-    with jsontext.collector_paused():
+    with perf.collector_paused():
         seen["both inside"] = gc.isenabled()
     second_done.set()
     thread.join(5)
@@ -90,7 +90,7 @@ def test_the_collector_stays_paused_until_every_pausing_thread_is_done():
 def test_the_collector_stays_off_when_it_was_off_before():
     gc.disable()
     try:
-        with jsontext.collector_paused():
+        with perf.collector_paused():
             pass
         assert not gc.isenabled()
     finally:
