@@ -8,6 +8,7 @@ from typing import Any
 
 import openai
 
+from .gate import OPEN_GATE, Gate
 from .llm import CallSettings, Completion, LLMCallError, complete, redact
 from .parse import parse_properties
 from .render import render_row
@@ -126,6 +127,7 @@ async def extract_row(
     spec: ExtractionSpec,
     messages: list[dict[str, str]] | None = None,
     key: str | None = None,
+    gate: Gate = OPEN_GATE,
 ) -> RowOutcome:
     """A row's outcome from the LLM (never from the cache). An answer that
     yields no valid property (prose instead of JSON, no item passing
@@ -153,9 +155,10 @@ async def _ask(
     *,
     question_id: str,
     spec: ExtractionSpec,
+    gate: Gate = OPEN_GATE,
 ) -> RowOutcome:
     try:
-        completion = await complete(client, messages, spec.call)
+        completion = await complete(client, messages, spec.call, gate)
     except LLMCallError as exc:
         if exc.fatal_for_job:
             raise
