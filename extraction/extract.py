@@ -135,12 +135,13 @@ async def extract_row(
     more before the row fails: a model slips like that now and then, and
     the second answer usually parses. Both calls count in `attempts` and
     the tokens. Raises LLMCallError only when the failure is fatal for the
-    whole job."""
+    whole job. Each call passes through `gate`, the endpoint's limits."""
     messages = messages or build_messages(row, spec)
-    first = await _ask(client, messages, row, question_id=question_id, spec=spec)
+    first = await _ask(client, messages, row, question_id=question_id, spec=spec, gate=gate)
     outcome = first
     if _unusable_answer(first):
-        outcome = _asked_twice(first, await _ask(client, messages, row, question_id=question_id, spec=spec))
+        second = await _ask(client, messages, row, question_id=question_id, spec=spec, gate=gate)
+        outcome = _asked_twice(first, second)
     # Only answers that gave properties are worth reusing: a failed answer
     # should be asked again next time.
     if outcome.error is None:

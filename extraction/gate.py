@@ -25,12 +25,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
+
+log = logging.getLogger(__name__)
 
 # An endpoint without a configured concurrency starts here and doubles
 # while calls succeed and more are wanted, until its first refusal.
@@ -47,6 +50,9 @@ RATE_BURST_SECONDS = 1.0
 SYNC_WAITING_SECONDS = 0.1
 SYNC_RUNNING_SECONDS = 0.5
 MIN_SYNC_GAP_SECONDS = 0.02
+# After the store failed to answer, ask it again this much later; meanwhile
+# the lane is settled in this process alone.
+STORE_RETRY_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -426,6 +432,7 @@ class SharingGate:
         self._lanes: dict[str, _Lane] = {}
         # How a blocking store is called off the loop (a thread of its own).
         self._run_blocking = run_blocking
+        self._fallback = MemoryStore()
         self.settles = 0
 
     @contextlib.asynccontextmanager
@@ -506,11 +513,20 @@ class SharingGate:
         while True:
             gap = time.monotonic() - lane.last_sync
             if gap < MIN_SYNC_GAP_SECONDS:
-                await asyncio.sleep(MIN_SYNC_GAP_SECONDS - gap)
+                await asyncio.sleep(min(STORE_RETRY_SECONDS, MIN_SYNC_GAP_SECONDS - gap))
             lane.poked.clear()
             leaving = lane.idle and lane.settled
-            grant = await self._settle(lane, lane.report(leaving=leaving))
-            lane.last_sync = time.monotonic()
+            report = lane.report(leaving=leaving)
+            try:
+                grant = await self._settle(lane, report)
+            except Exception:
+                # The calls go on within limits this process keeps alone
+                # until the store answers again.
+                log.warning("LLM endpoint limits: the store failed; kept in this process", exc_info=True)
+                grant = self._fallback.settle(lane.key, self.holder, report, lane.limits, self.lease_seconds)
+                lane.last_sync = time.monotonic() + STORE_RETRY_SECONDS
+            else:
+                lane.last_sync = time.monotonic()
             self._apply(lane, grant)
             if leaving:
                 lane.settled = False

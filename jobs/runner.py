@@ -41,7 +41,7 @@ from extraction.llm import CallSettings, LLMCallError, make_client
 from extraction.prompts import response_format
 
 from .models import ExtractJob, JobState
-from .services import cache, claims, grants, lifecycle, sql
+from .services import cache, claims, grants, lifecycle, provider_limits, sql
 
 log = logging.getLogger(__name__)
 
@@ -231,12 +231,14 @@ class ChunkRunner:
         self.client = make_client(
             api_key=self.config.api_key, base_url=self.config.base_url, timeout=self.config.llm_timeout
         )
+        self.gate = provider_limits.shared_gate(api_key=self.config.api_key, base_url=self.config.base_url)
         try:
             stopped_because = self._work()
         finally:
             self.pool.stop()
             # Cancelling the tasks closes their connections before we return.
             self.loop_thread.close(self.client)
+            self.gate.close()
             try:
                 grants.release_slots(job_id=self.job_id, worker_id=self.worker_id)
             except DatabaseError:
@@ -361,7 +363,13 @@ class ChunkRunner:
 
     def _call(self, row: sql.ClaimedRow, messages: list[dict], key: str) -> Awaitable[RowOutcome]:
         return extract_row(
-            self.client, row.data, question_id=row.question_id, spec=self.spec, messages=messages, key=key
+            self.client,
+            row.data,
+            question_id=row.question_id,
+            spec=self.spec,
+            messages=messages,
+            key=key,
+            gate=self.gate,
         )
 
     def _arrivals(self, timeout: float) -> list:

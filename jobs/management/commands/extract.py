@@ -21,9 +21,9 @@ from jobs.cli import (
     user_named,
     write_properties,
 )
-from jobs.formatting import format_cost
+from jobs.formatting import format_cost, format_duration
 from jobs.models import ExtractJob, JobState
-from jobs.services import budgets, lifecycle
+from jobs.services import budgets, estimates, lifecycle
 
 QUEUED_HINT_SECONDS = 10.0
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report it
@@ -64,6 +64,11 @@ class Command(BaseCommand):
             "--inline", action="store_true", help="run the job in this process instead of on a qcluster"
         )
         parser.add_argument(
+            "--estimate",
+            action="store_true",
+            help="print what the job would cost (tokens, USD, duration) and exit, without starting it",
+        )
+        parser.add_argument(
             "--poll",
             type=float,
             default=0.5,
@@ -76,8 +81,11 @@ class Command(BaseCommand):
         with quiet_logs() if verbosity < 2 else nullcontext():
             self.extract(**options)
 
-    def extract(self, *, input, out, user, inline, poll, **options):
+    def extract(self, *, input, out, user, inline, poll, estimate, **options):
         source = Path(input)
+        if estimate:
+            self.stdout.write(estimate_text(estimates.job_estimate(**validated_start(source, options))))
+            return
         output = Path(out) if out else source.with_name(f"{source.stem}.properties.jsonl")
         output_format(output)  # a bad output path fails before any work is done
         job = start_job(source, user, options)
@@ -159,8 +167,8 @@ class Command(BaseCommand):
             raise CommandError(f"job {job.id} was cancelled elsewhere (the API, the admin or `jobs cancel`)")
 
 
-def start_job(source: Path, username: str | None, options: dict) -> ExtractJob:
-    """Validate the file's rows exactly as the API does, then start the job."""
+def validated_start(source: Path, options: dict) -> dict:
+    """The file's rows and the options, validated exactly as the API does."""
     request = {"rows": read_rows(source)}
     request.update(
         {field: options[option] for option, field in START_OPTIONS.items() if options[option] is not None}
@@ -168,10 +176,40 @@ def start_job(source: Path, username: str | None, options: dict) -> ExtractJob:
     serializer = StartJobSerializer(data=request)
     if not serializer.is_valid():
         raise CommandError(validation_message(serializer.errors))
+    return serializer.validated_data
+
+
+def start_job(source: Path, username: str | None, options: dict) -> ExtractJob:
+    """Validate the file's rows exactly as the API does, then start the job."""
+    data = validated_start(source, options)
     try:
-        return lifecycle.job_start(owner=user_named(username), **serializer.validated_data)
+        return lifecycle.job_start(owner=user_named(username), **data)
     except budgets.DailyBudgetExceeded as exc:
         raise CommandError(str(exc)) from None
+
+
+def estimate_text(estimate: dict) -> str:
+    completion, cost = estimate["completion_tokens"], estimate["cost_usd"]
+    expected = completion["expected"]
+    seconds = estimate["duration_s"]["expected"]
+    if cost["high"] is None:
+        costs = "unknown (no price for the model: STRINGSIGHT_PRICES)"
+    else:
+        costs = f"{format_cost(cost['low'])} to {format_cost(cost['high'])}"
+        costs += f", expected {format_cost(cost['expected'])}"
+    return "\n".join(
+        [
+            f"Estimate (no job started, no LLM call made): {estimate['rows']} rows",
+            f"  calls:              {estimate['calls']} "
+            f"({estimate['cached_rows']} rows answered from the cache)",
+            f"  prompt tokens:      {estimate['prompt_tokens']:,}",
+            f"  completion tokens:  expected {'—' if expected is None else f'{expected:,}'}, "
+            f"at most {completion['max']:,}",
+            f"  cost:               {costs}",
+            "  duration:           "
+            + ("— (no recent calls of the model to go by)" if seconds is None else format_duration(seconds)),
+        ]
+    )
 
 
 def validation_message(errors) -> str:
