@@ -35,7 +35,7 @@ from bench.processes import (
     WebServer,
     describe_server,
 )
-from extraction.simulator_client import SimulatorClient
+from llm_simulator.client import SimulatorClient
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WORK_DIR = ROOT / "var" / "bench"

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from extraction.simulator_client import READY_PREFIX
+from llm_simulator.client import READY_PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
 SIMULATOR_READY = re.compile(re.escape(READY_PREFIX) + r"(\S+)")

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from extraction import simulator_client
-from extraction.simulator_client import READY_PREFIX
+import llm_simulator
+from llm_simulator import READY_PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-class SimulatorClient(simulator_client.SimulatorClient):
+class SimulatorClient(llm_simulator.SimulatorClient):
     """The session's simulator, which a test may reconfigure and then restore."""
 
     def __init__(self, base_url: str):
@@ -32,10 +32,17 @@ def user_sha256(user_content: str) -> str:
     return hashlib.sha256(user_content.encode()).hexdigest()
 
 
-def start_simulator(*arguments: str, timeout: float = 30.0) -> tuple[subprocess.Popen, str]:
-    """Start `manage.py llm_simulator --port 0 ...`; return the process and its base URL."""
+MANAGE_PY = ("manage.py", "llm_simulator")
+MODULE = ("-m", "llm_simulator")
+
+
+def start_simulator(
+    *arguments: str, command: tuple[str, ...] = MANAGE_PY, timeout: float = 30.0
+) -> tuple[subprocess.Popen, str]:
+    """Start `manage.py llm_simulator --port 0 ...` (or `python -m llm_simulator`); return
+    the process and its base URL."""
     process = subprocess.Popen(
-        [sys.executable, "manage.py", "llm_simulator", "--port", "0", *arguments],
+        [sys.executable, *command, "--port", "0", *arguments],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,

@@ -13,8 +13,8 @@ from rest_framework.test import APIClient
 from extraction.parse import parse_properties
 from extraction.prompts import named_prompt
 from extraction.render import render_row
-from extraction.simulator import compose_answer
 from jobs.models import ExtractJob, ExtractRow
+from llm_simulator import compose_answer
 from tests.factories import simple_rows
 
 pytestmark = pytest.mark.django_db

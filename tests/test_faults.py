@@ -9,9 +9,9 @@ import pytest
 from django.db import connection
 
 from extraction.render import render_row
-from extraction.simulator import compose_answer
 from jobs.models import ExtractJob, ExtractRow, Property
 from jobs.services import lifecycle
+from llm_simulator import compose_answer
 from tests.factories import make_job, simple_rows
 from tests.test_runner import run_at_once, run_chunk
 

@@ -42,3 +42,18 @@ def test_the_wsgi_application_has_its_views_loaded_before_the_first_request():
     )
 
     assert loaded.stdout.strip() == "True", loaded.stderr
+
+
+def test_extraction_does_not_import_the_simulator():
+    probe = (
+        "import sys, pkgutil, importlib, extraction\n"
+        "for module in pkgutil.iter_modules(extraction.__path__):\n"
+        "    importlib.import_module('extraction.' + module.name)\n"
+        "print(sorted(name for name in sys.modules if name.split('.')[0] in ('llm_simulator', 'django')))"
+    )
+
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+
+    assert loaded.stdout.strip() == "[]", loaded.stderr

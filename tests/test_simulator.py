@@ -6,14 +6,16 @@ import json
 import math
 import re
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 
 import openai
 import pytest
 
-from extraction.simulator import serve
-from tests.fixtures_simulator import start_simulator, stop_simulator, user_sha256
+from llm_simulator import compose_answer, serve
+from tests.fixtures_simulator import MODULE, ROOT, start_simulator, stop_simulator, user_sha256
 
 TRANSCRIPT = """user: Hi, I need to change my flight to Seattle on May 20.
 assistant: Sure! Could you share your user ID so I can look up the reservation?
@@ -460,6 +462,32 @@ def test_command_exits_cleanly_on_sigterm():
 
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+/v1", base_url)
     assert stop_simulator(process) == 0
+
+
+def test_the_module_command_line_serves_without_django():
+    process, base_url = start_simulator("--seed", "3", "--models", "m1,m2", command=MODULE)
+    try:
+        with openai.OpenAI(base_url=base_url, api_key="k", max_retries=0) as client:
+            models = [model.id for model in client.models.list()]
+            answer = ask(client, TRANSCRIPT, model="m2").choices[0].message.content
+    finally:
+        assert stop_simulator(process) == 0
+
+    assert models == ["m1", "m2"]
+    assert answer == compose_answer(TRANSCRIPT, 3, "ok", object_form=False)[0]
+
+
+def test_the_module_command_line_names_a_bad_option():
+    finished = subprocess.run(
+        [sys.executable, "-m", "llm_simulator", "--host", "0.0.0.0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert finished.returncode == 2
+    assert "loopback only" in finished.stderr
 
 
 def test_serve_refuses_a_non_loopback_host():

@@ -1,0 +1,5 @@
+import sys
+
+from llm_simulator.command import main
+
+sys.exit(main())

@@ -1,0 +1,79 @@
+"""The simulator's options: fault rates, latency, the models it serves, and checks that
+name a bad option."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+DEFAULT_MODELS = ("gpt-4o-mini", "gpt-4.1", "gpt-4o", "sim-model")
+
+
+class OptionError(ValueError):
+    """A bad simulator option: the message names it."""
+
+
+@dataclass
+class SimulatorOptions:
+    latency_ms: float = 0.0
+    jitter_ms: float = 0.0
+    rate_429: float = 0.0
+    rate_500: float = 0.0
+    rate_bad_json: float = 0.0
+    rate_truncated: float = 0.0
+    rate_refusal: float = 0.0
+    # Bad JSON for the first answer to a request only (by its user message):
+    # the same request asked again is answered as usual.
+    rate_bad_json_first: float = 0.0
+    retry_after: int = 1
+    seed: int = 0
+    api_key: str | None = None
+    models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
+    # False plays an endpoint without structured outputs: a request with
+    # response_format gets a 400, as such endpoints answer.
+    structured_output: bool = True
+    # While true, answers wait (a request still arrives, is logged, and is
+    # aborted if its client leaves): lets a test hold a job open.
+    paused: bool = False
+
+    def __post_init__(self):
+        for name in ("latency_ms", "jitter_ms"):
+            _check_number(name, getattr(self, name), maximum=math.inf)
+        for name in (
+            "rate_429",
+            "rate_500",
+            "rate_bad_json",
+            "rate_truncated",
+            "rate_refusal",
+            "rate_bad_json_first",
+        ):
+            _check_number(name, getattr(self, name), maximum=1.0)
+        for name in ("retry_after", "seed"):
+            if type(getattr(self, name)) is not int:
+                raise OptionError(f"{name} must be an integer")
+        if self.retry_after < 0:
+            raise OptionError("retry_after must be >= 0")
+        if self.api_key is not None and not isinstance(self.api_key, str):
+            raise OptionError("api_key must be a string or null")
+        if not isinstance(self.models, list) or not all(isinstance(m, str) for m in self.models):
+            raise OptionError("models must be a list of strings")
+        for name in ("structured_output", "paused"):
+            if not isinstance(getattr(self, name), bool):
+                raise OptionError(f"{name} must be true or false")
+
+    def updated(self, changes: dict) -> SimulatorOptions:
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise OptionError(f"unknown option(s): {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_number(name, value, maximum):
+    # bool is an int subclass; "rate_500": true is a mistake, not 1.0.
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= maximum:
+        bound = "a number >= 0" if maximum == math.inf else f"a number between 0 and {maximum}"
+        raise OptionError(f"{name} must be {bound}")
