@@ -70,22 +70,31 @@ class RateLimitInfo:
 
     def pause_seconds(self, *, refused: bool, tokens: int = 0) -> float | None:
         """How long every caller of the endpoint should wait: after a
-        refusal, its Retry-After or the reset of the spent allowance; after
-        an answer, until the reset of an allowance it says is spent."""
+        refusal, its Retry-After; else until the allowance it says is spent
+        has room for one more call: the reset, or sooner where the limit
+        says how fast the allowance refills (a minute's worth a minute)."""
         if refused and self.retry_after is not None:
             return self.retry_after
-        spent = []
-        if self.reset_requests is not None and (
-            (self.remaining_requests is None and refused)
-            or (self.remaining_requests is not None and self.remaining_requests <= 0)
+        waits = []
+        if (self.remaining_requests is not None and self.remaining_requests <= 0) or (
+            refused and self.remaining_requests is None
         ):
-            spent.append(self.reset_requests)
-        if self.reset_tokens is not None and (
-            (self.remaining_tokens is None and refused)
-            or (self.remaining_tokens is not None and self.remaining_tokens < max(1, tokens))
+            waits.append(_sooner(self.reset_requests, 1, self.limit_requests))
+        needed = max(1, tokens)
+        if (self.remaining_tokens is not None and self.remaining_tokens < needed) or (
+            refused and self.remaining_tokens is None
         ):
-            spent.append(self.reset_tokens)
-        return max(spent) if spent else None
+            short = needed - (self.remaining_tokens or 0)
+            waits.append(_sooner(self.reset_tokens, short, self.limit_tokens))
+        waits = [wait for wait in waits if wait is not None]
+        return max(waits) if waits else None
+
+
+def _sooner(reset: float | None, short: float, per_minute: int | None) -> float | None:
+    refill = short * 60.0 / per_minute if per_minute else None
+    if reset is None or refill is None:
+        return reset if refill is None else refill
+    return min(reset, refill)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('jobs', '0017_provider_endpoint_limits'),
+        ('jobs', '0018_provider_endpoint_limits'),
     ]
 
     operations = [
