@@ -27,6 +27,7 @@ from bench import (
     b8_recovery,
     b9_faults,
     b10_body_memory,
+    b12_provider_limits,
     harness,
 )
 
@@ -42,6 +43,7 @@ BENCHMARKS = {
     "8": b8_recovery,
     "9": b9_faults,
     "10": b10_body_memory,
+    "12": b12_provider_limits,
 }
 
 

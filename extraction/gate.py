@@ -442,7 +442,9 @@ class SharingGate:
         # How a blocking store is called off the loop (a thread of its own).
         self._run_blocking = run_blocking
         self._fallback = MemoryStore()
+        # How often this gate settled with the store, for how many calls.
         self.settles = 0
+        self.calls = 0
 
     @contextlib.asynccontextmanager
     async def call(self, model: str, tokens: int) -> AsyncIterator[Permit]:
@@ -495,6 +497,7 @@ class SharingGate:
             if waiter.future.done():
                 continue
             lane.in_flight += 1
+            self.calls += 1
             waiter.future.set_result(None)
         if lane.waiters:
             self._poke(lane, soon=False)

@@ -16,6 +16,7 @@ never stored.
 import asyncio
 import hashlib
 import json
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -37,6 +38,8 @@ from extraction.gate import (
 )
 
 from ..models import ProviderEndpoint, ProviderLease
+
+log = logging.getLogger(__name__)
 
 # Redis keys live this long after their last settle.
 REDIS_KEY_SECONDS = 86_400
@@ -179,6 +182,7 @@ class SharedGate(SharingGate):
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
     def close(self) -> None:
+        log.info("LLM endpoint limits: %d calls, %d settles with the store", self.calls, self.settles)
         try:
             self._executor.submit(self.leave).result(timeout=30)
         finally:
