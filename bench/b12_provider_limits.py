@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: the repository root must be im
 
 from bench import harness
 from bench.api import timestamp
-from bench.measure import Report
+from bench.measure import Report, mean_in_flight
 from bench.rows import airline_rows, rows_description, start_body, synthetic_rows
 
 LIMIT = 24
@@ -54,30 +54,49 @@ def run(session: harness.Session, args) -> Report:
     batch = airline_rows(3 * rows, first=60_000)
     report.setting("rows (a, b)", rows_description(batch, "airline demo") + f" in 3 jobs of {rows}")
 
-    for name, env, target_refused, target_share in (
-        ("a. limit unannounced", {}, 0.05, 0.85),
-        ("b. STRINGSIGHT_LLM_MAX_CONCURRENCY=24", {"STRINGSIGHT_LLM_MAX_CONCURRENCY": str(LIMIT)}, 0.0, 0.90),
+    for name, env, max_workers, target_refused, target_share in (
+        # What this machine allows: 24 in flight with no limit anywhere.
+        ("reference, max_workers 8 each and no limit", {}, LIMIT // 3, None, None),
+        ("a. limit unannounced", {}, LIMIT, 0.05, 0.85),
+        (
+            "b. STRINGSIGHT_LLM_MAX_CONCURRENCY=24",
+            {"STRINGSIGHT_LLM_MAX_CONCURRENCY": str(LIMIT)},
+            LIMIT,
+            0.0,
+            0.90,
+        ),
     ):
+        if args.smoke and target_share is None:
+            continue
         session.fresh_database()
         session.simulate(latency_ms=args.latency_ms, max_concurrency=LIMIT)
-        bodies = [start_body(batch[n * rows : (n + 1) * rows], max_workers=LIMIT) for n in range(3)]
+        bodies = [start_body(batch[n * rows : (n + 1) * rows], max_workers=max_workers) for n in range(3)]
         with session.web_and_cluster(3, **env) as (web, cluster):
             finals = run_jobs(session.api(web), bodies)
         requests = session.simulator.requests()
         refused = sum(r["outcome"] == "rate_limited" for r in requests)
         share = throughput(requests) / (LIMIT / (args.latency_ms / 1000))
         states = ", ".join(sorted({final["state"] for final in finals}))
+        judged = target_share is not None
         report.figure(
             f"{name}: calls refused",
             f"{refused:,} of {len(requests):,} ({refused / max(1, len(requests)):.1%})",
-            target=f"<= {target_refused:.0%}",
-            ok=refused <= target_refused * len(requests),
+            target=f"<= {target_refused:.0%}" if judged else "",
+            ok=refused <= target_refused * len(requests) if judged else None,
         )
         report.figure(
             f"{name}: throughput, share of the limit's",
             f"{share:.0%} ({states})",
-            target=f">= {target_share:.0%}",
-            ok=share >= target_share and states == "done",
+            target=f">= {target_share:.0%}" if judged else "",
+            ok=share >= target_share and states == "done" if judged else None,
+        )
+        answered = [r for r in requests if r["outcome"] == "ok"]
+        first = min(r["started_at"] for r in requests)
+        last = max(r["ended_at"] for r in answered)
+        report.figure(
+            f"{name}: calls in flight, mean; an answered call's time, mean",
+            f"{mean_in_flight(requests, first, last):.1f}; "
+            f"{sum(r['ended_at'] - r['started_at'] for r in answered) / len(answered) * 1000:,.0f} ms",
         )
         settle_figure(report, name, cluster.service.log_text())
 

@@ -4,6 +4,7 @@ worker keeping them against the simulator over HTTP."""
 import asyncio
 import os
 import threading
+import uuid
 
 import pytest
 import redis
@@ -78,16 +79,16 @@ def test_workers_share_one_concurrency_through_the_database():
 
 
 @pytest.fixture
-def redis_store():
+def redis_lane():
+    """A lane name of this test's own, and a factory of Redis stores."""
     client = redis.Redis.from_url(REDIS_URL)
     try:
         client.ping()
     except redis.ConnectionError:
         pytest.skip(f"no Redis at {REDIS_URL}")
-    for key in client.scan_iter("stringsight:llm:*"):
-        client.delete(key)
-    yield lambda: RedisStore(REDIS_URL)
-    for key in client.scan_iter("stringsight:llm:*"):
+    lane = f"test-{uuid.uuid4().hex}"
+    yield lane, lambda: RedisStore(REDIS_URL)
+    for key in client.scan_iter(f"stringsight:llm:{lane}*"):
         client.delete(key)
     client.close()
 
