@@ -35,6 +35,7 @@ def test_the_job_list(api, user, django_assert_max_num_queries, jobs, page_size)
     for job in created[::2]:  # running, with their calls in flight to read
         lifecycle.job_mark_running(job_id=job.id)
         grants.set_slots(job_id=job.id, worker_id="w", slots=2, in_flight=0, wants=True)
+    claims.renew_leases(worker_id="w", in_flight={job.id: 2 for job in created[::2]})
 
     with django_assert_max_num_queries(LIST_QUERIES):
         body = api.get("/api/jobs/", {"page_size": page_size}).json()
