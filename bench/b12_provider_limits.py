@@ -41,13 +41,14 @@ SETTLES = re.compile(r"LLM endpoint limits: (\d+) calls, (\d+) settles with the 
 
 def build_parser():
     parser = harness.build_parser(__doc__)
-    parser.add_argument("--rows", type=int, help="rows per job in a and b (default 300, smoke 24)")
-    parser.add_argument("--latency-ms", type=float, default=500.0)
+    parser.add_argument("--rows", type=int, help="rows per job in a and b (default 300, smoke 12)")
+    parser.add_argument("--latency-ms", type=float, help="default 500 (smoke 100)")
     return parser
 
 
 def run(session: harness.Session, args) -> Report:
-    rows = harness.sized(args, "rows", 300, 24)
+    rows = harness.sized(args, "rows", 300, 12)
+    args.latency_ms = harness.sized(args, "latency_ms", 500.0, 100.0)
     report = Report(f"#12 provider limits ({session.kind})", smoke=args.smoke)
     session.describe(report)
     report.setting("simulator latency", f"{args.latency_ms:g} ms")

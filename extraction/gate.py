@@ -185,6 +185,8 @@ class Report:
     """What a process tells the store when it settles."""
 
     in_flight: int = 0
+    # The cap the process goes on using until it has this settle's grant.
+    cap: int = 0
     # Token needs of the calls waiting for a rate allowance, first first.
     waiting_tokens: list[int] = field(default_factory=list)
     waiting: int = 0
@@ -246,8 +248,14 @@ def settle(
     if report.leaving:
         leases.pop(holder, None)
     else:
+        # Until it has this grant the process may start calls up to its
+        # previous cap: what it holds covers that too, so the others are
+        # never granted what it may still use.
         leases[holder] = Lease(
-            held=max(cap, report.in_flight), wants=wants, in_flight=report.in_flight, renewed_at=now
+            held=max(cap, report.cap, report.in_flight),
+            wants=wants,
+            in_flight=report.in_flight,
+            renewed_at=now,
         )
 
     if limits.tpm is not None and report.unused_tokens:
@@ -374,6 +382,7 @@ class _Lane:
     def report(self, *, leaving: bool = False) -> Report:
         report = Report(
             in_flight=self.in_flight,
+            cap=self.cap if self.settled else 0,
             waiting=len(self.waiters),
             waiting_tokens=[waiter.tokens for waiter in self.waiters if not waiter.rated]
             if self.rated

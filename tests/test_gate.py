@@ -310,3 +310,20 @@ def test_a_spent_quota_is_fatal_and_told_apart_from_a_rate_limit():
 )
 def test_refused_keys_and_unknown_models_are_fatal(cls, status, expected):
     assert fatal_message(error(cls, status, {"message": "nope"}), "gpt-x", "a-long-secret-key") == expected
+
+
+def test_what_a_holder_holds_covers_the_cap_it_uses_until_it_has_its_new_grant():
+    state, leases = EndpointState(), {}
+    limits = EndpointLimits(max_concurrency=24)
+    settle(state, leases, "a", Report(waiting=24), limits, now=1.0, lease_seconds=LEASE)
+    settle(state, leases, "b", Report(waiting=12), limits, now=1.1, lease_seconds=LEASE)
+
+    # a's calls fell to 8 before it reported; until it applies its new cap
+    # (12, b wants its share) it may start calls up to 24 again.
+    a = settle(
+        state, leases, "a", Report(in_flight=8, cap=24, waiting=16), limits, now=1.2, lease_seconds=LEASE
+    )
+    b = settle(state, leases, "b", Report(waiting=12), limits, now=1.3, lease_seconds=LEASE)
+
+    assert (a.cap, leases["a"].held) == (12, 24)
+    assert b.cap == 0

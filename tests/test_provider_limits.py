@@ -93,6 +93,30 @@ def redis_lane():
     client.close()
 
 
+def test_workers_share_one_concurrency_through_redis(redis_lane):
+    lane, store = redis_lane
+    limits = LimitsConfig(default=EndpointLimits(max_concurrency=4))
+    gates = [SharedGate(store(), endpoint=lane, limits=limits, lease_seconds=20) for _ in range(3)]
+
+    most = most_in_flight_together(gates, calls=20)
+
+    assert most == 4
+    assert redis.Redis.from_url(REDIS_URL).hlen(f"stringsight:llm:{lane}:leases") == 0
+
+
+def test_a_refusal_slows_the_lane_for_every_worker_through_redis(redis_lane):
+    lane, store = redis_lane
+    first, other = store(), store()
+    limits = EndpointLimits()
+    first.settle(lane, "a", Report(waiting=20), limits, 20)
+    first.settle(lane, "a", Report(in_flight=16, waiting=4, rate_limited=True), limits, 20)
+
+    grant = other.settle(lane, "b", Report(waiting=20), limits, 20)
+
+    assert grant.allowed == pytest.approx(16 * 0.8)
+    assert grant.cap == 0  # a still holds what the lane allows
+
+
 @pytest.mark.django_db(transaction=True)
 def test_the_worker_keeps_the_configured_concurrency_whatever_max_workers(
     user, sim, settings, no_background_worker
