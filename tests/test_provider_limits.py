@@ -10,7 +10,7 @@ import pytest
 import redis
 from django.db import connection
 
-from extraction.gate import EndpointLimits, LimitsConfig
+from extraction.gate import EndpointLimits, LimitsConfig, Report
 from jobs.models import ExtractJob, ProviderEndpoint, ProviderLease
 from jobs.services import provider_limits
 from jobs.services.provider_limits import DatabaseStore, RedisStore, SharedGate, endpoint_id
