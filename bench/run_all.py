@@ -28,6 +28,7 @@ from bench import (
     b9_faults,
     b10_body_memory,
     b11_fairness,
+    b12_provider_limits,
     harness,
 )
 
@@ -44,6 +45,7 @@ BENCHMARKS = {
     "9": b9_faults,
     "10": b10_body_memory,
     "11": b11_fairness,
+    "12": b12_provider_limits,
 }
 
 

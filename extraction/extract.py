@@ -8,6 +8,7 @@ from typing import Any
 
 import openai
 
+from .gate import OPEN_GATE, Gate
 from .llm import CallSettings, Completion, LLMCallError, complete, redact
 from .parse import parse_properties
 from .render import render_row
@@ -126,6 +127,7 @@ async def extract_row(
     spec: ExtractionSpec,
     messages: list[dict[str, str]] | None = None,
     key: str | None = None,
+    gate: Gate = OPEN_GATE,
 ) -> RowOutcome:
     """A row's outcome from the LLM (never from the cache). An answer that
     yields no valid property (prose instead of JSON, no item passing
@@ -133,12 +135,13 @@ async def extract_row(
     more before the row fails: a model slips like that now and then, and
     the second answer usually parses. Both calls count in `attempts` and
     the tokens. Raises LLMCallError only when the failure is fatal for the
-    whole job."""
+    whole job. Each call passes through `gate`, the endpoint's limits."""
     messages = messages or build_messages(row, spec)
-    first = await _ask(client, messages, row, question_id=question_id, spec=spec)
+    first = await _ask(client, messages, row, question_id=question_id, spec=spec, gate=gate)
     outcome = first
     if _unusable_answer(first):
-        outcome = _asked_twice(first, await _ask(client, messages, row, question_id=question_id, spec=spec))
+        second = await _ask(client, messages, row, question_id=question_id, spec=spec, gate=gate)
+        outcome = _asked_twice(first, second)
     # Only answers that gave properties are worth reusing: a failed answer
     # should be asked again next time.
     if outcome.error is None:
@@ -153,9 +156,10 @@ async def _ask(
     *,
     question_id: str,
     spec: ExtractionSpec,
+    gate: Gate = OPEN_GATE,
 ) -> RowOutcome:
     try:
-        completion = await complete(client, messages, spec.call)
+        completion = await complete(client, messages, spec.call, gate)
     except LLMCallError as exc:
         if exc.fatal_for_job:
             raise

@@ -4,6 +4,13 @@ budget of our own.
 The SDK's retries are off (`max_retries=0`) so that `max_attempts` is the
 real number of calls, and every wait is an `asyncio.sleep` that a cancel
 interrupts at once.
+
+Every call passes through a gate (extraction.gate): the endpoint's shared
+limits decide when it may start, and hear how it went. An answer that says
+the endpoint's rate is exceeded does not spend one of the row's attempts:
+the gate slows every caller of the endpoint down instead. Answers that
+every other row would get too (a spent quota, a refused key, an unknown
+model) end the job.
 """
 
 import asyncio
@@ -14,12 +21,16 @@ import re
 import time
 import urllib.parse
 from dataclasses import dataclass, replace
+from types import SimpleNamespace
 from typing import Any
 
 import openai
+from openai._constants import RAW_RESPONSE_HEADER
 from openai.types.chat import ChatCompletion
 
 from stringsight_site import perf
+
+from .gate import OPEN_GATE, Gate, RateLimitInfo
 
 
 @dataclass(frozen=True)
@@ -30,6 +41,9 @@ class CallSettings:
     max_tokens: int
     timeout: float = 120.0
     max_attempts: int = 4
+    # Answers refused for the endpoint's rate (not counted in max_attempts)
+    # that one call may meet before its row fails.
+    rate_limit_attempts: int = 16
     retry_base: float = 1.0
     retry_max: float = 60.0
     response_format: dict[str, Any] | None = None
@@ -46,7 +60,8 @@ class Completion:
 
 class LLMCallError(Exception):
     """A call that failed for good. `fatal_for_job` marks failures that every
-    other row would hit too (bad credentials, unknown model)."""
+    other row would hit too (a spent quota, bad credentials, unknown model).
+    `rate_limit` is what the endpoint's headers said of its limits."""
 
     def __init__(
         self,
@@ -57,8 +72,10 @@ class LLMCallError(Exception):
         raw_answer: str = "",
         prompt_tokens: int = 0,
         completion_tokens: int = 0,
+        rate_limit: RateLimitInfo | None = None,
     ):
         super().__init__(message)
+        self.rate_limit = rate_limit
         self.fatal_for_job = fatal_for_job
         self.attempts = attempts
         self.raw_answer = raw_answer
@@ -84,50 +101,117 @@ def make_client(*, api_key: str | None, base_url: str | None, timeout: float) ->
 
 
 async def complete(
-    client: openai.AsyncOpenAI, messages: list[dict[str, Any]], call: CallSettings
+    client: openai.AsyncOpenAI, messages: list[dict[str, Any]], call: CallSettings, gate: Gate = OPEN_GATE
 ) -> Completion:
-    attempt = 0
+    body = request_body(messages, call)
+    # What the endpoint's token rate counts for a call: its prompt (about
+    # four bytes a token, as providers estimate it before the call) and
+    # the answer it may get.
+    rate_tokens = len(body) // 4 + call.max_tokens
+    attempt = calls = rate_limited = 0
     while True:
         attempt += 1
-        try:
-            # The SDK's typed create() walks every request through its
-            # TypedDict transform (a large part of a call's CPU); ours is plain
-            # JSON already, so it goes through the SDK's generic post(), as
-            # bytes (its `content`) that the SDK sends as they are.
-            response = await client.post(
-                "/chat/completions", content=request_body(messages, call), cast_to=ChatCompletion
-            )
-        except RETRYABLE as exc:
+        failure: openai.APIError | None = None
+        info: RateLimitInfo | None = None
+        async with gate.call(call.model, rate_tokens) as permit:
+            calls += 1
+            try:
+                # The SDK's typed create() walks every request through its
+                # TypedDict transform (a third of a call's CPU); ours is plain
+                # JSON already, so it goes through the SDK's generic post(), as
+                # bytes (its `content`) that the SDK sends as they are. The raw
+                # response keeps the headers, which tell the gate the
+                # endpoint's limits.
+                raw = await client.post(
+                    "/chat/completions",
+                    content=body,
+                    cast_to=ChatCompletion,
+                    options={"headers": {RAW_RESPONSE_HEADER: "true"}},
+                )
+            except openai.APIError as exc:
+                failure = exc
+                info = rate_limit_info(getattr(getattr(exc, "response", None), "headers", None))
+                if info is not None or is_rate_limited(exc):
+                    permit.report(rate_limit=info, rate_limited=is_rate_limited(exc))
+            else:
+                response = raw.parse()
+                usage = response.usage
+                permit.report(
+                    rate_limit=rate_limit_info(raw.headers),
+                    tokens=(usage.prompt_tokens + usage.completion_tokens) if usage else 0,
+                )
+                return completion_from(response, calls)
+        fatal = fatal_message(failure, call.model, client.api_key)
+        if fatal is not None:
+            raise LLMCallError(fatal, fatal_for_job=True, attempts=calls, rate_limit=info) from None
+        if is_rate_limited(failure):
+            # The gate has slowed the endpoint down (and paused it, if the
+            # answer said until when): asking again spends no attempt.
+            attempt -= 1
+            rate_limited += 1
+            if rate_limited >= call.rate_limit_attempts:
+                raise LLMCallError(
+                    f"{describe(failure, client.api_key)}; gave up after {rate_limited} answers refused "
+                    "for the endpoint's rate limit",
+                    fatal_for_job=False,
+                    attempts=calls,
+                    rate_limit=info,
+                ) from None
+            await asyncio.sleep(backoff_seconds(rate_limited, retry_after_seconds(failure), call))
+            continue
+        if isinstance(failure, RETRYABLE):
             if attempt >= call.max_attempts:
                 raise LLMCallError(
-                    f"{describe(exc, client.api_key)}; gave up after {attempt} attempts",
+                    f"{describe(failure, client.api_key)}; gave up after {attempt} attempts",
                     fatal_for_job=False,
-                    attempts=attempt,
+                    attempts=calls,
                 ) from None
-            await asyncio.sleep(backoff_seconds(attempt, retry_after_seconds(exc), call))
-        except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
-            raise LLMCallError(
-                f"LLM authentication failed ({exc.status_code}): check OPENAI_API_KEY",
-                fatal_for_job=True,
-                attempts=attempt,
-            ) from None
-        except openai.NotFoundError:
-            raise LLMCallError(
-                f"LLM model not found (404): check model_name {call.model!r} and OPENAI_BASE_URL",
-                fatal_for_job=True,
-                attempts=attempt,
-            ) from None
-        except openai.BadRequestError as exc:
-            if call.response_format is not None and rejects_response_format(exc):
-                # Endpoints without structured outputs say so with a 400; the
-                # parser reads free text, so ask again without it.
-                call = replace(call, response_format=None)
-                continue
-            raise LLMCallError(describe(exc, client.api_key), fatal_for_job=False, attempts=attempt) from None
-        except openai.APIStatusError as exc:
-            raise LLMCallError(describe(exc, client.api_key), fatal_for_job=False, attempts=attempt) from None
-        else:
-            return completion_from(response, attempt)
+            await asyncio.sleep(backoff_seconds(attempt, retry_after_seconds(failure), call))
+            continue
+        if (
+            isinstance(failure, openai.BadRequestError)
+            and call.response_format is not None
+            and rejects_response_format(failure)
+        ):
+            # Endpoints without structured outputs say so with a 400; the
+            # parser reads free text, so ask again without it.
+            call = replace(call, response_format=None)
+            body = request_body(messages, call)
+            continue
+        raise LLMCallError(describe(failure, client.api_key), fatal_for_job=False, attempts=calls) from None
+
+
+def is_rate_limited(exc: Exception) -> bool:
+    """A 429 for the endpoint's rate, not for a spent quota."""
+    return isinstance(exc, openai.RateLimitError) and not _quota_spent(exc)
+
+
+def _error_field(exc: openai.APIError, name: str) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        body = body["error"]
+    value = body.get(name) if isinstance(body, dict) else None
+    return str(value or "")
+
+
+def _quota_spent(exc: openai.APIError) -> bool:
+    return "insufficient_quota" in (_error_field(exc, "code"), _error_field(exc, "type"))
+
+
+def fatal_message(exc: openai.APIError, model: str, api_key: str | None = None) -> str | None:
+    """Why the job cannot go on, when the answer is one every other row
+    would get too; None otherwise. The provider's own words are kept,
+    with the key struck out."""
+    said = _provider_words(exc, api_key)
+    if isinstance(exc, openai.RateLimitError) and _quota_spent(exc):
+        return f"the LLM provider says the key's quota is spent: {said}"
+    if isinstance(exc, openai.AuthenticationError):
+        return f"the LLM provider refused the API key (401): {said}; check OPENAI_API_KEY"
+    if isinstance(exc, openai.PermissionDeniedError):
+        return f"the LLM provider refused the API key (403): {said}"
+    if isinstance(exc, openai.NotFoundError):
+        return f"the LLM provider has no model {model!r} (404): {said}; check model_name and OPENAI_BASE_URL"
+    return None
 
 
 def request_arguments(messages: list[dict[str, Any]], call: CallSettings) -> dict[str, Any]:
@@ -191,10 +275,14 @@ def describe(exc: openai.APIError, api_key: str | None = None) -> str:
     if isinstance(exc, openai.APIConnectionError):
         return "could not connect to the LLM endpoint"
     status = getattr(exc, "status_code", None)
+    return f"LLM error {status}: {_provider_words(exc, api_key)}"
+
+
+def _provider_words(exc: openai.APIError, api_key: str | None) -> str:
     body = getattr(exc, "body", None)
     message = body.get("message") if isinstance(body, dict) else None
     message = str(message or getattr(exc, "message", "") or exc).strip().rstrip(".")
-    return f"LLM error {status}: {redact(message, api_key)[:300]}"
+    return redact(message, api_key)[:300]
 
 
 _CREDENTIALS = re.compile(r"(?i)\b(?:bearer\s+\S+|sk-[a-z0-9_\-*]{6,})")
@@ -275,6 +363,52 @@ def retry_after_seconds(exc: Exception) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, moment.timestamp() - time.time())
+
+
+def rate_limit_info(headers) -> RateLimitInfo | None:
+    """What an answer's headers say of the endpoint's limits (OpenAI's
+    retry-after, retry-after-ms and x-ratelimit-* headers), or None when
+    they say nothing."""
+    if not headers:
+        return None
+    found = {
+        "retry_after": retry_after_seconds(SimpleNamespace(response=SimpleNamespace(headers=headers))),
+        "reset_requests": duration_seconds(headers.get("x-ratelimit-reset-requests")),
+        "reset_tokens": duration_seconds(headers.get("x-ratelimit-reset-tokens")),
+        "remaining_requests": _count(headers.get("x-ratelimit-remaining-requests")),
+        "remaining_tokens": _count(headers.get("x-ratelimit-remaining-tokens")),
+        "limit_requests": _count(headers.get("x-ratelimit-limit-requests")),
+        "limit_tokens": _count(headers.get("x-ratelimit-limit-tokens")),
+    }
+    if all(value is None for value in found.values()):
+        return None
+    return RateLimitInfo(**found)
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def duration_seconds(value: str | None) -> float | None:
+    """OpenAI's reset durations ("1s", "6m0s", "250ms", "1h2m3.5s"), or a bare number of seconds."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    parts = _DURATION_PART.findall(value)
+    if not parts or "".join(number + unit for number, unit in parts) != value:
+        return None
+    return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
+
+
+def _count(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 def backoff_seconds(attempt: int, retry_after: float | None, call: CallSettings) -> float:

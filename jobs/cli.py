@@ -218,10 +218,12 @@ class ProgressLine:
             self._write(f"\r{line}\x1b[K")
             self.drawn = True
         elif final or time.monotonic() - self.last_logged >= self.LOG_EVERY_SECONDS:
+            # Only a line written counts as the last: a final line equal to
+            # one shown but held back (between logs) is still written.
             if line != self.last_line:
                 self._write(line + "\n")
+                self.last_line = line
             self.last_logged = time.monotonic()
-        self.last_line = line
 
     def note(self, text: str) -> None:
         """A message on its own line, leaving the progress line below it."""

@@ -174,6 +174,12 @@ class ExtractRow(models.Model):
     )
     prompt_tokens = models.PositiveIntegerField(default=0, db_default=0)
     completion_tokens = models.PositiveIntegerField(default=0, db_default=0)
+    # What a budgeted job's claim set aside for this row's calls (its prompt
+    # and max_tokens of answer, for each ask): counted against the budget
+    # while the row is running, so calls in flight cannot overspend it. A
+    # database default: rows are inserted by SQL that names its columns.
+    reserved_prompt_tokens = models.PositiveIntegerField(default=0, db_default=0)
+    reserved_completion_tokens = models.PositiveIntegerField(default=0, db_default=0)
     claimed_by = models.CharField(
         max_length=150,
         blank=True,
@@ -357,3 +363,41 @@ class IdempotencyKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.key[:40]} → job {self.job_id}"
+
+
+class ProviderEndpoint(models.Model):
+    """The shared state of one LLM endpoint lane (a base URL and key, hashed,
+    and a model where limits are set per model): the calls it allows in
+    flight as adapted to its refusals, a pause every caller keeps, and the
+    request and token rates' GCRA arrival times (epoch seconds). Rows are
+    locked only by provider_limits.settle, briefly."""
+
+    key = models.CharField(max_length=300, primary_key=True)
+    allowed = models.FloatField(null=True, blank=True)
+    slow_start = models.BooleanField(default=True)
+    decreased_at = models.FloatField(default=0.0)
+    paused_until = models.FloatField(default=0.0)
+    request_tat = models.FloatField(default=0.0)
+    token_tat = models.FloatField(default=0.0)
+
+    def __str__(self) -> str:
+        return self.key
+
+
+class ProviderLease(models.Model):
+    """One worker process's part of an endpoint lane's calls in flight:
+    renewed while it calls; one not renewed for a lease period is a dead
+    process's and no longer counts."""
+
+    endpoint = models.ForeignKey(ProviderEndpoint, on_delete=models.CASCADE, related_name="leases")
+    holder = models.CharField(max_length=64)
+    held = models.PositiveIntegerField(default=0)
+    wants = models.PositiveIntegerField(default=0)
+    in_flight = models.PositiveIntegerField(default=0)
+    renewed_at = models.FloatField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["endpoint", "holder"], name="lease_endpoint_holder")]
+
+    def __str__(self) -> str:
+        return f"{self.holder}: {self.held} of {self.endpoint_id}"

@@ -24,7 +24,7 @@ from extraction.extract import CacheKeys, RowOutcome, build_messages, extract_ro
 from extraction.llm import LLMCallError, make_client
 
 from .models import ExtractJob, JobState
-from .services import cache, claims, lifecycle, sql
+from .services import cache, claims, lifecycle, provider_limits, sql
 from .worker.engine import WorkerSettings, extraction_spec
 
 log = logging.getLogger(__name__)
@@ -109,11 +109,21 @@ def _extract(
         return outcome_from_answer(answer, row.data, question_id=row.question_id, spec=spec), Ended.RECORDED
     deadline = time.monotonic() + deadline_seconds(config)
     loop = asyncio.new_event_loop()
-    client = call = None
+    client = call = gate = None
     try:
         client = make_client(api_key=config.api_key, base_url=config.base_url, timeout=config.llm_timeout)
+        # The endpoint's limits hold for this call too, as for the workers'.
+        gate = provider_limits.shared_gate(api_key=config.api_key, base_url=config.base_url)
         call = loop.create_task(
-            extract_row(client, row.data, question_id=row.question_id, spec=spec, messages=messages, key=key)
+            extract_row(
+                client,
+                row.data,
+                question_id=row.question_id,
+                spec=spec,
+                messages=messages,
+                key=key,
+                gate=gate,
+            )
         )
         last_lease = time.monotonic()
         while True:
@@ -139,7 +149,14 @@ def _extract(
             loop.run_until_complete(asyncio.gather(call, return_exceptions=True))
         if client is not None:
             loop.run_until_complete(client.close())
+        # The gate's settles with the store, if one is under way.
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         loop.close()
+        if gate is not None:
+            gate.close()
 
 
 def _timed_out(config: WorkerSettings) -> RowOutcome:

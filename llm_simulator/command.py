@@ -32,6 +32,21 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--api-key", default=None, help="require this bearer token (default: any)")
     parser.add_argument("--models", type=_models, default=defaults.models, help="comma-separated model names")
     parser.add_argument(
+        "--max-concurrency", type=int, default=None, help="429 for a request beyond this many in flight"
+    )
+    parser.add_argument(
+        "--rpm", type=int, default=None, help="requests per minute, 429 beyond (OpenAI's headers)"
+    )
+    parser.add_argument(
+        "--tpm", type=int, default=None, help="tokens per minute (prompt/4 + max_tokens), 429 beyond"
+    )
+    parser.add_argument(
+        "--quota-spent",
+        action="store_true",
+        help="answer 429 insufficient_quota to every chat request (end it at run time: quota_spent false)",
+    )
+    parser.add_argument("--forbidden", action="store_true", help="answer 403 to every chat request")
+    parser.add_argument(
         "--no-structured-output",
         dest="structured_output",
         action="store_false",

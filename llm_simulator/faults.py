@@ -17,6 +17,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from llm_simulator.answers import REFUSAL_TEXT, compose_answer
+from llm_simulator.limits import ProviderLimits
 from llm_simulator.options import SimulatorOptions
 
 LOG_LIMIT = 200_000  # a long benchmark must not grow the log without bound
@@ -59,6 +60,7 @@ class Simulator:
         self._outcomes = Counter()
         self._failures_left = {}
         self._asked = set()  # user messages seen, for rate_bad_json_first
+        self._limits = ProviderLimits()
 
     def configure(self, changes: dict) -> SimulatorOptions:
         options = self.options.updated(changes)
@@ -126,6 +128,10 @@ class Simulator:
     def _reply(self, request, problem, authorization, record) -> Reply:
         if not self.authorized(authorization):
             return error_reply(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+        if refused := self._limits.refused_before_the_model(self.options):
+            reply = error_reply(*refused)
+            reply.outcome = "quota_spent" if refused[0] == 429 else reply.outcome
+            return reply
         if problem:
             return error_reply(400, problem, "invalid_request_error", None)
         if request["model"] not in self.options.models:
@@ -136,6 +142,11 @@ class Simulator:
                 "Invalid parameter: 'response_format' of type 'json_schema' is not supported with this model."
             )
             return error_reply(400, message, "invalid_request_error", None)
+        if over := self._limits.take(self.options, request, in_flight=len(self._open)):
+            message, headers = over
+            reply = error_reply(429, message, "requests", "rate_limit_exceeded")
+            reply.headers.update(headers)
+            return reply
         user = _user_content(request["messages"])
         # Draw from the RNG for every valid request, so a marker does not shift later draws.
         roll = self._rng.random()
@@ -148,6 +159,7 @@ class Simulator:
             return error_reply(400, f"Bad request for credentials {authorization}", "invalid_request_error")
         delay = max(0.0, (self.options.latency_ms if latency_ms is None else latency_ms) + jitter) / 1000
         reply = self._fault_reply(kind) or self._answer_reply(request, user, kind, record["id"])
+        reply.headers.update(self._limits.headers(self.options))
         reply.delay = None if kind == "hang" else delay
         return reply
 
@@ -253,6 +265,7 @@ def error_reply(status: int, message: str, error_type: str, code: str | None = N
     outcome = {
         400: "bad_request",
         401: "unauthorized",
+        403: "forbidden",
         404: "not_found",
         429: "rate_limited",
         500: "server_error",

@@ -7,6 +7,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from llm_simulator.limits import check_limit_options
+
 DEFAULT_MODELS = ("gpt-4o-mini", "gpt-4.1", "gpt-4o", "sim-model")
 
 
@@ -36,6 +38,13 @@ class SimulatorOptions:
     # While true, answers wait (a request still arrives, is logged, and is
     # aborted if its client leaves): lets a test hold a job open.
     paused: bool = False
+    # The provider's limits (llm_simulator.limits): None is no limit.
+    max_concurrency: int | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    # Every chat request answers 429 insufficient_quota, or 403, while true.
+    quota_spent: bool = False
+    forbidden: bool = False
 
     def __post_init__(self):
         for name in ("latency_ms", "jitter_ms"):
@@ -61,6 +70,7 @@ class SimulatorOptions:
         for name in ("structured_output", "paused"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionError(f"{name} must be true or false")
+        check_limit_options(self)
 
     def updated(self, changes: dict) -> SimulatorOptions:
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})

@@ -67,6 +67,43 @@ def envprices(name: str) -> dict[str, tuple[float, float]]:
         ) from None
 
 
+def envcount(name: str) -> int | None:
+    """A whole number of at least 1, or None when unset."""
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    return envint(name, 0, minimum=1)
+
+
+LIMIT_NAMES = ("max_concurrency", "rpm", "tpm")
+
+
+def envlimits(name: str) -> dict[str, dict[str, float]]:
+    """Per-model endpoint limits: JSON mapping a model to some of
+    max_concurrency, rpm and tpm, each a number of at least 1."""
+    value = os.environ.get(name)
+    if not value:
+        return {}
+    example = '{"gpt-4o-mini": {"max_concurrency": 50, "rpm": 5000, "tpm": 2000000}}'
+    try:
+        table = json.loads(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} is not JSON; e.g. {example}") from None
+    if not isinstance(table, dict):
+        raise ImproperlyConfigured(f"{name} must map each model to its limits, e.g. {example}")
+    limits = {}
+    for model, values in table.items():
+        if not isinstance(values, dict) or not values:
+            raise ImproperlyConfigured(f"{name}: {model!r} must map to some of {', '.join(LIMIT_NAMES)}")
+        for key, number in values.items():
+            if key not in LIMIT_NAMES:
+                raise ImproperlyConfigured(f"{name}: {model!r} has {key!r}; use {', '.join(LIMIT_NAMES)}")
+            if isinstance(number, bool) or not isinstance(number, int | float) or number < 1:
+                raise ImproperlyConfigured(f"{name}: {model!r} {key} must be a number of at least 1")
+        limits[str(model)] = {key: float(number) for key, number in values.items()}
+    return limits
+
+
 def envrate(name: str, default: str) -> str:
     value = os.environ.get(name) or default
     count, _, period = value.partition("/")
@@ -293,6 +330,16 @@ STRINGSIGHT_LLM_TIMEOUT = envfloat("STRINGSIGHT_LLM_TIMEOUT", 120.0, minimum=1.0
 STRINGSIGHT_MAX_ATTEMPTS = envint("STRINGSIGHT_MAX_ATTEMPTS", 4, minimum=1)
 STRINGSIGHT_RETRY_BASE_SECONDS = envfloat("STRINGSIGHT_RETRY_BASE_SECONDS", 1.0)
 STRINGSIGHT_RETRY_MAX_SECONDS = envfloat("STRINGSIGHT_RETRY_MAX_SECONDS", 60.0)
+# Limits of the LLM endpoint (OPENAI_BASE_URL with OPENAI_API_KEY), shared
+# by every job, worker process and machine (in the database, or in Redis with
+# Q_REDIS_URL): calls in flight, requests and tokens per minute. Unset, the
+# workers still adapt to the endpoint's refusals (429) and headers.
+# STRINGSIGHT_LLM_LIMITS (JSON) sets them for a model, which then has its own.
+STRINGSIGHT_LLM_MAX_CONCURRENCY = envcount("STRINGSIGHT_LLM_MAX_CONCURRENCY")
+STRINGSIGHT_LLM_RPM = envcount("STRINGSIGHT_LLM_RPM")
+STRINGSIGHT_LLM_TPM = envcount("STRINGSIGHT_LLM_TPM")
+STRINGSIGHT_LLM_LIMITS = envlimits("STRINGSIGHT_LLM_LIMITS")
+STRINGSIGHT_LIMITS_REDIS_URL = os.environ.get("Q_REDIS_URL") or None
 # Ask for JSON-schema structured output; turn off for endpoints without it
 # (the parser reads free text either way).
 STRINGSIGHT_STRUCTURED_OUTPUT = envbool("STRINGSIGHT_STRUCTURED_OUTPUT", True)

@@ -243,7 +243,9 @@ def test_the_llm_key_never_reaches_errors_logs_or_responses(api, user, sim, capl
     assert echoed.status == "failed"
     assert echoed.error == "LLM error 400: Bad request for credentials [redacted]"
     failing.refresh_from_db()
-    assert failing.error == "LLM authentication failed (401): check OPENAI_API_KEY"
+    assert failing.error == (
+        "the LLM provider refused the API key (401): Incorrect API key provided; check OPENAI_API_KEY"
+    )
     responses = [
         api.get(f"/api/jobs/{job.id}/").content,
         b"".join(api.get(f"/api/jobs/{job.id}/result/").streaming_content),

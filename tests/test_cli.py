@@ -23,7 +23,7 @@ from django.db import connection
 
 from extraction.extract import RowOutcome
 from jobs import exports
-from jobs.cli import progress_text, read_rows
+from jobs.cli import ProgressLine, progress_text, read_rows
 from jobs.formatting import format_cost, format_duration
 from jobs.management.commands import extract
 from jobs.models import ExtractJob
@@ -424,6 +424,32 @@ def test_the_progress_line_shows_rate_eta_tokens_and_cost():
     assert progress_text({**detail, "rows_per_second": None, "eta_seconds": None}).endswith(
         "| — rows/s | ETA — | 251,230 tokens | $0.0451"
     )
+
+
+def test_off_a_terminal_the_final_progress_line_is_always_written():
+    class Log(io.StringIO):
+        def write(self, text, style_func=None, ending=""):
+            return super().write(text)
+
+    detail = {
+        "state": "queued",
+        "count_total": 2,
+        "count_done": 0,
+        "count_failed": 0,
+        "rows_per_second": None,
+        "eta_seconds": None,
+        "usage": {"total_tokens": 0},
+        "cost_usd": None,
+    }
+    done = {**detail, "state": "done", "count_done": 2}
+    log = Log()
+    progress = ProgressLine(log)
+
+    progress.show(detail)
+    progress.show(done)  # within the interval between logs: held back
+    progress.show(done, final=True)
+
+    assert log.getvalue().splitlines() == [progress_text(detail), progress_text(done)]
 
 
 def test_read_rows_takes_a_json_list_too(tmp_path):

@@ -317,11 +317,16 @@ def test_credentials_the_llm_refuses_answer_502_and_end_the_job_in_error(api, ll
     job = ExtractJob.objects.get()
     assert response.status_code == 502
     assert response.json() == {
-        "detail": "LLM authentication failed (401): check OPENAI_API_KEY",
+        "detail": (
+            "the LLM provider refused the API key (401): Incorrect API key provided; check OPENAI_API_KEY"
+        ),
         "code": "llm_error",
         "job_id": str(job.id),
     }
-    assert (job.state, job.error) == ("error", "LLM authentication failed (401): check OPENAI_API_KEY")
+    assert (job.state, job.error) == (
+        "error",
+        "the LLM provider refused the API key (401): Incorrect API key provided; check OPENAI_API_KEY",
+    )
 
 
 def test_no_answer_within_the_deadline_answers_504_and_aborts_the_call(api, llm, settings):

@@ -70,7 +70,7 @@ def test_backoff_waits_at_least_retry_after_but_never_past_the_cap():
 
 def call(sim, **overrides):
     settings = CallSettings(**{**vars(CALL), "retry_base": 0.01, "retry_max": 0.05, **overrides})
-    client = openai.AsyncOpenAI(api_key="k", base_url=sim.base_url, max_retries=0)
+    client = openai.AsyncOpenAI(api_key="sim-test-key-0123", base_url=sim.base_url, max_retries=0)
 
     async def go():
         try:
@@ -92,26 +92,51 @@ def test_complete_sends_parameters_exactly_and_reports_usage(sim):
     assert (request["temperature"], request["top_p"], request["max_tokens"]) == (0.0, 0.25, 777)
 
 
-def test_complete_retries_rate_limits_until_the_budget_is_spent(sim):
+def test_rate_limit_refusals_spend_no_attempt_but_are_bounded(sim):
     sim.configure(rate_429=1.0, retry_after=0)
 
     with pytest.raises(LLMCallError) as caught:
-        call(sim, max_attempts=3)
+        call(sim, max_attempts=2, rate_limit_attempts=5)
 
     assert caught.value.fatal_for_job is False
-    assert caught.value.attempts == 3
-    assert str(caught.value).startswith("LLM error 429: Rate limit reached")
-    assert len(sim.requests()) == 3
+    assert caught.value.attempts == 5
+    assert str(caught.value) == (
+        "LLM error 429: Rate limit reached for requests (simulated); "
+        "gave up after 5 answers refused for the endpoint's rate limit"
+    )
+    assert len(sim.requests()) == 5
+
+
+def test_a_call_refused_for_the_rate_more_often_than_its_attempts_still_succeeds(sim):
+    settings = CallSettings(**{**vars(CALL), "retry_base": 0.01, "retry_max": 0.05, "max_attempts": 2})
+    messages = [MESSAGES[0], {"role": "user", "content": "hello [[sim:429x3]]"}]
+
+    async def go():
+        client = openai.AsyncOpenAI(api_key="sim-test-key-0123", base_url=sim.base_url, max_retries=0)
+        try:
+            return await complete(client, messages, settings)
+        finally:
+            await client.close()
+
+    completion = asyncio.run(go())
+
+    assert completion.attempts == 4
+    assert [r["outcome"] for r in sim.requests()] == ["rate_limited"] * 3 + ["ok"]
 
 
 @pytest.mark.parametrize(
     ("configure", "overrides", "message"),
     [
-        ({"api_key": "other"}, {}, "LLM authentication failed (401): check OPENAI_API_KEY"),
+        (
+            {"api_key": "other"},
+            {},
+            "the LLM provider refused the API key (401): Incorrect API key provided; check OPENAI_API_KEY",
+        ),
         (
             {},
             {"model": "no-such-model"},
-            "LLM model not found (404): check model_name 'no-such-model' and OPENAI_BASE_URL",
+            "the LLM provider has no model 'no-such-model' (404): The model `no-such-model` does not exist "
+            "or you do not have access to it; check model_name and OPENAI_BASE_URL",
         ),
     ],
 )

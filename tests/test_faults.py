@@ -98,7 +98,10 @@ def test_an_unknown_model_fails_the_job_at_once(user, sim):
 
     job.refresh_from_db()
     assert job.state == "error"
-    assert job.error == "LLM model not found (404): check model_name 'no-such-model' and OPENAI_BASE_URL"
+    assert job.error == (
+        "the LLM provider has no model 'no-such-model' (404): The model `no-such-model` does not exist "
+        "or you do not have access to it; check model_name and OPENAI_BASE_URL"
+    )
     assert len(sim.requests()) <= 3
 
 

@@ -4,6 +4,7 @@ and the admin sign-in cannot be guessed at speed (issue 19)."""
 import asyncio
 import json
 import urllib.parse
+from types import SimpleNamespace
 
 import pytest
 from django.test import Client
@@ -40,7 +41,7 @@ class EchoingEndpoint:
 
     api_key = KEY
 
-    async def post(self, path, *, content, cast_to):
+    async def post(self, path, *, content, cast_to, options=None):
         answer = json.dumps(
             [
                 {
@@ -50,7 +51,7 @@ class EchoingEndpoint:
                 }
             ]
         )
-        return cast_to.model_validate(
+        completion = cast_to.model_validate(
             {
                 "id": "c",
                 "object": "chat.completion",
@@ -62,6 +63,8 @@ class EchoingEndpoint:
                 "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
             }
         )
+        # Asked for the raw response (for its rate-limit headers), as the SDK answers.
+        return SimpleNamespace(headers={}, parse=lambda: completion)
 
 
 def test_an_answer_quoting_the_key_is_kept_without_it():

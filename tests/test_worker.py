@@ -174,7 +174,10 @@ def test_worker_fails_the_job_at_once_on_bad_credentials(user, sim):
     run_job(job, sim, api_key="a-wrong-key")
 
     job.refresh_from_db()
-    assert (job.state, job.error) == ("error", "LLM authentication failed (401): check OPENAI_API_KEY")
+    assert (job.state, job.error) == (
+        "error",
+        "the LLM provider refused the API key (401): Incorrect API key provided; check OPENAI_API_KEY",
+    )
     assert len(sim.requests()) <= 4
     assert "a-wrong-key" not in job.error
 

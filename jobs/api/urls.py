@@ -1,5 +1,6 @@
 from django.urls import path
 
+from .estimate import EstimateJobView, SeedEstimateJobView
 from .frontend import (
     DetectAndValidateView,
     ExtractSingleView,
@@ -45,6 +46,9 @@ frontend_aliases = [
 
 urlpatterns = [
     path("api/jobs/", jobs, name="jobs-list"),
+    # Before the job paths, which would take "estimate" for a job id.
+    path("api/jobs/estimate/", EstimateJobView.as_view(), name="jobs-estimate"),
+    path("extract/jobs/estimate", SeedEstimateJobView.as_view(), name="extract-jobs-estimate"),
     path("api/jobs/<str:job_id>/", detail, name="jobs-detail"),
     path("api/jobs/<str:job_id>/cancel/", cancel, name="jobs-cancel"),
     path("api/jobs/<str:job_id>/result/", result, name="jobs-result"),

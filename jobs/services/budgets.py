@@ -1,6 +1,7 @@
 """What a job may spend: prices, the estimate at start, a job's token and
 cost budgets, and the daily budget of each user."""
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
@@ -8,6 +9,7 @@ from django.db.models import F, FloatField, Sum
 from django.utils import timezone
 
 from extraction.render import render_row
+from extraction.tokens import prompt_counter
 
 from ..events import log_event
 from ..models import (
@@ -119,42 +121,65 @@ def check_daily_budget(*, owner, model_name: str, estimate: float | None) -> Non
         )
 
 
+# An unusable first answer is asked again (extraction.extract), so a row
+# may make two calls: its reservation covers both.
+ASKS_PER_ROW = 2
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Tokens set aside for calls in flight: their prompts, and max_tokens of answer each."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def __add__(self, other: "Reservation") -> "Reservation":
+        return Reservation(
+            self.prompt_tokens + other.prompt_tokens, self.completion_tokens + other.completion_tokens
+        )
+
+
+def prompt_tokens_for(job: ExtractJob, data: dict[str, Any]) -> int:
+    """The row's prompt as the LLM will count it: with the model's own
+    encoding where one ships with us (extraction.tokens), else estimated."""
+    rendered = render_row(data, job.method, include_scores=job.include_scores_in_prompt)
+    messages = [
+        {"role": "system", "content": job.resolved_system_prompt},
+        {"role": "user", "content": rendered},
+    ]
+    return prompt_counter(job.model_name).messages(messages)
+
+
+def reservation_for(job: ExtractJob, data: dict[str, Any]) -> Reservation:
+    return Reservation(prompt_tokens_for(job, data) * ASKS_PER_ROW, job.max_tokens * ASKS_PER_ROW)
+
+
 def within_budget(
-    job: ExtractJob, rows: list[dict], running: int, daily_left: float | None = None
-) -> list[dict]:
-    """The leading rows whose calls the budget can still pay for, counting
-    the calls already in flight. A call's cost is estimated: its prompt from
-    the rendered messages (about four characters a token), its answer from
-    the average so far, or max_tokens before any answer is in. `daily_left`
-    is what the owner's daily budget has left beyond this job's cost so far."""
-    calls = job.count_done + job.count_failed - job.cache_hits
-    answer_tokens = job.completion_tokens / calls if calls > 0 else job.max_tokens
-    estimates = [(estimate_prompt_tokens(job, row["data"]), answer_tokens) for row in rows]
-    if calls > 0:
-        in_flight = (job.prompt_tokens / calls, answer_tokens)
-    else:
-        in_flight = estimates[0] if estimates else (0, answer_tokens)
-    tokens_left = cost_left = float("inf")
-    if job.max_total_tokens is not None:
-        tokens_left = job.max_total_tokens - job.total_tokens - running * sum(in_flight)
-    if job.max_cost_usd is not None:
-        cost_left = job.max_cost_usd - job.cost_usd - running * job.cost_of(*in_flight)
-    if daily_left is not None:
-        cost_left = min(cost_left, daily_left - running * job.cost_of(*in_flight))
+    job: ExtractJob, rows: list[dict], reserved: Reservation, daily_left: float | None = None
+) -> list[tuple[dict, Reservation]]:
+    """The leading rows whose calls the budget can hold: what is spent, plus
+    what the calls in flight have reserved (`reserved`), plus each row's own
+    reservation, must stay within max_total_tokens and max_cost_usd; and
+    the cost of the reservations within `daily_left`, what the owner's
+    daily budget has left beyond this job's cost so far. Each row comes
+    with its reservation."""
     affordable = []
-    for row, (prompt, answer) in zip(rows, estimates, strict=True):
-        tokens_left -= prompt + answer
-        if job.max_cost_usd is not None or daily_left is not None:
-            cost_left -= job.cost_of(prompt, answer)
-        if tokens_left < 0 or cost_left < 0:
+    for row in rows:
+        mine = reservation_for(job, row["data"])
+        held = reserved + mine
+        if job.max_total_tokens is not None and (
+            job.total_tokens + held.prompt_tokens + held.completion_tokens > job.max_total_tokens
+        ):
             break
-        affordable.append(row)
+        if job.has_prices:
+            cost = job.cost_of(held.prompt_tokens, held.completion_tokens)
+            if job.max_cost_usd is not None and job.cost_usd + cost > job.max_cost_usd:
+                break
+            if daily_left is not None and cost > daily_left:
+                break
+        reserved = held
+        affordable.append((row, mine))
     return affordable
-
-
-def estimate_prompt_tokens(job: ExtractJob, row: dict[str, Any]) -> int:
-    rendered = render_row(row, job.method, include_scores=job.include_scores_in_prompt)
-    return (len(job.resolved_system_prompt) + len(rendered)) // 4 + 1
 
 
 def end_over_budget(job: ExtractJob, *, now, daily_left: float | None = None) -> None:

@@ -12,7 +12,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import DatabaseError, transaction
-from django.db.models import F
+from django.db.models import Count, F, Sum
 from django.utils import timezone
 
 from extraction.extract import RowOutcome
@@ -25,7 +25,7 @@ from ..models import (
     RowStatus,
     WorkerSlots,
 )
-from .budgets import end_over_budget, spent_today, within_budget
+from .budgets import Reservation, end_over_budget, spent_today, within_budget
 from .cache import remember_answers
 from .sql import ClaimedRow, finish_rows, insert_properties, lock_if_running, take_pending_rows
 
@@ -56,6 +56,8 @@ CLAIM_FIELDS = (
     "cache_hits",
     "method",
     "include_scores_in_prompt",
+    "model_name",
+    "resolved_system_prompt",
 )
 
 
@@ -86,9 +88,15 @@ def claim_rows(*, job_id, worker_id: str, limit: int) -> Claim:
             picked = take_pending_rows(job_id, worker_id=worker_id, limit=limit, now=now)
             return Claim(rows=picked, job_running=True, pending_left=len(picked) == limit)
         # With a budget the rows are read first: whether each is affordable
-        # depends on its size.
+        # depends on its size. The calls in flight count at what their rows
+        # reserved, and each row taken reserves its own.
         job_rows = ExtractRow.objects.filter(job_id=job_id)
-        running = job_rows.filter(status=RowStatus.RUNNING).count()
+        held = job_rows.filter(status=RowStatus.RUNNING).aggregate(
+            running=Count("id"),
+            prompt=Sum("reserved_prompt_tokens"),
+            completion=Sum("reserved_completion_tokens"),
+        )
+        running = held["running"]
         pending = job_rows.filter(status=RowStatus.PENDING).order_by("index")
         picked = list(
             pending.select_for_update(skip_locked=True).values(
@@ -100,16 +108,29 @@ def claim_rows(*, job_id, worker_id: str, limit: int) -> Claim:
             # The owner's spend today includes this job's; its calls in
             # flight are counted by within_budget.
             daily_left = daily - spent_today(owner_id=job.owner_id)
-        affordable = within_budget(job, picked, running, daily_left=daily_left)
+        reserved = Reservation(held["prompt"] or 0, held["completion"] or 0)
+        affordable = within_budget(job, picked, reserved, daily_left=daily_left)
         if picked and not affordable and not running:
             end_over_budget(job, now=now, daily_left=daily_left)
             return Claim(rows=[], job_running=False, pending_left=False)
-        ExtractRow.objects.filter(pk__in=[row["id"] for row in affordable]).update(
+        ExtractRow.objects.filter(pk__in=[row["id"] for row, _ in affordable]).update(
             status=RowStatus.RUNNING,
             claimed_by=worker_id,
             lease_expires_at=now + timedelta(seconds=settings.STRINGSIGHT_LEASE_SECONDS),
             started_at=now,
         )
+        ExtractRow.objects.bulk_update(
+            [
+                ExtractRow(
+                    id=row["id"],
+                    reserved_prompt_tokens=reservation.prompt_tokens,
+                    reserved_completion_tokens=reservation.completion_tokens,
+                )
+                for row, reservation in affordable
+            ],
+            ["reserved_prompt_tokens", "reserved_completion_tokens"],
+        )
+        affordable = [row for row, _ in affordable]
     pending_left = len(picked) == limit or len(affordable) < len(picked)
     return Claim(rows=[ClaimedRow(**row) for row in affordable], job_running=True, pending_left=pending_left)
 

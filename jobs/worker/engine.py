@@ -41,7 +41,7 @@ from extraction.llm import CallSettings, LLMCallError, make_client
 from extraction.prompts import response_format
 
 from ..models import ExtractJob, JobState
-from ..services import cache, claims, grants, lifecycle
+from ..services import cache, claims, grants, lifecycle, provider_limits
 from ..services.claims import RENEWALS_PER_LEASE
 from ..services.sql import ClaimedRow
 from .callpool import CallPool, LoopThread
@@ -166,6 +166,7 @@ class Engine:
         self.loop_thread: LoopThread | None = None
         self.pool: CallPool | None = None
         self.client = None
+        self.gate = None
 
     def run(self) -> str:
         self.loop_thread = LoopThread()
@@ -175,6 +176,8 @@ class Engine:
         self.client = make_client(
             api_key=self.config.api_key, base_url=self.config.base_url, timeout=self.config.llm_timeout
         )
+        # Every call passes the endpoint's limits, shared with every worker.
+        self.gate = provider_limits.shared_gate(api_key=self.config.api_key, base_url=self.config.base_url)
         try:
             reason = self._serve()
             if reason is StopReason.TIME_UP and self.only_job is None:
@@ -184,6 +187,7 @@ class Engine:
                 self.pool.stop(job_id)
             # Cancelling the calls closes their connections before we return.
             self.loop_thread.close(self.client.close)
+            self.gate.close()
             self._leave()
         log.info("worker %s recorded %d rows: %s", self.worker_id, self.recorded, reason.value)
         return f"recorded {self.recorded} rows; {reason.value}"
@@ -352,7 +356,13 @@ class Engine:
 
     def _call(self, spec: ExtractionSpec, row: ClaimedRow, messages: list[dict], key: str):
         return extract_row(
-            self.client, row.data, question_id=row.question_id, spec=spec, messages=messages, key=key
+            self.client,
+            row.data,
+            question_id=row.question_id,
+            spec=spec,
+            messages=messages,
+            key=key,
+            gate=self.gate,
         )
 
     def _ask_for_help_if_short(self, wanted: int) -> None:

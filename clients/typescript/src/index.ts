@@ -50,6 +50,8 @@ export type StartJobBody = Omit<StartRequest, "rows"> & {
   use_wandb?: boolean;
 };
 export type StartJobResponse = Ok<StartOperation>;
+/** What a start body would cost: rows, cached rows, calls, tokens, USD and seconds. */
+export type EstimateResponse = Ok<paths["/api/jobs/estimate/"]["post"]>;
 export type StatusResponse = Ok<paths["/extract/jobs/status"]["get"]>;
 export type ResultResponse = Ok<paths["/extract/jobs/result"]["get"]>;
 export type CancelJobResponse = Ok<paths["/extract/jobs/cancel"]["post"]>;
@@ -232,6 +234,10 @@ export interface Client {
   /** `POST /extract/jobs/start`: start a job; answers its status (state
    * `queued`). With `idempotencyKey`, sending it again is safe. */
   extractJobStart(body: StartJobBody, options?: StartOptions): Promise<StartJobResponse>;
+  /** `POST /api/jobs/estimate/`: what `extractJobStart` with this body would
+   * cost (tokens, USD, seconds), validated as a start is (same 400s); no
+   * job is started and no LLM is called. */
+  estimateJob(body: StartJobBody): Promise<EstimateResponse>;
   /** `GET /extract/jobs/status?job_id=`: state, progress and counters. */
   extractJobStatus(jobId: string): Promise<StatusResponse>;
   /** `GET /extract/jobs/result?job_id=`: every property once the job is done,
@@ -310,6 +316,7 @@ export function createClient(options: ClientOptions = {}): Client {
         json: body,
         headers: idempotencyKey === undefined ? {} : { "Idempotency-Key": idempotencyKey },
       }),
+    estimateJob: (body) => call("POST", "/api/jobs/estimate/", { json: body }),
     extractJobStatus: (jobId) => call("GET", "/extract/jobs/status", { query: { job_id: jobId } }),
     extractJobResult: (jobId) => call("GET", "/extract/jobs/result", { query: { job_id: jobId } }),
     extractJobCancel: (jobId) => call("POST", "/extract/jobs/cancel", { json: { job_id: jobId } }),
@@ -354,6 +361,7 @@ export const getPromptText: Client["getPromptText"] = (...args) => defaultClient
 export const extractSingle: Client["extractSingle"] = (...args) => defaultClient.extractSingle(...args);
 export const detectAndValidate: Client["detectAndValidate"] = (...args) => defaultClient.detectAndValidate(...args);
 export const extractJobStart: Client["extractJobStart"] = (...args) => defaultClient.extractJobStart(...args);
+export const estimateJob: Client["estimateJob"] = (...args) => defaultClient.estimateJob(...args);
 export const extractJobStatus: Client["extractJobStatus"] = (...args) => defaultClient.extractJobStatus(...args);
 export const extractJobResult: Client["extractJobResult"] = (...args) => defaultClient.extractJobResult(...args);
 export const extractJobCancel: Client["extractJobCancel"] = (...args) => defaultClient.extractJobCancel(...args);

@@ -123,6 +123,23 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/jobs/estimate/": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** What a start body would cost, before starting it (no LLM call) */
+        post: operations["jobs_estimate"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/detect-and-validate": {
         parameters: {
             query?: never;
@@ -154,6 +171,23 @@ export interface paths {
          * @description A job that had already finished is left as it is: the answer is 200 with its final state, as upstream StringSight answers (the RESTful path answers 409).
          */
         post: operations["extract_jobs_cancel"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/extract/jobs/estimate": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** What a start body would cost (StringSight path) */
+        post: operations["extract_jobs_estimate"];
         delete?: never;
         options?: never;
         head?: never;
@@ -334,6 +368,26 @@ export interface components {
             /** @description Final: it never changes after the cancel. */
             properties_count: number;
         };
+        CompletionTokens: {
+            /** @description From the model's recent answers; null without any. */
+            expected: number | null;
+            /** @description max_tokens for every call. */
+            max: number;
+        };
+        Cost: {
+            /**
+             * Format: double
+             * @description The prompts alone; null without a price.
+             */
+            low: number | null;
+            /** Format: double */
+            expected: number | null;
+            /**
+             * Format: double
+             * @description The prompts and max_tokens for every call.
+             */
+            high: number | null;
+        };
         DetectResponse: {
             /**
              * @description Null when the columns fit neither method.
@@ -363,6 +417,13 @@ export interface components {
              */
             file: string;
         };
+        Duration: {
+            /**
+             * Format: double
+             * @description Seconds, from max_workers, the endpoint's limits and the latency seen recently; null when no recent latency is known.
+             */
+            expected: number | null;
+        };
         Error: {
             detail: string;
             code: string;
@@ -370,6 +431,19 @@ export interface components {
             errors?: {
                 [key: string]: string[];
             };
+        };
+        Estimate: {
+            /** @description Rows the job would run (after sample_size). */
+            rows: number;
+            /** @description Rows answered from the completion cache, at no cost. */
+            cached_rows: number;
+            /** @description LLM calls: one per row not cached. */
+            calls: number;
+            /** @description With the model's own encoding for OpenAI models, else four characters a token. */
+            prompt_tokens: number;
+            completion_tokens: components["schemas"]["CompletionTokens"];
+            cost_usd: components["schemas"]["Cost"];
+            duration_s: components["schemas"]["Duration"];
         };
         ExtractSingleDebug: {
             raw_answer: string;
@@ -1539,6 +1613,69 @@ export interface operations {
             };
         };
     };
+    jobs_estimate: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["StartJobRequest"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Estimate"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
     detect_and_validate: {
         parameters: {
             query?: never;
@@ -1624,6 +1761,69 @@ export interface operations {
                 };
             };
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+        };
+    };
+    extract_jobs_estimate: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["StartJobRequest"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Estimate"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Error"];
+                };
+            };
+            403: {
                 headers: {
                     [name: string]: unknown;
                 };

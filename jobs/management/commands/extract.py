@@ -20,10 +20,10 @@ from jobs.cli import (
     user_named,
     write_properties,
 )
-from jobs.formatting import format_cost
+from jobs.formatting import format_cost, format_duration
 from jobs.models import ExtractJob, JobState
 from jobs.presenter import detail_payload
-from jobs.services import lifecycle, options
+from jobs.services import estimates, lifecycle, options
 from jobs.services.errors import JobError
 
 QUEUED_HINT_SECONDS = 10.0
@@ -65,6 +65,11 @@ class Command(BaseCommand):
             "--inline", action="store_true", help="run the job in this process instead of on a qcluster"
         )
         parser.add_argument(
+            "--estimate",
+            action="store_true",
+            help="print what the job would cost (tokens, USD, duration) and exit, without starting it",
+        )
+        parser.add_argument(
             "--poll",
             type=float,
             default=0.5,
@@ -77,8 +82,18 @@ class Command(BaseCommand):
         with quiet_logs() if verbosity < 2 else nullcontext():
             self.extract(**options)
 
-    def extract(self, *, input, out, user, inline, poll, **options):
+    def extract(self, *, input, out, user, inline, poll, estimate, **options):
         source = Path(input)
+        if estimate:
+            accepted = accepted_start(source, options)
+            self.stdout.write(
+                estimate_text(
+                    estimates.job_estimate(
+                        rows=accepted.rows, params=accepted.params, encoded_rows=accepted.encoded_rows
+                    )
+                )
+            )
+            return
         output = Path(out) if out else source.with_name(f"{source.stem}.properties.jsonl")
         output_format(output)  # a bad output path fails before any work is done
         job = start_job(source, user, options)
@@ -160,14 +175,22 @@ class Command(BaseCommand):
             raise CommandError(f"job {job.id} was cancelled elsewhere (the API, the admin or `jobs cancel`)")
 
 
-def start_job(source: Path, username: str | None, given: dict) -> ExtractJob:
-    """Start a job of the file's rows by the rules the API starts one by."""
+def accepted_start(source: Path, given: dict) -> options.AcceptedStart:
+    """The file's rows and the options, accepted by the rules the API starts a job by."""
     request = options.StartRequest(
         rows=read_rows(source),
         **{field: given[option] for option, field in START_OPTIONS.items() if given[option] is not None},
     )
     try:
-        accepted = options.accept_start(request)
+        return options.accept_start(request)
+    except JobError as exc:
+        raise CommandError(error_message(exc)) from None
+
+
+def start_job(source: Path, username: str | None, given: dict) -> ExtractJob:
+    """Start a job of the file's rows by the rules the API starts one by."""
+    accepted = accepted_start(source, given)
+    try:
         return lifecycle.job_start(
             owner=user_named(username),
             rows=accepted.rows,
@@ -176,6 +199,30 @@ def start_job(source: Path, username: str | None, given: dict) -> ExtractJob:
         )
     except JobError as exc:
         raise CommandError(error_message(exc)) from None
+
+
+def estimate_text(estimate: dict) -> str:
+    completion, cost = estimate["completion_tokens"], estimate["cost_usd"]
+    expected = completion["expected"]
+    seconds = estimate["duration_s"]["expected"]
+    if cost["high"] is None:
+        costs = "unknown (no price for the model: STRINGSIGHT_PRICES)"
+    else:
+        costs = f"{format_cost(cost['low'])} to {format_cost(cost['high'])}"
+        costs += f", expected {format_cost(cost['expected'])}"
+    return "\n".join(
+        [
+            f"Estimate (no job started, no LLM call made): {estimate['rows']} rows",
+            f"  calls:              {estimate['calls']} "
+            f"({estimate['cached_rows']} rows answered from the cache)",
+            f"  prompt tokens:      {estimate['prompt_tokens']:,}",
+            f"  completion tokens:  expected {'—' if expected is None else f'{expected:,}'}, "
+            f"at most {completion['max']:,}",
+            f"  cost:               {costs}",
+            "  duration:           "
+            + ("— (no recent calls of the model to go by)" if seconds is None else format_duration(seconds)),
+        ]
+    )
 
 
 def summary(job: ExtractJob, written: int, output: Path) -> str:

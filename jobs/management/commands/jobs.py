@@ -85,8 +85,15 @@ class Command(BaseCommand):
         budget = [f"{name} {value}" for name, value in detail["budget"].items() if value is not None] or [
             "none"
         ]
-        lines = [
-            f"Job {job.id}",
+        lines = [f"Job {job.id}"]
+        if job.state == JobState.ERROR and job.error:
+            # First and whole: why the job stopped is what its owner needs.
+            lines += [
+                f"  ERROR: {job.error}",
+                f"  Its unfinished rows are kept: `manage.py jobs resume {job.id}` runs them once the cause "
+                "is fixed.",
+            ]
+        lines += [
             f"  state:       {job.state}" + (f" ({detail['error']})" if detail["error"] else ""),
             f"  owner:       {owner_name(job)}",
             f"  method:      {job.method}",
