@@ -37,7 +37,7 @@ SMOKE_ENV = {"STRINGSIGHT_LEASE_SECONDS": "3", "STRINGSIGHT_SWEEP_SECONDS": "0.5
 def build_parser():
     parser = harness.build_parser(__doc__)
     parser.add_argument("--trials", type=int, help="per scenario (default 3, smoke 1)")
-    parser.add_argument("--rows", type=int, help="per job (default 300, smoke 24)")
+    parser.add_argument("--rows", type=int, help="per job (default 300, smoke 60)")
     parser.add_argument("--latency-ms", type=float, default=1000.0, help="simulated latency")
     parser.add_argument("--max-workers", type=int, help="the job's concurrency (default 16, smoke 2)")
     parser.add_argument("--kill-after", type=float, default=0.2, help="share of rows done at the kill")
@@ -74,7 +74,7 @@ def trial(session, api, *, scenario: str, number: int, args, env: dict) -> dict:
     from extraction.render import render_row
     from jobs.models import ExtractRow, Property
 
-    rows = harness.sized(args, "rows", 300, 24)
+    rows = harness.sized(args, "rows", 300, 60)
     batch = airline_rows(rows, first=number * rows)
     session.simulate(latency_ms=args.latency_ms)
     first = session.qcluster(2, STRINGSIGHT_WORKER_NAME="first", **env)
@@ -133,7 +133,7 @@ def run(session: harness.Session, args) -> Report:
     env = SMOKE_ENV if args.smoke else {}
     report = Report(f"#8 recovery from a killed worker ({session.kind})", smoke=args.smoke)
     session.describe(report)
-    rows = harness.sized(args, "rows", 300, 24)
+    rows = harness.sized(args, "rows", 300, 60)
     max_workers = harness.sized(args, "max_workers", 16, 2)
     report.setting(
         "jobs", f"{rows_description(airline_rows(rows), 'airline demo')}, max_workers {max_workers}"
