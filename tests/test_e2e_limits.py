@@ -97,10 +97,14 @@ def test_three_jobs_without_configuration_adapt_to_the_providers_limit(api, star
 
 
 def test_two_clusters_share_one_endpoint_concurrency(api, start_worker, sim, settings):
-    settings.STRINGSIGHT_CHUNK_SIZE = 20  # the start enqueues a task per 20 rows
+    # Workers of 4 calls: the job's 12 need more than one, so the first on
+    # it asks for another, which only the other cluster can be.
+    settings.STRINGSIGHT_WORKER_CONCURRENCY = 4
     sim.configure(latency_ms=200)
     for name in ("alpha", "beta"):
-        start_worker(name, Q_WORKERS="1", STRINGSIGHT_CHUNK_SIZE="20", STRINGSIGHT_LLM_MAX_CONCURRENCY="6")
+        start_worker(
+            name, Q_WORKERS="1", STRINGSIGHT_WORKER_CONCURRENCY="4", STRINGSIGHT_LLM_MAX_CONCURRENCY="6"
+        )
     # Seven seconds of calls at 6 in flight: both clusters take part.
     job_id = start(api, simple_rows(200), max_workers=12)
 
