@@ -216,6 +216,7 @@ class Session:
         setup_django(env)
         match = self._simulator_service.wait_ready(SIMULATOR_READY.search)
         self.simulator = SimulatorClient(match.group(1))
+        self._simulator_defaults = self.simulator.config()
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -252,8 +253,11 @@ class Session:
         self.token = Token.objects.create(user=user).key
 
     def simulate(self, *, latency_ms: float, jitter_ms: float = 0.0, **faults) -> None:
-        """Set the simulator's latency (and any fault rates) and clear its log."""
-        self.simulator.configure(latency_ms=latency_ms, jitter_ms=jitter_ms, **faults)
+        """Set the simulator's latency and fault rates and clear its log. What
+        is not given is back at the simulator's start-up value, so no fault
+        of an earlier benchmark leaks into the next."""
+        options = {**self._simulator_defaults, "latency_ms": latency_ms, "jitter_ms": jitter_ms, **faults}
+        self.simulator.configure(**options)
         self.simulator.reset()
 
     @contextlib.contextmanager
