@@ -106,7 +106,8 @@ def run(session: harness.Session, args) -> Report:
     session.simulate(latency_ms=200, rpm=600)
     rpm_batch = airline_rows(4 * rpm_jobs, first=70_000)
     bodies = [start_body(rpm_batch[n * rpm_jobs : (n + 1) * rpm_jobs], max_workers=16) for n in range(4)]
-    env = {"STRINGSIGHT_LLM_RPM": "600", "STRINGSIGHT_CHUNK_SIZE": str(max(1, rpm_jobs // 2))}
+    # 16 calls per worker process: the jobs' 64 need all four processes of both clusters.
+    env = {"STRINGSIGHT_LLM_RPM": "600", "STRINGSIGHT_WORKER_CONCURRENCY": "16"}
     with (
         session.web_and_cluster(2, **env) as (web, first),
         session.cluster(2, **env) as second,
