@@ -178,4 +178,4 @@ def expected_duration(
         seconds = max(seconds, calls * 60.0 / limits.rpm)
     if limits.tpm is not None:
         seconds = max(seconds, tokens * 60.0 / limits.tpm)
-    return round(seconds, 1)
+    return round(seconds, 3)
