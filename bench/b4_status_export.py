@@ -82,9 +82,10 @@ def seed_job(*, rows: int, properties: int, done_rows: int) -> dict:
 
     from jobs.models import ExtractJob, ExtractRow, Property, RowStatus
     from jobs.services import lifecycle
+    from jobs.services.params import JobParams
 
     owner = get_user_model().objects.get(username="bench")
-    params = lifecycle.JobParams(
+    params = JobParams(
         method="single_model",
         system_prompt="default",
         resolved_system_prompt="You extract behavioural properties.",

@@ -25,6 +25,7 @@ from extraction.llm import LLMCallError, make_client
 
 from .models import ExtractJob, JobState
 from .services import cache, claims, lifecycle, provider_limits, sql
+from .services.params import JobParams
 from .worker.engine import WorkerSettings, extraction_spec
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def extract_single(
     *,
     owner,
     row: dict[str, Any],
-    params: lifecycle.JobParams,
+    params: JobParams,
     encoded_row: str,
     hung_up: Callable[[], bool] = lambda: False,
     config: WorkerSettings | None = None,

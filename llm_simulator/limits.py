@@ -23,19 +23,6 @@ FORBIDDEN_MESSAGE = "Country, region, or territory not supported"
 LIMIT_OPTIONS = ("max_concurrency", "rpm", "tpm")
 
 
-def check_limit_options(options) -> None:
-    """Raise OptionError (from options) naming a bad limit option."""
-    from llm_simulator.options import OptionError
-
-    for name in LIMIT_OPTIONS:
-        value = getattr(options, name)
-        if value is not None and (type(value) is not int or value < 1):
-            raise OptionError(f"{name} must be a whole number >= 1, or null for no limit")
-    for name in ("quota_spent", "forbidden"):
-        if not isinstance(getattr(options, name), bool):
-            raise OptionError(f"{name} must be true or false")
-
-
 class _Bucket:
     """A minute's allowance, refilled evenly; starts full."""
 

@@ -7,7 +7,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from llm_simulator.limits import check_limit_options
+from llm_simulator.limits import LIMIT_OPTIONS
 
 DEFAULT_MODELS = ("gpt-4o-mini", "gpt-4.1", "gpt-4o", "sim-model")
 
@@ -87,3 +87,14 @@ def _check_number(name, value, maximum):
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= maximum:
         bound = "a number >= 0" if maximum == math.inf else f"a number between 0 and {maximum}"
         raise OptionError(f"{name} must be {bound}")
+
+
+def check_limit_options(options) -> None:
+    """Raise OptionError naming a bad limit option."""
+    for name in LIMIT_OPTIONS:
+        value = getattr(options, name)
+        if value is not None and (type(value) is not int or value < 1):
+            raise OptionError(f"{name} must be a whole number >= 1, or null for no limit")
+    for name in ("quota_spent", "forbidden"):
+        if not isinstance(getattr(options, name), bool):
+            raise OptionError(f"{name} must be true or false")

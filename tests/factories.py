@@ -11,7 +11,7 @@ from django.db import connection
 from extraction.extract import RowOutcome
 from jobs import exports
 from jobs.services import claims, lifecycle
-from jobs.services.lifecycle import JobParams
+from jobs.services.params import JobParams
 from jobs.services.sql import ClaimedRow
 from jobs.worker.engine import Engine, WorkerSettings
 

@@ -23,7 +23,7 @@ from .limits import lock_owner
 from .sql import close_unfinished_rows
 
 if TYPE_CHECKING:
-    from .lifecycle import JobParams
+    from .params import JobParams
 
 
 def price_for(model_name: str) -> tuple[float, float] | None:

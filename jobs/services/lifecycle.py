@@ -32,25 +32,8 @@ from .claims import claim_rows
 from .errors import JobConflict
 from .idempotency import IdempotentStart, StartOutcome, start_replay, take_idempotency_key
 from .limits import check_active_jobs
+from .params import JobParams
 from .sql import ClaimedRow, close_unfinished_rows, insert_rows
-
-
-@dataclass(frozen=True)
-class JobParams:
-    method: str
-    system_prompt: str
-    resolved_system_prompt: str
-    task_description: str
-    model_name: str
-    temperature: float
-    top_p: float
-    max_tokens: int
-    max_workers: int
-    include_scores_in_prompt: bool = False
-    sample_size: int | None = None
-    use_cache: bool = True
-    max_cost_usd: float | None = None
-    max_total_tokens: int | None = None
 
 
 def job_start(

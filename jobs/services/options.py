@@ -15,7 +15,7 @@ from extraction.rows import RowError, encode_row, nul_path, validate_rows
 
 from .budgets import model_allowed, price_for, require_price
 from .errors import InvalidInput
-from .lifecycle import JobParams
+from .params import JobParams
 
 # Upstream StringSight's frontend sends these; a caller who omits a value
 # (or sends null) gets the same.
