@@ -180,7 +180,9 @@ def four_equal(session, args, report: Report) -> None:
 
 def throughput(session, args, report: Report, processes: int) -> None:
     concurrency, jobs_count, max_workers = 16, 8, 8
-    rows = harness.sized(args, "rows", 200, 40)
+    # Jobs of 20 s, so that the steady state, not the first and last
+    # seconds of each job, makes the figure.
+    rows = harness.sized(args, "rows", 800, 40)
     ideal = min(jobs_count * max_workers, processes * concurrency) / (args.latency_ms / 1000)
     env = {"STRINGSIGHT_WORKER_CONCURRENCY": str(concurrency)}
     with session.web(**env) as web, session.cluster(processes, **env):

@@ -192,6 +192,8 @@ class Report:
     waiting: int = 0
     successes: int = 0
     rate_limited: bool = False
+    # When the latest refused call started (epoch s).
+    refused_started_at: float = 0.0
     pause_until: float = 0.0
     unused_tokens: int = 0
     leaving: bool = False
@@ -231,7 +233,12 @@ def settle(
     wants = report.in_flight + report.waiting
     demand = wants + sum(lease.wants for lease in others.values())
     if report.rate_limited:
-        if now - state.decreased_at >= DECREASE_COOLDOWN_SECONDS:
+        # One burst of refusals decreases once; a call refused although it
+        # started after the decrease shows the decrease was not enough.
+        if (
+            now - state.decreased_at >= DECREASE_COOLDOWN_SECONDS
+            or report.refused_started_at > state.decreased_at
+        ):
             in_flight = report.in_flight + sum(lease.in_flight for lease in others.values())
             state.allowed = max(1.0, min(state.allowed, in_flight) * DECREASE)
             state.decreased_at = now
@@ -372,6 +379,7 @@ class _Lane:
         # What the next settle reports.
         self.successes = 0
         self.rate_limited = False
+        self.refused_started_at = 0.0
         self.pause_until = 0.0
         self.unused_tokens = 0
         self.last_sync = -math.inf
@@ -389,12 +397,14 @@ class _Lane:
             else [],
             successes=self.successes,
             rate_limited=self.rate_limited,
+            refused_started_at=self.refused_started_at,
             pause_until=self.pause_until,
             unused_tokens=self.unused_tokens,
             leaving=leaving,
         )
         self.successes = self.unused_tokens = 0
         self.rate_limited = False
+        self.refused_started_at = 0.0
         self.pause_until = 0.0
         return report
 
@@ -408,6 +418,7 @@ class _LanePermit:
         self._gate = gate
         self._lane = lane
         self._tokens = tokens
+        self._started = time.time()
         self.rate_limit: RateLimitInfo | None = None
 
     def report(self, *, tokens=None, rate_limit=None, rate_limited=False) -> None:
@@ -415,6 +426,9 @@ class _LanePermit:
         self.rate_limit = rate_limit
         if rate_limited:
             lane.rate_limited = True
+            lane.refused_started_at = max(lane.refused_started_at, self._started)
+            # Until the lane settles, the refused call's place is not taken again.
+            lane.cap = max(1, min(lane.cap, lane.in_flight - 1))
         elif tokens is not None:
             lane.successes += 1
         if tokens is not None and self._lane.limits.tpm is not None:

@@ -56,6 +56,10 @@ RECORD_SECONDS = 0.05
 # While jobs want more calls than this worker can make, it asks for one more
 # worker process at most this often.
 HELP_WANTED_SECONDS = 2.0
+# Rows a job keeps ready beyond its calls in flight, however small its cap
+# on this worker, so that a job with a few calls here claims a few rows at a
+# time rather than one per call.
+READY_ROWS = 8
 # The most claims in a row for a job whose rows all came from the cache.
 CACHED_CLAIMS_PER_POLL = 20
 
@@ -321,9 +325,9 @@ class Engine:
             if served is None or not (may_claim and served.pending_left and served.cap > 0):
                 return
             in_flight, waiting = self.pool.counts(job_id)
-            ready = 0 if served.budgeted else served.cap
+            ready = 0 if served.budgeted else max(served.cap, READY_ROWS)
             wanted = served.cap + ready - in_flight - waiting
-            if wanted < max(1, served.cap // 2) and (in_flight or waiting):
+            if wanted < max(1, ready // 2) and (in_flight or waiting):
                 return
             claim = claims.claim_rows(job_id=job_id, worker_id=self.worker_id, limit=wanted)
             if not claim.job_running:
