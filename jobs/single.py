@@ -154,7 +154,9 @@ def _extract(
         pending = asyncio.all_tasks(loop)
         for task in pending:
             task.cancel()
-        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        if pending:
+            # (gather() of nothing would make its future on another loop.)
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         loop.close()
         if gate is not None:
             gate.close()
