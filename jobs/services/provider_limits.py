@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 from django.conf import settings
 from django.db import connection, transaction
@@ -81,14 +81,7 @@ class DatabaseStore:
             if row is None:
                 ProviderEndpoint.objects.bulk_create([ProviderEndpoint(key=key)], ignore_conflicts=True)
                 row = ProviderEndpoint.objects.select_for_update().get(key=key)
-            state = EndpointState(
-                allowed=row.allowed,
-                slow_start=row.slow_start,
-                decreased_at=row.decreased_at,
-                paused_until=row.paused_until,
-                request_tat=row.request_tat,
-                token_tat=row.token_tat,
-            )
+            state = _state_of(row)
             before = asdict(state)
             stored = {
                 lease.holder: Lease(lease.held, lease.wants, lease.in_flight, lease.renewed_at)
@@ -215,11 +208,8 @@ def lane_state(key: str) -> EndpointState | None:
     row = ProviderEndpoint.objects.filter(key=key).first()
     if row is None:
         return None
-    return EndpointState(
-        allowed=row.allowed,
-        slow_start=row.slow_start,
-        decreased_at=row.decreased_at,
-        paused_until=row.paused_until,
-        request_tat=row.request_tat,
-        token_tat=row.token_tat,
-    )
+    return _state_of(row)
+
+
+def _state_of(row: ProviderEndpoint) -> EndpointState:
+    return EndpointState(**{field.name: getattr(row, field.name) for field in fields(EndpointState)})
