@@ -20,3 +20,5 @@ class JobParams:
     use_cache: bool = True
     max_cost_usd: float | None = None
     max_total_tokens: int | None = None
+    # online: live calls; batch: the provider's Batch API, at its batch price.
+    mode: str = "online"
