@@ -31,6 +31,14 @@ class JobKind(models.TextChoices):
     SINGLE = "single"
 
 
+class JobMode(models.TextChoices):
+    # Live calls, one per row, by the workers' engine.
+    ONLINE = "online"
+    # The provider's Batch API (/v1/files + /v1/batches): half the price,
+    # results within the provider's window (jobs.batchmode).
+    BATCH = "batch"
+
+
 class RowStatus(models.TextChoices):
     PENDING = "pending"
     RUNNING = "running"
@@ -50,6 +58,9 @@ class ExtractJob(models.Model):
     )
     state = models.CharField(max_length=16, choices=JobState.choices, default=JobState.QUEUED)
     kind = models.CharField(max_length=16, choices=JobKind.choices, default=JobKind.ROWS)
+    mode = models.CharField(
+        max_length=8, choices=JobMode.choices, default=JobMode.ONLINE, db_default=JobMode.ONLINE
+    )
     error = models.TextField(blank=True, default="")
 
     method = models.CharField(max_length=16, choices=Method.choices)
@@ -153,6 +164,47 @@ class OrderedJSONField(models.TextField):
         return None if value is None else encode_row(value)
 
 
+class ProviderBatchState(models.TextChoices):
+    """Ours, not the provider's: how far the batch's record got. Each step
+    is stored before the provider call that the next one needs."""
+
+    PREPARING = "preparing"  # rows linked; nothing uploaded yet
+    UPLOADED = "uploaded"  # input file at the provider; no batch created yet
+    SUBMITTED = "submitted"  # batch created at the provider
+    IMPORTED = "imported"  # every line of its output and error files recorded
+    ABANDONED = "abandoned"  # never created (cancelled before), or given up
+
+
+class ProviderBatch(models.Model):
+    """One provider batch of a job. Written before each provider call that
+    creates something, so a killed worker leaves nothing orphaned."""
+
+    # Sent as the batch's metadata {"stringsight_batch": str(id)}, so a batch
+    # created by a worker killed before it stored batch_id can be found.
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    job = models.ForeignKey(ExtractJob, on_delete=models.CASCADE, related_name="provider_batches")
+    # 1 = first send; 2.. = re-sends of failed or expired lines.
+    attempt = models.PositiveSmallIntegerField(default=1)
+    state = models.CharField(max_length=16, choices=ProviderBatchState.choices)
+    input_file_id = models.CharField(max_length=200, blank=True, default="")
+    batch_id = models.CharField(max_length=200, blank=True, default="")
+    provider_status = models.CharField(max_length=32, blank=True, default="")
+    # The provider's {total, completed, failed}.
+    request_counts = models.JSONField(default=dict)
+    output_file_id = models.CharField(max_length=200, blank=True, default="")
+    error_file_id = models.CharField(max_length=200, blank=True, default="")
+    cancel_requested = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["job_id", "created_at"]
+        verbose_name_plural = "provider batches"
+
+    def __str__(self) -> str:
+        return f"batch {self.batch_id or self.id} of job {self.job_id} ({self.state})"
+
+
 class ExtractRow(models.Model):
     job = models.ForeignKey(ExtractJob, on_delete=models.CASCADE, related_name="rows")
     index = models.PositiveIntegerField()
@@ -195,6 +247,10 @@ class ExtractRow(models.Model):
     )
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # In batch mode, the provider batch that last sent the row.
+    provider_batch = models.ForeignKey(
+        ProviderBatch, null=True, blank=True, on_delete=models.SET_NULL, related_name="rows"
+    )
 
     class Meta:
         ordering = ["job_id", "index"]
