@@ -9,6 +9,8 @@ started and stopped.
 - ``options``: ``SimulatorOptions``, what a test or a flag may change;
 - ``faults``: ``Simulator``, the fault model, the request log and the stats;
 - ``answers``: ``compose_answer``, what the model says about a transcript;
+- ``files``, ``batches``: the Files and Batch API (``/v1/files``, ``/v1/batches``), whose
+  lines are answered as live calls are, in the background;
 - ``server``: the HTTP/1.1 server (``serve``, ``run``);
 - ``client``: ``SimulatorClient`` for the control endpoints (``/_sim/...``);
 - ``command``: the command line (``python -m llm_simulator``, ``manage.py llm_simulator``).

@@ -36,6 +36,13 @@ class SimulatorClient:
     def stats(self) -> dict:
         return self._call("GET", "/_sim/stats")
 
+    def batch_lines(self, since: int = 0) -> list[dict]:
+        """The log of the batch lines answered (apart from the live calls), from entry `since` on."""
+        return self._call("GET", f"/_sim/batch-lines?since={since}")["lines"]
+
+    def batch_stats(self) -> dict:
+        return self._call("GET", "/_sim/batch-stats")
+
     def _call(self, method: str, path: str, payload: dict | None = None):
         data = None if payload is None else json.dumps(payload).encode()
         request = urllib.request.Request(

@@ -52,6 +52,42 @@ def add_arguments(parser: argparse.ArgumentParser):
         action="store_false",
         help="answer 400 to response_format, like endpoints without structured outputs",
     )
+    parser.add_argument(
+        "--no-batch-api",
+        dest="batch_api",
+        action="store_false",
+        help="answer 404 on /v1/files and /v1/batches, like providers without a Batch API",
+    )
+    parser.add_argument(
+        "--batch-lines-per-second",
+        type=float,
+        default=defaults.batch_lines_per_second,
+        help="how fast a batch's lines are answered",
+    )
+    parser.add_argument(
+        "--batch-validating-seconds",
+        type=float,
+        default=defaults.batch_validating_seconds,
+        help="how long a new batch stays validating",
+    )
+    parser.add_argument(
+        "--batch-rate-failed",
+        type=float,
+        default=defaults.batch_rate_failed,
+        help="probability that a batch line fails (a 500 in the error file)",
+    )
+    parser.add_argument(
+        "--batch-expiry-seconds",
+        type=float,
+        default=defaults.batch_expiry_seconds,
+        help="a batch expires this long after its creation (default: 24 h)",
+    )
+    parser.add_argument(
+        "--batch-cancel-seconds",
+        type=float,
+        default=defaults.batch_cancel_seconds,
+        help="how long a batch stays cancelling (its lines go on) before it is cancelled",
+    )
 
 
 def options_from(arguments: dict) -> SimulatorOptions:

@@ -61,6 +61,9 @@ class Simulator:
         self._failures_left = {}
         self._asked = set()  # user messages seen, for rate_bad_json_first
         self._limits = ProviderLimits()
+        self._batch_log = deque(maxlen=LOG_LIMIT)
+        self._next_batch_line_id = 1
+        self._batch_outcomes = Counter()
 
     def configure(self, changes: dict) -> SimulatorOptions:
         options = self.options.updated(changes)
@@ -79,6 +82,12 @@ class Simulator:
 
     def requests(self, since: int = 0) -> list[dict]:
         return [record for record in self._log if record["id"] > since]
+
+    def batch_stats(self) -> dict:
+        return {"lines_total": self._next_batch_line_id - 1, "by_outcome": dict(self._batch_outcomes)}
+
+    def batch_lines(self, since: int = 0) -> list[dict]:
+        return [record for record in self._batch_log if record["id"] > since]
 
     def authorized(self, authorization: str | None) -> bool:
         return self.options.api_key is None or authorization == f"Bearer {self.options.api_key}"
@@ -101,24 +110,38 @@ class Simulator:
             self._open.discard(record["id"])
             self._outcomes[record["outcome"]] += 1
 
-    def _open_record(self, request: dict | None) -> dict:
-        request = request or {}
-        user = _user_content(request.get("messages"))
+    def answer_batch_line(self, request: dict, batch_id: str, custom_id: str) -> tuple[dict, Reply]:
+        """Answer a batch's request line as a live call with its body would be answered,
+        and log it apart from the live calls (``batch_lines``); a reply whose delay is
+        None (a hang) is never answered and its record stays open.
+
+        The line's draws come from an RNG of its own, seeded by the seed and the
+        custom_id: its fate depends neither on the order the lines are answered in nor
+        on the live calls meanwhile, and it does not shift the live calls' draws.
+        """
+        rng = random.Random(f"{self.options.seed}:{custom_id}")
+        failed = rng.random() < self.options.batch_rate_failed
         record = {
-            "id": self._next_id,
-            "model": request.get("model"),
-            "started_at": time.time(),
-            "ended_at": None,
-            "outcome": None,
-            "status": None,
-            "user_sha256": hashlib.sha256(user.encode()).hexdigest() if request else None,
-            "user_preview": user[:200],
-            "temperature": request.get("temperature"),
-            "top_p": request.get("top_p"),
-            "max_tokens": request.get("max_tokens"),
-            "max_completion_tokens": request.get("max_completion_tokens"),
-            "response_format_type": _response_format_type(request),
+            **_new_record(self._next_batch_line_id, request),
+            "batch_id": batch_id,
+            "custom_id": custom_id,
         }
+        self._next_batch_line_id += 1
+        self._batch_log.append(record)
+        reply = self._rejected(request, _chat_problem(request))
+        if reply is None and failed:
+            reply = error_reply(
+                500, "The server had an error processing this batch line (simulated).", "server_error"
+            )
+        reply = reply or self._model_reply(request, record, rng, None, f"chatcmpl-simbatch{record['id']}")
+        if reply.delay is not None:
+            record["ended_at"] = time.time()
+            record["outcome"], record["status"] = reply.outcome, reply.status
+            self._batch_outcomes[reply.outcome] += 1
+        return record, reply
+
+    def _open_record(self, request: dict | None) -> dict:
+        record = _new_record(self._next_id, request)
         self._next_id += 1
         self._log.append(record)
         self._open.add(record["id"])
@@ -132,6 +155,19 @@ class Simulator:
             reply = error_reply(*refused)
             reply.outcome = "quota_spent" if refused[0] == 429 else reply.outcome
             return reply
+        if rejected := self._rejected(request, problem):
+            return rejected
+        if over := self._limits.take(self.options, request, in_flight=len(self._open)):
+            message, headers = over
+            reply = error_reply(429, message, "requests", "rate_limit_exceeded")
+            reply.headers.update(headers)
+            return reply
+        reply = self._model_reply(request, record, self._rng, authorization, f"chatcmpl-sim{record['id']}")
+        reply.headers.update(self._limits.headers(self.options))
+        return reply
+
+    def _rejected(self, request, problem) -> Reply | None:
+        """The 400 or 404 for a request the model cannot take, if it cannot."""
         if problem:
             return error_reply(400, problem, "invalid_request_error", None)
         if request["model"] not in self.options.models:
@@ -142,24 +178,22 @@ class Simulator:
                 "Invalid parameter: 'response_format' of type 'json_schema' is not supported with this model."
             )
             return error_reply(400, message, "invalid_request_error", None)
-        if over := self._limits.take(self.options, request, in_flight=len(self._open)):
-            message, headers = over
-            reply = error_reply(429, message, "requests", "rate_limit_exceeded")
-            reply.headers.update(headers)
-            return reply
+        return None
+
+    def _model_reply(self, request, record, rng, authorization, completion_id) -> Reply:
+        """The model's answer or the fault the request meets, drawn from `rng`."""
         user = _user_content(request["messages"])
         # Draw from the RNG for every valid request, so a marker does not shift later draws.
-        roll = self._rng.random()
-        jitter = self._rng.uniform(-1.0, 1.0) * self.options.jitter_ms
+        roll = rng.random()
+        jitter = rng.uniform(-1.0, 1.0) * self.options.jitter_ms
         kind, latency_ms = self._fault(user, record["user_sha256"], roll)
-        if kind == "ok" and self._bad_first_call(record["user_sha256"]):
+        if kind == "ok" and self._bad_first_call(record["user_sha256"], rng):
             kind = "bad_json"
         if kind == "400_echo_auth":
             # A careless proxy quoting the credentials back in its error.
             return error_reply(400, f"Bad request for credentials {authorization}", "invalid_request_error")
         delay = max(0.0, (self.options.latency_ms if latency_ms is None else latency_ms) + jitter) / 1000
-        reply = self._fault_reply(kind) or self._answer_reply(request, user, kind, record["id"])
-        reply.headers.update(self._limits.headers(self.options))
+        reply = self._fault_reply(kind) or self._answer_reply(request, user, kind, completion_id)
         reply.delay = None if kind == "hang" else delay
         return reply
 
@@ -174,13 +208,13 @@ class Simulator:
                 kind = self._fail_first(user_sha256, name, int(times)) if times else name
         return kind or self._drawn_fault(roll), latency_ms
 
-    def _bad_first_call(self, user_sha256: str) -> bool:
+    def _bad_first_call(self, user_sha256: str, rng: random.Random) -> bool:
         """Whether this first answer to a request is bad JSON (rate_bad_json_first)."""
         if not self.options.rate_bad_json_first or user_sha256 in self._asked:
             return False
         self._asked.add(user_sha256)
         # A draw of its own, and only with the option on, so the other faults' draws are as before.
-        return self._rng.random() < self.options.rate_bad_json_first
+        return rng.random() < self.options.rate_bad_json_first
 
     def _fail_first(self, user_sha256: str, name: str, times: int) -> str:
         left = self._failures_left.setdefault(user_sha256, times)
@@ -218,7 +252,7 @@ class Simulator:
             return error_reply(400, "Invalid request (simulated).", "invalid_request_error")
         return None
 
-    def _answer_reply(self, request: dict, user: str, kind: str, record_id: int) -> Reply:
+    def _answer_reply(self, request: dict, user: str, kind: str, completion_id: str) -> Reply:
         object_form = _response_format_type(request) in ("json_schema", "json_object")
         content, finish_reason = compose_answer(user, self.options.seed, kind, object_form)
         refusal = REFUSAL_TEXT if kind == "refusal" else None
@@ -228,7 +262,7 @@ class Simulator:
         outcome = "truncated" if finish_reason == "length" else _ANSWER_OUTCOMES.get(kind, "ok")
         prompt_chars = sum(len(_text(m.get("content"))) for m in request["messages"])
         payload = {
-            "id": f"chatcmpl-sim{record_id}",
+            "id": completion_id,
             "object": "chat.completion",
             "created": int(time.time()),
             "model": request["model"],
@@ -279,6 +313,26 @@ def _usage(prompt_chars: int, completion_chars: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def _new_record(record_id: int, request: dict | None) -> dict:
+    request = request or {}
+    user = _user_content(request.get("messages"))
+    return {
+        "id": record_id,
+        "model": request.get("model"),
+        "started_at": time.time(),
+        "ended_at": None,
+        "outcome": None,
+        "status": None,
+        "user_sha256": hashlib.sha256(user.encode()).hexdigest() if request else None,
+        "user_preview": user[:200],
+        "temperature": request.get("temperature"),
+        "top_p": request.get("top_p"),
+        "max_tokens": request.get("max_tokens"),
+        "max_completion_tokens": request.get("max_completion_tokens"),
+        "response_format_type": _response_format_type(request),
+    }
+
+
 def _parse_chat_body(body: bytes) -> tuple[dict | None, str | None]:
     """The request as a dict (None if not JSON) and what is wrong with it, if anything."""
     try:
@@ -287,14 +341,19 @@ def _parse_chat_body(body: bytes) -> tuple[dict | None, str | None]:
         return None, "We could not parse the JSON body of your request."
     if not isinstance(request, dict):
         return None, "The request body must be a JSON object."
+    return request, _chat_problem(request)
+
+
+def _chat_problem(request: dict) -> str | None:
+    """What is wrong with a chat request's body, if anything."""
     messages = request.get("messages")
     if not isinstance(request.get("model"), str):
-        return request, "you must provide a model parameter"
+        return "you must provide a model parameter"
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-        return request, "'messages' must be a non-empty array of message objects."
+        return "'messages' must be a non-empty array of message objects."
     if request.get("stream"):
-        return request, "stream=true is not supported by the simulator."
-    return request, None
+        return "stream=true is not supported by the simulator."
+    return None
 
 
 def _text(content) -> str:

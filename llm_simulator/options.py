@@ -45,6 +45,17 @@ class SimulatorOptions:
     # Every chat request answers 429 insufficient_quota, or 403, while true.
     quota_spent: bool = False
     forbidden: bool = False
+    # The Batch API (llm_simulator.batches). False plays a provider without one:
+    # /v1/files and /v1/batches answer 404.
+    batch_api: bool = True
+    batch_lines_per_second: float = 2000.0
+    batch_validating_seconds: float = 0.2
+    # The share of lines answered with a 500 in the error file.
+    batch_rate_failed: float = 0.0
+    # A batch created now expires this long after (OpenAI's window is 24 h).
+    batch_expiry_seconds: float = 86400.0
+    # How long a batch stays cancelling before it is cancelled; its lines go on meanwhile.
+    batch_cancel_seconds: float = 0.2
 
     def __post_init__(self):
         for name in ("latency_ms", "jitter_ms"):
@@ -71,6 +82,7 @@ class SimulatorOptions:
             if not isinstance(getattr(self, name), bool):
                 raise OptionError(f"{name} must be true or false")
         check_limit_options(self)
+        check_batch_options(self)
 
     def updated(self, changes: dict) -> SimulatorOptions:
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
@@ -98,3 +110,16 @@ def check_limit_options(options) -> None:
     for name in ("quota_spent", "forbidden"):
         if not isinstance(getattr(options, name), bool):
             raise OptionError(f"{name} must be true or false")
+
+
+def check_batch_options(options) -> None:
+    """Raise OptionError naming a bad Batch API option."""
+    if not isinstance(options.batch_api, bool):
+        raise OptionError("batch_api must be true or false")
+    for name in ("batch_validating_seconds", "batch_cancel_seconds"):
+        _check_number(name, getattr(options, name), maximum=math.inf)
+    _check_number("batch_rate_failed", options.batch_rate_failed, maximum=1.0)
+    for name in ("batch_lines_per_second", "batch_expiry_seconds"):
+        value = getattr(options, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+            raise OptionError(f"{name} must be a number > 0")

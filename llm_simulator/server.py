@@ -13,16 +13,21 @@ import json
 import re
 import resource
 import signal
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 
+from llm_simulator.batches import MAX_LISTED, Batches
 from llm_simulator.faults import Simulator
+from llm_simulator.files import FILE_LIMIT_BYTES, ApiError
 from llm_simulator.options import OptionError, SimulatorOptions
 
 LOOPBACK_HOSTS = {"127.0.0.1": "127.0.0.1", "localhost": "127.0.0.1", "::1": "::1"}
 MAX_HEAD_BYTES = 64 * 1024
 MAX_BODY_BYTES = 64 * 1024 * 1024
+# A batch input file may be 200 MB; the multipart envelope around it is small.
+MAX_UPLOAD_BYTES = FILE_LIMIT_BYTES + 1024 * 1024
 READ_CHUNK = 256 * 1024
 
 
@@ -101,14 +106,18 @@ class _Connection:
             return False
         return True
 
-    def send(self, status: int, payload: dict, headers: dict, keep_alive: bool) -> bool:
-        """Write a JSON response; False (nothing written) if the client is already gone."""
+    def send(self, status: int, payload: dict | bytes, headers: dict, keep_alive: bool) -> bool:
+        """Write a JSON response (raw bytes for a file's content); False (nothing written)
+        if the client is already gone."""
         if self.closed or self.writer.transport.is_closing():
             return False
-        body = json.dumps(payload).encode()
+        if isinstance(payload, bytes):
+            body, content_type = payload, "application/octet-stream"
+        else:
+            body, content_type = json.dumps(payload).encode(), "application/json"
         lines = [
             f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
-            "Content-Type: application/json",
+            f"Content-Type: {content_type}",
             f"Content-Length: {len(body)}",
             *(f"{name}: {value}" for name, value in headers.items()),
             "Connection: keep-alive" if keep_alive else "Connection: close",
@@ -134,28 +143,28 @@ async def _read_request(conn: _Connection) -> _Request | None:
         headers[name.strip().lower()] = value.strip()
     if headers.get("expect", "").lower() == "100-continue":
         conn.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    body = await _read_body(conn, headers)
+    path, _, query = target.partition("?")
+    body = await _read_body(conn, headers, MAX_UPLOAD_BYTES if path == "/v1/files" else MAX_BODY_BYTES)
     if body is None:
         return None
-    path, _, query = target.partition("?")
     connection = headers.get("connection", "").lower()
     keep_alive = connection == "keep-alive" if version == "HTTP/1.0" else connection != "close"
     return _Request(method, path, query, headers, body, keep_alive)
 
 
-async def _read_body(conn: _Connection, headers: dict) -> bytes | None:
+async def _read_body(conn: _Connection, headers: dict, limit: int) -> bytes | None:
     if "chunked" in headers.get("transfer-encoding", "").lower():
-        return await _read_chunked(conn)
+        return await _read_chunked(conn, limit)
     try:
         length = int(headers.get("content-length", "0"))
     except ValueError:
         raise _Malformed(400, "invalid Content-Length") from None
-    if not 0 <= length <= MAX_BODY_BYTES:
-        raise _Malformed(413, f"body larger than {MAX_BODY_BYTES} bytes")
+    if not 0 <= length <= limit:
+        raise _Malformed(413, f"body larger than {limit} bytes")
     return await conn.read_exactly(length)
 
 
-async def _read_chunked(conn: _Connection) -> bytes | None:
+async def _read_chunked(conn: _Connection, limit: int) -> bytes | None:
     chunks, total = [], 0
     while True:
         size_line = await conn.read_until(b"\r\n", 1024)
@@ -166,8 +175,8 @@ async def _read_chunked(conn: _Connection) -> bytes | None:
         except ValueError:
             raise _Malformed(400, "invalid chunk size") from None
         total += size
-        if total > MAX_BODY_BYTES:
-            raise _Malformed(413, f"body larger than {MAX_BODY_BYTES} bytes")
+        if total > limit:
+            raise _Malformed(413, f"body larger than {limit} bytes")
         if size == 0:
             break
         chunk = await conn.read_exactly(size + 2)  # the chunk and its CRLF
@@ -184,15 +193,46 @@ class _Server:
 
     def __init__(self, simulator: Simulator):
         self.simulator = simulator
+        self.batches = Batches(simulator)
         self.connections: set[asyncio.Task] = set()
         self.routes = {
             ("GET", "/v1/models"): self._models,
             ("GET", "/_sim/stats"): lambda request: (200, simulator.stats()),
             ("GET", "/_sim/requests"): self._requests,
+            ("GET", "/_sim/batch-stats"): lambda request: (200, simulator.batch_stats()),
+            ("GET", "/_sim/batch-lines"): self._batch_lines,
             ("POST", "/_sim/reset"): self._reset,
             ("GET", "/_sim/config"): lambda request: (200, simulator.options.as_dict()),
             ("POST", "/_sim/config"): self._configure,
         }
+        files, batches = self.batches.files, self.batches
+        # The Batch API's paths, with the ids they carry.
+        self.batch_routes = (
+            ("POST", re.compile(r"/v1/files"), self._upload),
+            (
+                "GET",
+                re.compile(r"/v1/files/([\w-]+)"),
+                lambda request, file_id: files.get(file_id).as_object(),
+            ),
+            ("DELETE", re.compile(r"/v1/files/([\w-]+)"), lambda request, file_id: files.delete(file_id)),
+            (
+                "GET",
+                re.compile(r"/v1/files/([\w-]+)/content"),
+                lambda request, file_id: files.get(file_id).content,
+            ),
+            ("POST", re.compile(r"/v1/batches"), self._create_batch),
+            ("GET", re.compile(r"/v1/batches"), self._list_batches),
+            (
+                "GET",
+                re.compile(r"/v1/batches/([\w-]+)"),
+                lambda request, batch_id: batches.get(batch_id).as_object(),
+            ),
+            (
+                "POST",
+                re.compile(r"/v1/batches/([\w-]+)/cancel"),
+                lambda request, batch_id: batches.cancel(batch_id).as_object(),
+            ),
+        )
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         task = asyncio.current_task()
@@ -223,7 +263,9 @@ class _Server:
         if (request.method, request.path) == ("POST", "/v1/chat/completions"):
             return await self._chat(conn, request)
         handler = self.routes.get((request.method, request.path))
-        if handler:
+        if request.path.startswith(("/v1/files", "/v1/batches")) and self.simulator.options.batch_api:
+            status, payload = self._batch_api(request)
+        elif handler:
             status, payload = handler(request)
         elif any(path == request.path for _, path in self.routes):
             status, payload = 405, _error_body(f"{request.method} not allowed here", "invalid_request_error")
@@ -268,12 +310,54 @@ class _Server:
         ]
         return 200, {"object": "list", "data": models}
 
+    def _batch_api(self, request: _Request) -> tuple[int, dict | bytes]:
+        if not self.simulator.authorized(request.headers.get("authorization")):
+            return 401, _error_body("Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+        matches = [
+            (method, handler, found)
+            for method, pattern, handler in self.batch_routes
+            if (found := pattern.fullmatch(request.path))
+        ]
+        for method, handler, found in matches:
+            if method == request.method:
+                try:
+                    return 200, handler(request, *found.groups())
+                except ApiError as exc:
+                    return exc.status, exc.body()
+        if matches:
+            return 405, _error_body(f"{request.method} not allowed here", "invalid_request_error")
+        return 404, _error_body(f"Unknown path {request.path}", "invalid_request_error")
+
+    def _upload(self, request: _Request) -> dict:
+        return self.batches.files.upload(request.headers.get("content-type", ""), request.body).as_object()
+
+    def _create_batch(self, request: _Request) -> dict:
+        try:
+            body = json.loads(request.body)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise ApiError(400, "We could not parse the JSON body of your request.")
+        return self.batches.create(body).as_object()
+
+    def _list_batches(self, request: _Request) -> dict:
+        query = urllib.parse.parse_qs(request.query)
+        limit = query.get("limit", ["20"])[0]
+        if not limit.isdigit() or not 1 <= int(limit) <= MAX_LISTED:
+            raise ApiError(400, f"limit must be a whole number from 1 to {MAX_LISTED}.", param="limit")
+        return self.batches.page(int(limit), query.get("after", [None])[0])
+
+    def _batch_lines(self, request: _Request) -> tuple[int, dict]:
+        since = re.search(r"(?:^|&)since=(\d+)", request.query)
+        return 200, {"lines": self.simulator.batch_lines(int(since.group(1)) if since else 0)}
+
     def _requests(self, request: _Request) -> tuple[int, dict]:
         since = re.search(r"(?:^|&)since=(\d+)", request.query)
         return 200, {"requests": self.simulator.requests(int(since.group(1)) if since else 0)}
 
     def _reset(self, request: _Request) -> tuple[int, dict]:
         self.simulator.reset()
+        self.batches.reset()
         return 200, {"reset": True}
 
     def _configure(self, request: _Request) -> tuple[int, dict]:
