@@ -12,7 +12,7 @@ from django.db import connection, transaction
 from django.db.models import Sum
 from django.utils import timezone
 
-from ..models import ExtractJob, ExtractRow, JobKind, JobState, RowStatus, WorkerSlots
+from ..models import ExtractJob, ExtractRow, JobKind, JobMode, JobState, RowStatus, WorkerSlots
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,8 @@ def jobs_to_serve(*, only_job=None) -> list[JobToServe]:
         JobState.RUNNING,
         JobState.QUEUED,
         JobKind.ROWS,
+        # A batch job's rows go to the provider's Batch API (jobs.batchmode).
+        JobMode.ONLINE,
     ]
     only = ""
     if only_job is not None:
@@ -75,7 +77,7 @@ def jobs_to_serve(*, only_job=None) -> list[JobToServe]:
             "g.worker_id, g.slots, g.wants "
             f"FROM {quote(ExtractJob._meta.db_table)} j "
             f"LEFT JOIN {quote(WorkerSlots._meta.db_table)} g ON g.job_id = j.id AND g.renewed_at >= %s "
-            f"WHERE j.state IN (%s, %s) AND j.kind = %s{only} ORDER BY j.created_at, j.id",
+            f"WHERE j.state IN (%s, %s) AND j.kind = %s AND j.mode = %s{only} ORDER BY j.created_at, j.id",
             params,
         )
         found = cursor.fetchall()

@@ -40,7 +40,7 @@ from extraction.extract import (
 from extraction.llm import CallSettings, LLMCallError, make_client
 from extraction.prompts import response_format
 
-from ..models import ExtractJob, JobState
+from ..models import ExtractJob, JobMode, JobState
 from ..services import cache, claims, grants, lifecycle, provider_limits
 from ..services.claims import RENEWALS_PER_LEASE
 from ..services.sql import ClaimedRow
@@ -291,7 +291,8 @@ class Engine:
         self.pool.set_cap(job.job_id, cap)
 
     def _serve_job(self, job: grants.JobToServe) -> bool:
-        found = ExtractJob.objects.filter(pk=job.job_id).first()
+        # Never a batch job (grants.jobs_to_serve leaves them out): its rows are the provider's batches'.
+        found = ExtractJob.objects.filter(pk=job.job_id, mode=JobMode.ONLINE).first()
         if found is None:
             return False
         spec = extraction_spec(found, self.config)
