@@ -1,5 +1,6 @@
 """django-q2 tasks: take an id, call the services or the worker. No rules live here."""
 
+from .batchmode import poll, submit
 from .services import recovery
 from .worker.engine import Engine, WorkerSettings
 
@@ -19,3 +20,13 @@ def process_job_chunk(job_id: str) -> str:
     """A task enqueued by a release whose workers served one job each:
     serving every job includes that one."""
     return serve_jobs()
+
+
+def submit_batches(job_id: str) -> str:
+    """A batch job's rows to the provider's Batch API (jobs.batchmode.submit)."""
+    return submit.submit_batches(job_id=job_id)
+
+
+def cancel_batches(job_id: str) -> str:
+    """Ask the provider to cancel a cancelled batch job's batches now."""
+    return f"sent {poll.cancel_batches(job_id=job_id)} cancels"

@@ -16,6 +16,7 @@ from django_q.tasks import async_task
 
 from extraction.rows import encode_row, input_index_for, question_id_for, sample_indexes
 
+from ..batchmode.records import close_rows_not_at_provider, request_cancel, rows_at_provider
 from ..events import log_event
 from ..models import (
     ACTIVE_STATES,
@@ -23,6 +24,7 @@ from ..models import (
     ExtractRow,
     IdempotencyKey,
     JobKind,
+    JobMode,
     JobState,
     Property,
     RowStatus,
@@ -139,6 +141,17 @@ def job_start_once(
     return StartOutcome(job_id=job.id, answer=idempotency.answer(job), replayed=False)
 
 
+def start_work(*, job: ExtractJob) -> None:
+    """Enqueue the job's work: a batch job's submission (its rows go to the
+    provider's Batch API; the online engine never serves it), else enough
+    workers for its max_workers."""
+    if job.mode == JobMode.BATCH:
+        ExtractJob.objects.filter(pk=job.pk).update(work_enqueued_at=timezone.now())
+        async_task("jobs.tasks.submit_batches", str(job.pk))
+    else:
+        wake_workers(job_id=job.pk, max_workers=job.max_workers)
+
+
 def wake_workers(*, job_id, max_workers: int) -> int:
     """Make sure enough worker processes serve the jobs for this one's
     max_workers: a worker already serving takes the job up at its next
@@ -199,13 +212,26 @@ def job_cancel(*, job: ExtractJob, refuse_finished: bool = False) -> CancelOutco
             state=JobState.CANCELLED, cancelled_at=now, finished_at=now
         )
         if won:
-            close_unfinished_rows(job_id=job.pk, status=RowStatus.CANCELLED, now=now)
+            _close_rows(job_id=job.pk, mode=job.mode, now=now)
         job.refresh_from_db()
     if won:
         log_event("job_cancelled", job_id=job.pk, properties_count=job.properties_count)
     elif refuse_finished and job.state != JobState.CANCELLED:
         raise JobConflict(f"job already finished (state: {job.state})")
     return CancelOutcome(job=job, cancelled_now=bool(won))
+
+
+def _close_rows(*, job_id, mode: str, now) -> None:
+    """An ended job's unfinished rows are cancelled, in the job's
+    transaction. A batch job's rows at the provider stay running until
+    their batch is imported (the provider may complete and bill them), and
+    its open batches are cancelled at the provider after the commit."""
+    if mode != JobMode.BATCH:
+        close_unfinished_rows(job_id=job_id, status=RowStatus.CANCELLED, now=now)
+        return
+    close_rows_not_at_provider(job_id=job_id, status=RowStatus.CANCELLED, now=now)
+    if request_cancel(job_id=job_id):
+        transaction.on_commit(lambda: async_task("jobs.tasks.cancel_batches", str(job_id)))
 
 
 def job_resume(
@@ -233,6 +259,9 @@ def job_resume(
         # After the job's lock: a worker's grant takes the job's, then the owner's.
         check_active_jobs(owner_id=locked.owner_id)
         rows = ExtractRow.objects.filter(job_id=job.pk, status__in=statuses)
+        if locked.mode == JobMode.BATCH:
+            # Rows a batch still holds come back with its import.
+            rows = rows.exclude(pk__in=rows_at_provider(job.pk).values("pk"))
         retried_failures = rows.filter(status=RowStatus.FAILED).count() if retry_failed else 0
         reopened = rows.update(
             status=RowStatus.PENDING,
@@ -256,7 +285,7 @@ def job_resume(
         if max_total_tokens is not None:
             changes["max_total_tokens"] = max_total_tokens
         ExtractJob.objects.filter(pk=job.pk).update(**changes)
-        transaction.on_commit(lambda: wake_workers(job_id=job.pk, max_workers=locked.max_workers))
+        transaction.on_commit(lambda: start_work(job=locked))
     log_event("job_resumed", job_id=job.pk, rows=reopened, retry_failed=retry_failed)
     job.refresh_from_db()
     return job
@@ -300,7 +329,8 @@ def job_fail(*, job_id, error: str) -> bool:
             state=JobState.ERROR, error=error, finished_at=now
         )
         if won:
-            close_unfinished_rows(job_id=job_id, status=RowStatus.CANCELLED, now=now)
+            mode = ExtractJob.objects.filter(pk=job_id).values_list("mode", flat=True).first()
+            _close_rows(job_id=job_id, mode=mode, now=now)
     if won:
         log_event("job_failed", job_id=job_id, error=error)
     return bool(won)

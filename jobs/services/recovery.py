@@ -12,12 +12,14 @@ from django.db.models import F, Q
 from django.utils import timezone
 from django_q.brokers import get_broker
 
+from ..batchmode.records import OPEN_STATES
 from ..events import log_event
 from ..models import (
     ACTIVE_STATES,
     ExtractJob,
     ExtractRow,
     Heartbeat,
+    JobMode,
     JobState,
     RowStatus,
     WorkerSlots,
@@ -53,9 +55,12 @@ def sweep(*, now=None) -> SweepReport:
     WorkerSlots.objects.filter(
         Q(renewed_at__lt=grants_alive_since(now)) | ~Q(job__state=JobState.RUNNING)
     ).delete()
-    finished = ExtractJob.objects.filter(
-        state=JobState.RUNNING, count_total=F("count_done") + F("count_failed")
-    ).update(state=JobState.DONE, finished_at=now)
+    finished = (
+        ExtractJob.objects.filter(state=JobState.RUNNING, count_total=F("count_done") + F("count_failed"))
+        # A batch job is done once its last batch is imported too (batchmode.importing).
+        .exclude(provider_batches__state__in=OPEN_STATES)
+        .update(state=JobState.DONE, finished_at=now)
+    )
     requeued = requeue_abandoned_jobs(job_ids=abandoned, now=now) + requeue_stalled_jobs(now=now)
     report = SweepReport(released, failed, finished, requeued)
     forget_idempotency_keys(now=now)
@@ -138,7 +143,8 @@ def requeue_stalled_jobs(*, now) -> int:
     holds tasks, they may be this job's, so nothing is added."""
     quiet_since = now - timedelta(seconds=settings.STRINGSIGHT_LEASE_SECONDS)
     stalled = (
-        ExtractJob.objects.filter(state__in=ACTIVE_STATES)
+        # A batch job's submission has its own (batchmode.poll.enqueue_submit_work).
+        ExtractJob.objects.filter(state__in=ACTIVE_STATES, mode=JobMode.ONLINE)
         .filter(
             Q(work_enqueued_at__lt=quiet_since) | Q(work_enqueued_at__isnull=True, created_at__lt=quiet_since)
         )
