@@ -53,18 +53,36 @@ def envfloat(name: str, default: float | None, minimum: float = 0.0) -> float | 
     return number
 
 
-def envprices(name: str) -> dict[str, tuple[float, float]]:
+def envprices(name: str) -> dict[str, tuple[float | None, ...]]:
+    """Each model's (input, output) list price, or (input, output,
+    batch_input, batch_output) where the entry gives a batch price."""
     value = os.environ.get(name)
     if not value:
         return {}
     try:
-        table = json.loads(value)
-        return {str(model): (float(pair[0]), float(pair[1])) for model, pair in table.items()}
+        return {str(model): _prices(entry) for model, entry in json.loads(value).items()}
     except (ValueError, TypeError, AttributeError, IndexError, KeyError):
         raise ImproperlyConfigured(
             f"{name} must be JSON mapping each model to [input, output] USD per million tokens, "
-            'e.g. {"my-model": [0.5, 1.5]}'
+            'e.g. {"my-model": [0.5, 1.5]}, or to {"input", "output", "batch_input", "batch_output"} '
+            "(the batch prices optional: half the list price by default)"
         ) from None
+
+
+def _prices(entry) -> tuple[float | None, ...]:
+    if isinstance(entry, list):
+        if len(entry) not in (2, 4):
+            raise ValueError(entry)
+        listed, batch = entry[:2], entry[2:]
+    else:
+        if set(entry) - {"input", "output", "batch_input", "batch_output"}:
+            raise KeyError(entry)
+        listed = [entry["input"], entry["output"]]
+        batch = [entry.get("batch_input"), entry.get("batch_output")]
+        if batch == [None, None]:
+            batch = []
+    # A batch price left out is None: jobs.services.budgets.price_for knows the discount.
+    return (*map(float, listed), *(None if price is None else float(price) for price in batch))
 
 
 def envcount(name: str) -> int | None:
@@ -346,7 +364,9 @@ STRINGSIGHT_STRUCTURED_OUTPUT = envbool("STRINGSIGHT_STRUCTURED_OUTPUT", True)
 
 # Estimated prices in USD per million tokens (input, output), frozen on each
 # job at start. STRINGSIGHT_PRICES (JSON, e.g. '{"my-model": [0.5, 1.5]}')
-# adds models or overrides these list prices.
+# adds models or overrides these list prices. A batch-mode job pays the
+# batch price: half the list price, unless an entry gives its own (four
+# prices, or {"input", "output", "batch_input", "batch_output"}).
 STRINGSIGHT_PRICES = {
     "gpt-4o-mini": (0.15, 0.60),
     "gpt-4o": (2.50, 10.00),
@@ -387,10 +407,6 @@ STRINGSIGHT_LEASE_SECONDS = envint("STRINGSIGHT_LEASE_SECONDS", 20, minimum=2)
 # jobs whose workers died): every qcluster worker process offers to, and the
 # database lets one through per interval.
 STRINGSIGHT_SWEEP_SECONDS = envfloat("STRINGSIGHT_SWEEP_SECONDS", 5.0, minimum=0.1)
-# How often some worker asks the provider how batch-mode jobs' batches are
-# doing (and imports those that ended): on the same thread as the sweep,
-# one worker process per interval.
-STRINGSIGHT_BATCH_POLL_SECONDS = envfloat("STRINGSIGHT_BATCH_POLL_SECONDS", 10.0, minimum=0.1)
 # A row whose worker died this many times is failed instead of retried, so
 # one poisonous row cannot kill workers forever.
 STRINGSIGHT_MAX_LEASE_EXPIRIES = envint("STRINGSIGHT_MAX_LEASE_EXPIRIES", 3, minimum=1)

@@ -15,6 +15,7 @@ from ..events import log_event
 from ..models import (
     ACTIVE_STATES,
     ExtractJob,
+    JobMode,
     JobState,
     RowStatus,
 )
@@ -26,9 +27,27 @@ if TYPE_CHECKING:
     from .params import JobParams
 
 
-def price_for(model_name: str) -> tuple[float, float] | None:
-    """(input, output) USD per million tokens, or None when unknown."""
-    return settings.STRINGSIGHT_PRICES.get(model_name)
+# What the providers' Batch APIs charge, as a share of the list price.
+BATCH_PRICE_SHARE = 0.5
+
+
+def price_for(model_name: str, mode: str = JobMode.ONLINE) -> tuple[float, float] | None:
+    """(input, output) USD per million tokens in this mode, or None when
+    unknown. A batch price is half the list price unless STRINGSIGHT_PRICES
+    gives the model its own (an entry of four prices: the list's, then the
+    batch's, None for one it leaves out)."""
+    price = settings.STRINGSIGHT_PRICES.get(model_name)
+    if price is None:
+        return None
+    if mode == JobMode.ONLINE:
+        return price[0], price[1]
+    if mode == JobMode.BATCH:
+        listed, given = price[:2], (price[2:] or (None, None))
+        return tuple(
+            listed_price * BATCH_PRICE_SHARE if batch_price is None else batch_price
+            for listed_price, batch_price in zip(listed, given, strict=True)
+        )
+    raise ValueError(f"no price for mode {mode!r}")
 
 
 def require_price(model_name: str) -> None:
@@ -51,11 +70,11 @@ DAILY_BUDGET_EXCEEDED = "daily_budget_exceeded"
 
 
 def estimate_cost(params: "JobParams", texts: list[str]) -> float | None:
-    """The most a job of these rows (their JSON texts) may cost, or None
-    without a price: a row's prompt is about its JSON text (a little more
-    than what is rendered), four characters a token; its answer at most
-    max_tokens."""
-    price_input, price_output = price_for(params.model_name) or (None, None)
+    """The most a job of these rows (their JSON texts) may cost at its
+    mode's price, or None without a price: a row's prompt is about its JSON
+    text (a little more than what is rendered), four characters a token;
+    its answer at most max_tokens."""
+    price_input, price_output = price_for(params.model_name, params.mode) or (None, None)
     if price_input is None:
         return None
     prompt_chars = len(texts) * len(params.resolved_system_prompt) + sum(map(len, texts))
