@@ -4,9 +4,11 @@ API's schema says of it (a DRF serializer field) and how to read it from
 the job, row or property: `Body.of` builds the body from the table and
 jobs.api.serializers documents the same table, so the two cannot differ.
 
-A status is one row read; a list reads each job's standing in the list's
-own query (services.standing.with_standing); properties are read as plain
-values, in input order, and a result is streamed a batch at a time."""
+A status is one row read (a batch-mode job's provider batches one more);
+a list reads each job's standing in the list's own query
+(services.standing.with_standing) and the batch-mode jobs' provider
+batches in one more; properties are read as plain values, in input
+order, and a result is streamed a batch at a time."""
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ from operator import attrgetter
 from typing import Any
 
 import orjson
-from django.db.models import F
+from django.db.models import F, Prefetch, prefetch_related_objects
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 from rest_framework import serializers
@@ -23,7 +25,17 @@ from rest_framework import serializers
 from extraction.extract import RowOutcome
 from extraction.rows import INDEX_COLUMN
 
-from .models import ExtractJob, ExtractRow, JobKind, JobState, Method, RowStatus
+from .models import (
+    ExtractJob,
+    ExtractRow,
+    JobKind,
+    JobMode,
+    JobState,
+    Method,
+    ProviderBatch,
+    ProviderBatchState,
+    RowStatus,
+)
 from .services import standing
 from .services.lifecycle import CancelOutcome
 
@@ -67,6 +79,68 @@ USAGE = Body(
         "total_tokens": Out(serializers.IntegerField()),
     },
 )
+REQUEST_COUNTS = Body(
+    "RequestCounts",
+    {
+        name: Out(serializers.IntegerField(), lambda counts, name=name: counts.get(name, 0))
+        for name in ("total", "completed", "failed")
+    },
+)
+PROVIDER_BATCH = Body(
+    "ProviderBatch",
+    {
+        "id": Out(serializers.CharField(help_text="The provider's batch id."), attrgetter("batch_id")),
+        "status": Out(
+            serializers.CharField(
+                help_text="The provider's status: validating, in_progress, finalizing, completed, "
+                "failed, expired, cancelling or cancelled."
+            ),
+            attrgetter("provider_status"),
+        ),
+        "request_counts": Out(
+            REQUEST_COUNTS.nested(help_text="The provider's count of the batch's requests."),
+            lambda batch: REQUEST_COUNTS.of(batch.request_counts or {}),
+        ),
+    },
+)
+# A job's batches with a provider id, as the status lists them.
+LISTED_BATCHES = ProviderBatch.objects.exclude(batch_id="").order_by("created_at", "attempt")
+
+
+def with_provider_batches(jobs: list[ExtractJob]) -> list[ExtractJob]:
+    """The jobs (a page, or one), each batch-mode job with its provider
+    batches read afresh, in one query for all of them; none for online jobs."""
+    batch_jobs = [job for job in jobs if job.mode == JobMode.BATCH]
+    for job in batch_jobs:
+        vars(job).pop("listed_batches", None)  # a job polled again (the CLI's) reads them again
+    if batch_jobs:
+        prefetch_related_objects(
+            batch_jobs, Prefetch("provider_batches", queryset=LISTED_BATCHES, to_attr="listed_batches")
+        )
+    return jobs
+
+
+def listed_batches(job: ExtractJob) -> list[ProviderBatch]:
+    if job.mode != JobMode.BATCH:
+        return []
+    if "listed_batches" not in vars(job):
+        with_provider_batches([job])
+    return job.listed_batches
+
+
+def holds_results(batch: ProviderBatch) -> bool:
+    """Whether the provider holds results of this batch not imported yet:
+    it was created there, and is neither imported nor given up."""
+    return bool(batch.batch_id) and batch.state not in (
+        ProviderBatchState.IMPORTED,
+        ProviderBatchState.ABANDONED,
+    )
+
+
+def pending_provider_results(job: ExtractJob) -> bool:
+    return any(holds_results(batch) for batch in listed_batches(job))
+
+
 BUDGET = Body(
     "Budget",
     {
@@ -83,6 +157,12 @@ STATUS = Body(
             serializers.ChoiceField(
                 choices=JobKind.choices,
                 help_text="rows: rows run by workers; single: one row extracted by /extract/single.",
+            )
+        ),
+        "mode": Out(
+            serializers.ChoiceField(
+                choices=JobMode.choices,
+                help_text="online: live calls. batch: the provider's Batch API, at its batch price.",
             )
         ),
         "progress": Out(
@@ -125,12 +205,34 @@ STATUS = Body(
             ),
             standing.calls_in_flight,
         ),
+        "provider_batches": Out(
+            PROVIDER_BATCH.nested(
+                many=True,
+                help_text="Batch mode: the job's batches at the provider, oldest first. "
+                "Empty for online jobs.",
+            ),
+            lambda job: [PROVIDER_BATCH.of(batch) for batch in listed_batches(job)],
+        ),
+        "pending_provider_results": Out(
+            serializers.BooleanField(
+                help_text="Batch mode: the provider holds results not imported yet, so the counts and "
+                "properties may still grow, also after a cancel (results the provider completed before "
+                "it acknowledged the cancel). Always false for online jobs."
+            ),
+            pending_provider_results,
+        ),
     },
 )
 
 
 def status_payload(job: ExtractJob) -> dict:
-    return STATUS.of(job)
+    return STATUS.of(with_provider_batches([job])[0])
+
+
+def status_payloads(jobs) -> list[dict]:
+    """A page of statuses: the batch-mode jobs' provider batches are read
+    for the whole page at once."""
+    return [STATUS.of(job) for job in with_provider_batches(list(jobs))]
 
 
 def row_outcomes(job: ExtractJob) -> dict:
@@ -191,7 +293,7 @@ DETAIL = Body(
 
 def detail_payload(job: ExtractJob) -> dict:
     """The status plus a count per row outcome and, while running, the rate and an ETA."""
-    return DETAIL.of(job)
+    return DETAIL.of(with_provider_batches([job])[0])
 
 
 CANCEL = Body(
@@ -201,7 +303,11 @@ CANCEL = Body(
         "state": Out(serializers.ChoiceField(choices=JobState.choices), lambda outcome: outcome.job.state),
         "message": Out(serializers.CharField()),
         "properties_count": Out(
-            serializers.IntegerField(help_text="Final: it never changes after the cancel."),
+            serializers.IntegerField(
+                help_text="Final for an online job: it never changes after the cancel. A batch-mode "
+                "job's grows while its status says pending_provider_results: the provider's results "
+                "completed before it acknowledged the cancel are imported when it hands them over."
+            ),
             lambda outcome: outcome.job.properties_count,
         ),
     },

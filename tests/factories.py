@@ -10,6 +10,7 @@ from django.db import connection
 
 from extraction.extract import RowOutcome
 from jobs import exports
+from jobs.models import ProviderBatch, ProviderBatchState
 from jobs.services import claims, lifecycle
 from jobs.services.params import JobParams
 from jobs.services.sql import ClaimedRow
@@ -80,6 +81,16 @@ def make_job(owner, rows=None, **params):
     return lifecycle.job_start(
         owner=owner, rows=rows if rows is not None else simple_rows(3), params=job_params(**params)
     )
+
+
+def provider_batch(job, *, created_at=None, **fields) -> ProviderBatch:
+    """A record of one of the job's batches at the provider, as the batch
+    mode's worker writes it (submitted, by default); `created_at` orders it."""
+    batch = ProviderBatch.objects.create(job=job, **{"state": ProviderBatchState.SUBMITTED, **fields})
+    if created_at is not None:
+        ProviderBatch.objects.filter(pk=batch.pk).update(created_at=created_at)
+        batch.refresh_from_db()
+    return batch
 
 
 def property_dict(description: str = "Gives the right answer.", **overrides) -> dict:

@@ -41,6 +41,85 @@ def status_fields(body: dict) -> dict:
     return {field: body[field] for field in ONLINE_STATUS}
 
 
+@pytest.mark.parametrize("path", START_PATHS)
+def test_start_takes_mode_batch_on_both_paths(api, path):
+    response = start(api, path, mode="batch")
+
+    assert response.status_code == 201
+    assert status_fields(response.json()) == {
+        "mode": "batch",
+        "provider_batches": [],
+        "pending_provider_results": False,
+    }
+    assert ExtractJob.objects.get(pk=response.json()["job_id"]).mode == "batch"
+
+
+@pytest.mark.parametrize("path", START_PATHS)
+@pytest.mark.parametrize("body", [{}, {"mode": None}, {"mode": "online"}])
+def test_a_start_without_batch_mode_is_online(api, path, body):
+    response = start(api, path, **body)
+
+    assert response.status_code == 201
+    assert status_fields(response.json()) == ONLINE_STATUS
+    assert ExtractJob.objects.get(pk=response.json()["job_id"]).mode == "online"
+
+
+@pytest.mark.parametrize("path", START_PATHS + ESTIMATE_PATHS)
+@pytest.mark.parametrize(("mode", "shown"), [("fast", "fast"), ("BATCH", "BATCH"), (5, "5"), ("", "")])
+def test_a_bad_mode_is_a_400_naming_mode(api, path, mode, shown):
+    response = start(api, path, mode=mode)
+
+    assert response.status_code == 400
+    assert response.json() == {
+        "detail": f"mode: '{shown}' is not a mode; use one of online, batch",
+        "code": "invalid",
+        "field": "mode",
+        "errors": {"mode": [f"'{shown}' is not a mode; use one of online, batch"]},
+    }
+    assert ExtractJob.objects.count() == 0
+
+
+def test_the_start_rules_refuse_a_bad_mode_for_every_interface():
+    with pytest.raises(InvalidInput) as refused:
+        options.accept_start(options.StartRequest(rows=simple_rows(1), mode="later"))
+
+    assert (refused.value.field, refused.value.detail) == (
+        "mode",
+        "mode: 'later' is not a mode; use one of online, batch",
+    )
+    accepted = options.accept_start(options.StartRequest(rows=simple_rows(1), mode="batch"))
+    assert accepted.params.mode == "batch"
+    assert options.accept_start(options.StartRequest(rows=simple_rows(1))).params.mode == "online"
+
+
+def test_extract_single_refuses_batch_mode_naming_it(api):
+    row = {"prompt": "What is 2+2?", "model": "demo", "model_response": "4"}
+
+    response = api.post("/extract/single", {"row": row, "mode": "batch"}, format="json")
+
+    assert response.status_code == 400
+    assert response.json()["field"] == "mode"
+    assert response.json()["detail"] == (
+        "mode: /extract/single answers within the request, so it runs online only; "
+        "start a job (POST /api/jobs/) for batch mode"
+    )
+    assert ExtractJob.objects.count() == 0
+
+
+def test_extract_single_takes_online_mode():
+    request = options.StartRequest(rows=[simple_rows(1)[0]], mode="online")
+
+    assert options.accept_single_row(request).params.mode == "online"
+
+
+def test_resume_keeps_the_jobs_mode(user):
+    job = lifecycle.job_cancel(job=batch_job(user)).job
+
+    resumed = lifecycle.job_resume(job=job)
+
+    assert (resumed.state, resumed.mode) == ("queued", "batch")
+
+
 def test_the_batch_price_is_half_the_list_price(settings):
     assert budgets.price_for("gpt-4o-mini") == (0.15, 0.60)
     assert budgets.price_for("gpt-4o-mini", "online") == (0.15, 0.60)
@@ -98,6 +177,159 @@ def test_the_start_estimate_is_at_the_modes_price():
 
     assert batch == pytest.approx(online / 2)
     assert budgets.estimate_cost(job_params(mode="batch"), texts) is None  # sim-model has no price
+
+
+def test_the_daily_budget_is_kept_at_the_modes_price(api, settings):
+    body = {"rows": simple_rows(1), "model_name": "gpt-4o-mini", "max_tokens": 1000}
+    accepted = {
+        mode: options.accept_start(options.StartRequest(**body, mode=mode)) for mode in ("online", "batch")
+    }
+    online, batch = (
+        budgets.estimate_cost(accepted[mode].params, accepted[mode].encoded_rows)
+        for mode in ("online", "batch")
+    )
+    settings.STRINGSIGHT_USER_DAILY_BUDGET_USD = (online + batch) / 2
+
+    refused = api.post("/api/jobs/", body, format="json")
+    started = api.post("/api/jobs/", {**body, "mode": "batch"}, format="json")
+
+    assert refused.status_code == 429
+    assert refused.json()["code"] == "daily_budget_exceeded"
+    assert started.status_code == 201
+    assert ExtractJob.objects.get().estimated_cost_usd == pytest.approx(batch)
+
+
+def test_an_online_jobs_status_says_so_on_every_path(api, user):
+    job = make_job(user)
+
+    bodies = [
+        api.get(f"/api/jobs/{job.id}/").json(),
+        api.get("/extract/jobs/status", {"job_id": str(job.id)}).json(),
+        api.get("/api/jobs/").json()["results"][0],
+    ]
+
+    assert [status_fields(body) for body in bodies] == [ONLINE_STATUS] * 3
+
+
+def test_a_batch_jobs_status_lists_its_provider_batches_oldest_first(api, user):
+    job = batch_job(user, rows=simple_rows(5))
+    now = timezone.now()
+    provider_batch(
+        job,
+        batch_id="batch_2",
+        attempt=2,
+        provider_status="in_progress",
+        request_counts={"total": 2, "completed": 1, "failed": 0},
+        created_at=now - timedelta(minutes=1),
+    )
+    provider_batch(
+        job,
+        batch_id="batch_1",
+        state="imported",
+        provider_status="completed",
+        request_counts={"total": 5, "completed": 3, "failed": 2},
+        created_at=now - timedelta(minutes=5),
+    )
+    # Not created at the provider yet: nothing to show there.
+    provider_batch(job, state="uploaded", input_file_id="file-3", created_at=now)
+
+    bodies = [
+        api.get(f"/api/jobs/{job.id}/").json(),
+        api.get("/extract/jobs/status", {"job_id": str(job.id)}).json(),
+        api.get("/api/jobs/").json()["results"][0],
+    ]
+
+    expected = {
+        "mode": "batch",
+        "provider_batches": [
+            {
+                "id": "batch_1",
+                "status": "completed",
+                "request_counts": {"total": 5, "completed": 3, "failed": 2},
+            },
+            {
+                "id": "batch_2",
+                "status": "in_progress",
+                "request_counts": {"total": 2, "completed": 1, "failed": 0},
+            },
+        ],
+        "pending_provider_results": True,
+    }
+    assert [status_fields(body) for body in bodies] == [expected] * 3
+
+
+@pytest.mark.parametrize(
+    ("state", "pending"), [("submitted", True), ("imported", False), ("abandoned", False)]
+)
+def test_pending_provider_results_until_every_batch_is_imported(api, user, state, pending):
+    job = batch_job(user)
+    provider_batch(job, batch_id="batch_done", state="imported", provider_status="completed")
+    provider_batch(job, batch_id="batch_last", state=state, provider_status="cancelled")
+
+    body = api.get(f"/api/jobs/{job.id}/").json()
+
+    assert body["pending_provider_results"] is pending
+
+
+def test_a_batch_that_has_not_reported_counts_shows_zeros(api, user):
+    job = batch_job(user)
+    provider_batch(job, batch_id="batch_new", provider_status="")
+
+    body = api.get(f"/api/jobs/{job.id}/").json()
+
+    assert body["provider_batches"] == [
+        {"id": "batch_new", "status": "", "request_counts": {"total": 0, "completed": 0, "failed": 0}}
+    ]
+
+
+def test_the_cancel_answer_keeps_its_shape_for_a_batch_job(api, user):
+    job = batch_job(user)
+    provider_batch(job, batch_id="batch_1", provider_status="in_progress")
+
+    cancelled = api.post("/extract/jobs/cancel", {"job_id": str(job.id)}, format="json")
+
+    assert cancelled.status_code == 200
+    assert set(cancelled.json()) == {"job_id", "state", "message", "properties_count"}
+    assert cancelled.json()["state"] == "cancelled"
+
+
+def test_the_job_list_filters_by_mode(api, user):
+    online, batch = make_job(user), batch_job(user)
+
+    listed = {
+        mode: [job["job_id"] for job in api.get("/api/jobs/", {"mode": mode}).json()["results"]]
+        for mode in ("online", "batch")
+    }
+
+    assert listed == {"online": [str(online.id)], "batch": [str(batch.id)]}
+    assert api.get("/api/jobs/", {"mode": "later"}).json()["field"] == "mode"
+
+
+@pytest.mark.parametrize("jobs", [2, 40])
+def test_a_list_of_batch_jobs_reads_their_batches_in_one_query(api, user, django_assert_num_queries, jobs):
+    from tests.test_query_counts import LIST_QUERIES
+
+    created = [batch_job(user) if n % 2 else make_job(user) for n in range(jobs)]
+    for job in created[1::2]:
+        provider_batch(job, batch_id=f"batch_{job.id}", provider_status="in_progress")
+
+    with django_assert_num_queries(LIST_QUERIES + 1):
+        body = api.get("/api/jobs/", {"page_size": jobs}).json()
+
+    batches = {job["job_id"]: [batch["id"] for batch in job["provider_batches"]] for job in body["results"]}
+    assert batches == {str(job.id): [f"batch_{job.id}"] if job.mode == "batch" else [] for job in created}
+
+
+def test_a_batch_jobs_status_reads_its_batches_in_one_query(api, user):
+    online, batch = make_job(user), batch_job(user)
+    provider_batch(batch, batch_id="batch_1")
+
+    def queries(job) -> int:
+        with CaptureQueriesContext(connection) as captured:
+            assert api.get("/extract/jobs/status", {"job_id": str(job.id)}).status_code == 200
+        return len(captured)
+
+    assert queries(batch) == queries(online) + 1
 
 
 def run_jobs(*arguments: str) -> str:

@@ -14,13 +14,13 @@ from extraction.prompts import PROMPT_NAMES, named_prompt, prompt_catalogue
 from extraction.rows import REQUIRED_COLUMNS, RowError, detect_method, json_type
 
 from .. import presenter, rowfiles, single
-from ..models import Method
+from ..models import JobMode, Method
 from ..services import options
 from ..services.errors import InvalidInput, with_field
 from .errors import error_response, flatten_errors
 from .hangup import client_socket, hung_up
 from .permissions import JobAPIPermission
-from .serializers import ErrorSerializer, RowsField, StartJobSerializer
+from .serializers import MODE_CHOICE_ERROR, ErrorSerializer, RowsField, StartJobSerializer
 
 PREVIEW_ROWS = 50
 # An answer no one reads: the client has gone (nginx's code for it).
@@ -146,6 +146,13 @@ class ExtractSingleSerializer(StartJobSerializer):
     max_cost_usd = None
     max_total_tokens = None
     row = RowField()
+    mode = serializers.ChoiceField(
+        choices=JobMode.choices,
+        required=False,
+        allow_null=True,
+        error_messages={"invalid_choice": MODE_CHOICE_ERROR},
+        help_text="online only (the default): the row is extracted within the request; batch answers 400.",
+    )
     return_debug = serializers.BooleanField(
         required=False,
         allow_null=True,

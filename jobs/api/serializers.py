@@ -11,7 +11,7 @@ from rest_framework import serializers
 from extraction.rows import json_type
 
 from .. import presenter
-from ..models import JobKind, JobState, Method, RowStatus
+from ..models import JobKind, JobMode, JobState, Method, RowStatus
 from ..services.options import DEFAULTS, StartRequest  # noqa: F401  (DEFAULTS: bench/rows.py reads them here)
 
 _TEXT = {"type": ["string", "number"], "minLength": 1}
@@ -91,6 +91,9 @@ class NumberField(serializers.FloatField):
         return super().to_internal_value(data)
 
 
+MODE_CHOICE_ERROR = f"'{{input}}' is not a mode; use one of {', '.join(JobMode.values)}"
+
+
 class StartJobSerializer(serializers.Serializer):
     rows = RowsField()
     method = serializers.ChoiceField(
@@ -142,6 +145,14 @@ class StartJobSerializer(serializers.Serializer):
         min_value=1,
         max_value=MAX_INT64,
         help_text="Stop (state error) before a call would take the tokens used over this.",
+    )
+    mode = serializers.ChoiceField(
+        choices=JobMode.choices,
+        required=False,
+        allow_null=True,
+        error_messages={"invalid_choice": MODE_CHOICE_ERROR},
+        help_text="online (the default): live calls. batch: the provider's Batch API at its batch "
+        "price (half the list price by default), results within its 24 h window.",
     )
     output_dir = serializers.CharField(
         required=False,
@@ -197,6 +208,7 @@ class ResumeRequestSerializer(serializers.Serializer):
 class JobListQuerySerializer(serializers.Serializer):
     state = serializers.ChoiceField(choices=JobState.choices, required=False)
     kind = serializers.ChoiceField(choices=JobKind.choices, required=False)
+    mode = serializers.ChoiceField(choices=JobMode.choices, required=False)
     model = serializers.CharField(required=False, max_length=200)
     created_after = serializers.DateTimeField(required=False)
     created_before = serializers.DateTimeField(required=False)

@@ -281,6 +281,7 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
         filters = {
             "state": query.validated_data.get("state"),
             "kind": query.validated_data.get("kind"),
+            "mode": query.validated_data.get("mode"),
             "model_name": query.validated_data.get("model"),
             "created_at__gte": query.validated_data.get("created_after"),
             "created_at__lt": query.validated_data.get("created_before"),
@@ -290,7 +291,7 @@ class ExtractJobViewSet(viewsets.GenericViewSet):
         )
         paginator = JobCursor()
         page = paginator.paginate_queryset(standing.with_standing(jobs), request, view=self)
-        return paginator.get_paginated_response([presenter.status_payload(job) for job in page])
+        return paginator.get_paginated_response(presenter.status_payloads(page))
 
     @extend_schema(
         operation_id="jobs_delete",

@@ -75,13 +75,14 @@ def job_start(
         )
         if idempotency is not None:
             IdempotencyKey.objects.filter(pk=key.pk).update(answer=idempotency.answer(job))
-        transaction.on_commit(lambda: wake_workers(job_id=job.id, max_workers=params.max_workers))
+        transaction.on_commit(lambda: start_work(job=job))
     log_event("job_started", job_id=job.id, rows=len(picked), model=params.model_name, method=params.method)
     return job
 
 
 def _create_job(*, owner, params: JobParams, count_total: int, **fields) -> ExtractJob:
-    price_input, price_output = price_for(params.model_name) or (None, None)
+    # The price of the job's mode: a batch job pays the provider's batch price.
+    price_input, price_output = price_for(params.model_name, params.mode) or (None, None)
     return ExtractJob.objects.create(
         owner=owner,
         count_total=count_total,

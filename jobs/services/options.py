@@ -13,6 +13,7 @@ from django.conf import settings
 from extraction.prompts import UnknownPromptError, resolve_system_prompt
 from extraction.rows import RowError, encode_row, nul_path, validate_rows
 
+from ..models import JobMode
 from .budgets import model_allowed, price_for, require_price
 from .errors import InvalidInput
 from .params import JobParams
@@ -54,6 +55,7 @@ class StartRequest:
     use_cache: bool | None = None
     max_cost_usd: float | None = None
     max_total_tokens: int | None = None
+    mode: str | None = None
 
     @classmethod
     def of(cls, values: dict[str, Any]) -> "StartRequest":
@@ -83,6 +85,11 @@ def accept_start(request: StartRequest) -> AcceptedStart:
     if request.model_name is not None and CONTROL_CHARACTERS.search(request.model_name):
         raise InvalidInput(
             "model_name", "a model id holds no control characters (such as CR, LF, tab or ESC)"
+        )
+    mode = JobMode.ONLINE if request.mode is None else request.mode
+    if mode not in JobMode.values:
+        raise InvalidInput(
+            "mode", f"{str(mode)[:100]!r} is not a mode; use one of {', '.join(JobMode.values)}"
         )
     values = {name: getattr(request, name) for name in DEFAULTS}
     for name, default in DEFAULTS.items():
@@ -128,13 +135,21 @@ def accept_start(request: StartRequest) -> AcceptedStart:
         use_cache=values["use_cache"],
         max_cost_usd=max_cost_usd,
         max_total_tokens=request.max_total_tokens,
+        mode=str(mode),
     )
     return AcceptedStart(rows=request.rows, encoded_rows=encoded_rows, params=params)
 
 
 def accept_single_row(request: StartRequest) -> AcceptedStart:
     """accept_start for /extract/single, whose one row (`rows[0]` here) the
-    caller sent as `row`: its errors name `row`."""
+    caller sent as `row`: its errors name `row`. It answers within the
+    request, so its call is a live one: online mode only."""
+    if request.mode not in (None, JobMode.ONLINE):
+        raise InvalidInput(
+            "mode",
+            "/extract/single answers within the request, so it runs online only; "
+            "start a job (POST /api/jobs/) for batch mode",
+        )
     try:
         return accept_start(request)
     except InvalidInput as exc:
