@@ -407,6 +407,10 @@ STRINGSIGHT_LEASE_SECONDS = envint("STRINGSIGHT_LEASE_SECONDS", 20, minimum=2)
 # jobs whose workers died): every qcluster worker process offers to, and the
 # database lets one through per interval.
 STRINGSIGHT_SWEEP_SECONDS = envfloat("STRINGSIGHT_SWEEP_SECONDS", 5.0, minimum=0.1)
+# How often some worker asks the provider how batch-mode jobs' batches are
+# doing (and imports those that ended): on the same thread as the sweep,
+# one worker process per interval.
+STRINGSIGHT_BATCH_POLL_SECONDS = envfloat("STRINGSIGHT_BATCH_POLL_SECONDS", 10.0, minimum=0.1)
 # A row whose worker died this many times is failed instead of retried, so
 # one poisonous row cannot kill workers forever.
 STRINGSIGHT_MAX_LEASE_EXPIRIES = envint("STRINGSIGHT_MAX_LEASE_EXPIRIES", 3, minimum=1)
