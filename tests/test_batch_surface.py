@@ -199,6 +199,55 @@ def test_the_daily_budget_is_kept_at_the_modes_price(api, settings):
     assert ExtractJob.objects.get().estimated_cost_usd == pytest.approx(batch)
 
 
+@pytest.mark.parametrize("path", ESTIMATE_PATHS)
+@pytest.mark.parametrize("mode", ["online", "batch"])
+def test_an_estimate_gives_both_modes_cost(api, path, mode):
+    body = {"rows": simple_rows(3), "model_name": "gpt-4o-mini", "max_tokens": 1000, "mode": mode}
+
+    answer = api.post(path, body, format="json").json()
+
+    prompt = answer["prompt_tokens"]
+
+    def cost(price_input, price_output):
+        return {
+            "low": round(prompt * price_input / 1e6, 6),
+            "expected": None,
+            "high": round((prompt * price_input + 3000 * price_output) / 1e6, 6),
+        }
+
+    assert answer["cost_usd_by_mode"] == {"online": cost(0.15, 0.60), "batch": cost(0.075, 0.30)}
+    assert answer["mode"] == mode
+    assert answer["cost_usd"] == answer["cost_usd_by_mode"][mode]
+    assert answer["duration_s"] == {"expected": None}
+    assert ExtractJob.objects.count() == 0
+
+
+def test_a_batch_estimate_has_no_duration_and_no_price_means_no_cost(api, user, settings):
+    settings.STRINGSIGHT_ALLOWED_MODELS = ["*"]
+    now = timezone.now()
+    # A done row of each mode: an online call's latency to go by, and a
+    # batch's hour in the provider's window, which is no call's latency.
+    for job, took in (
+        (make_job(user, model_name="sim-model"), 2),
+        (batch_job(user, model_name="sim-model"), 3600),
+    ):
+        lifecycle.job_mark_running(job_id=job.id)
+        job.rows.filter(index=0).update(
+            status="done", started_at=now - timedelta(seconds=took), finished_at=now
+        )
+    body = {"rows": simple_rows(2), "model_name": "sim-model"}
+
+    answers = {
+        mode: api.post("/api/jobs/estimate/", {**body, "mode": mode}, format="json").json()
+        for mode in ("online", "batch")
+    }
+
+    assert answers["online"]["duration_s"]["expected"] == 2.0
+    assert answers["batch"]["duration_s"] == {"expected": None}
+    nothing = {"low": None, "expected": None, "high": None}
+    assert answers["batch"]["cost_usd_by_mode"] == {"online": nothing, "batch": nothing}
+
+
 def test_an_online_jobs_status_says_so_on_every_path(api, user):
     job = make_job(user)
 
@@ -346,3 +395,36 @@ def write_rows(path, count: int = 2):
 
 
 JOBS_URL = "/admin/jobs/extractjob/"
+
+
+def test_batch_bodies_match_the_schema(api, user):
+    from tests.test_schema import assert_matches
+
+    openapi = api.get("/api/schema/", {"format": "json"}).json()
+    job = batch_job(user)
+    provider_batch(
+        job,
+        batch_id="batch_1",
+        provider_status="in_progress",
+        request_counts={"total": 3, "completed": 1, "failed": 0},
+    )
+    estimated = api.post(
+        "/api/jobs/estimate/",
+        {"rows": simple_rows(1), "model_name": "gpt-4o-mini", "mode": "batch"},
+        format="json",
+    )
+
+    assert_matches(openapi, "JobStatus", api.get("/extract/jobs/status", {"job_id": str(job.id)}).json())
+    assert_matches(openapi, "JobDetail", api.get(f"/api/jobs/{job.id}/").json())
+    assert_matches(openapi, "JobPage", api.get("/api/jobs/").json())
+    assert_matches(openapi, "Estimate", estimated.json())
+    assert openapi["components"]["schemas"]["ModeEnum"]["enum"] == ["online", "batch"]
+
+
+def test_a_batch_job_freezes_the_batch_price(user):
+    online = make_job(user, model_name="gpt-4o-mini")
+    batch = batch_job(user, model_name="gpt-4o-mini")
+
+    frozen = [(job.price_input_per_mtok, job.price_output_per_mtok) for job in (online, batch)]
+
+    assert frozen == [(0.15, 0.60), (0.075, 0.30)]

@@ -7,6 +7,7 @@ from rest_framework import serializers
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from ..models import JobMode
 from ..services import options
 from ..services.estimates import job_estimate
 from .permissions import JobAPIPermission
@@ -26,11 +27,17 @@ class CostSerializer(serializers.Serializer):
     high = serializers.FloatField(allow_null=True, help_text="The prompts and max_tokens for every call.")
 
 
+class CostByModeSerializer(serializers.Serializer):
+    online = CostSerializer(help_text="At the list price: live calls.")
+    batch = CostSerializer(help_text="At the batch price: the provider's Batch API.")
+
+
 class DurationSerializer(serializers.Serializer):
     expected = serializers.FloatField(
         allow_null=True,
         help_text="Seconds, from max_workers, the endpoint's limits and the latency seen recently; "
-        "null when no recent latency is known.",
+        "null when no recent latency is known, and in batch mode (the provider answers within its "
+        "24 h window).",
     )
 
 
@@ -42,7 +49,9 @@ class EstimateSerializer(serializers.Serializer):
         help_text="With the model's own encoding for OpenAI models, else four characters a token."
     )
     completion_tokens = CompletionTokensSerializer()
-    cost_usd = CostSerializer()
+    mode = serializers.ChoiceField(choices=JobMode.choices, help_text="The start's mode: cost_usd's price.")
+    cost_usd = CostSerializer(help_text="At the price of the start's mode.")
+    cost_usd_by_mode = CostByModeSerializer(help_text="The same job's cost in each mode.")
     duration_s = DurationSerializer()
 
 

@@ -23,7 +23,7 @@ from extraction.prompts import response_format
 from extraction.rows import sample_indexes
 from extraction.tokens import prompt_counter
 
-from ..models import CompletionCache, ExtractJob, ExtractRow, JobState, RowStatus
+from ..models import CompletionCache, ExtractJob, ExtractRow, JobMode, JobState, RowStatus
 from .budgets import price_for
 from .provider_limits import endpoint_id, lane_state, limits_config
 
@@ -41,8 +41,10 @@ class History:
 
 def job_estimate(*, rows: list[dict[str, Any]], params, encoded_rows: list[str] | None = None) -> dict:
     """The start body's cost, as `{rows, cached_rows, calls, prompt_tokens,
-    completion_tokens: {expected, max}, cost_usd: {low, expected, high},
-    duration_s: {expected}}`. Takes what StartJobSerializer validated."""
+    completion_tokens: {expected, max}, mode, cost_usd: {low, expected,
+    high}, cost_usd_by_mode: {online: {...}, batch: {...}}, duration_s:
+    {expected}}`: cost_usd at the price of the start's mode, and each
+    mode's beside it. Takes what StartJobSerializer validated."""
     picked = sample_indexes(len(rows), params.sample_size)
     structured = settings.STRINGSIGHT_STRUCTURED_OUTPUT
     spec = ExtractionSpec(
@@ -81,15 +83,24 @@ def job_estimate(*, rows: list[dict[str, Any]], params, encoded_rows: list[str] 
     )
     max_completion = calls * params.max_tokens
     answers = max_completion if expected_completion is None else expected_completion
+    by_mode = {
+        mode: _costs(params.model_name, mode, prompt_tokens, expected_completion, max_completion)
+        for mode in JobMode.values
+    }
     return {
         "rows": len(picked),
         "cached_rows": len(cached),
         "calls": calls,
         "prompt_tokens": prompt_tokens,
         "completion_tokens": {"expected": expected_completion, "max": max_completion},
-        "cost_usd": _costs(params.model_name, prompt_tokens, expected_completion, max_completion),
+        "mode": params.mode,
+        "cost_usd": dict(by_mode[params.mode]),
+        "cost_usd_by_mode": by_mode,
         "duration_s": {
-            "expected": expected_duration(
+            # A batch's results come within the provider's window, not at our rate.
+            "expected": None
+            if params.mode == JobMode.BATCH
+            else expected_duration(
                 calls=calls,
                 tokens=prompt_tokens + answers,
                 max_workers=params.max_workers,
@@ -101,8 +112,8 @@ def job_estimate(*, rows: list[dict[str, Any]], params, encoded_rows: list[str] 
     }
 
 
-def _costs(model: str, prompt: int, expected: int | None, most: int) -> dict:
-    price = price_for(model)
+def _costs(model: str, mode: str, prompt: int, expected: int | None, most: int) -> dict:
+    price = price_for(model, mode)
     if price is None:
         return {"low": None, "expected": None, "high": None}
     price_input, price_output = price
@@ -115,7 +126,7 @@ def _costs(model: str, prompt: int, expected: int | None, most: int) -> dict:
 
 def recent_history(model: str) -> History:
     """The model's answers per call, and seconds per call, over its recent
-    jobs and rows (not answers from the cache)."""
+    jobs and rows (not answers from the cache; seconds from online jobs only)."""
     since = timezone.now() - timedelta(days=RECENT_DAYS)
     jobs = ExtractJob.objects.filter(model_name=model, created_at__gte=since).exclude(
         state__in=[JobState.QUEUED]
@@ -128,6 +139,8 @@ def recent_history(model: str) -> History:
         calls += job.count_done + job.count_failed - job.cache_hits
     durations = list(
         ExtractRow.objects.filter(
+            # A batch-mode row's time is the provider's window, not a call's latency.
+            job__mode=JobMode.ONLINE,
             job__model_name=model,
             job__created_at__gte=since,
             status=RowStatus.DONE,
