@@ -387,11 +387,88 @@ def run_jobs(*arguments: str) -> str:
     return out.getvalue()
 
 
+def test_jobs_show_gives_a_batch_jobs_mode_and_provider_batches(user):
+    job = batch_job(user)
+    now = timezone.now()
+    provider_batch(
+        job,
+        batch_id="batch_1",
+        state="imported",
+        provider_status="completed",
+        request_counts={"total": 3, "completed": 2, "failed": 1},
+        created_at=now - timedelta(minutes=2),
+    )
+    provider_batch(
+        job,
+        batch_id="batch_2",
+        attempt=2,
+        provider_status="in_progress",
+        request_counts={"total": 1, "completed": 0, "failed": 0},
+        created_at=now,
+    )
+
+    shown = run_jobs("show", str(job.id))
+
+    assert "  mode:        batch\n" in shown
+    assert (
+        "  batches:     batch_1 completed: 2 completed, 1 failed of 3\n"
+        "               batch_2 in_progress: 0 completed, 0 failed of 1\n"
+        "  pending:     the provider holds results not imported yet; counts may still grow\n"
+    ) in shown
+
+
+def test_jobs_show_gives_an_online_jobs_mode_and_no_batches(user):
+    shown = run_jobs("show", str(make_job(user).id))
+
+    assert "  mode:        online\n" in shown
+    assert "batches:" not in shown
+    assert "pending:" not in shown
+
+
 def write_rows(path, count: int = 2):
     import json
 
     path.write_text("".join(json.dumps(row) + "\n" for row in simple_rows(count)))
     return path
+
+
+def test_extract_starts_a_batch_job_with_mode_batch(tmp_path, user, settings):
+    source = write_rows(tmp_path / "rows.jsonl")
+    given = {option: None for option in extract.START_OPTIONS} | {"mode": "batch"}
+
+    job = extract.start_job(source, None, given)
+
+    assert (job.mode, job.count_total) == ("batch", 2)
+
+
+def test_extract_refuses_an_unknown_mode_and_batch_mode_inline(tmp_path):
+    source = write_rows(tmp_path / "rows.jsonl")
+
+    with pytest.raises(CommandError) as unknown:
+        call_command("extract", str(source), "--mode", "later")
+    with pytest.raises(CommandError) as inline:
+        call_command("extract", str(source), "--mode", "batch", "--inline")
+
+    assert "argument --mode: invalid choice: 'later'" in str(unknown.value)
+    assert str(inline.value) == "--inline runs online jobs only; a batch-mode job is run by a qcluster"
+    assert ExtractJob.objects.count() == 0
+
+
+@pytest.mark.parametrize(("mode", "other"), [("online", "batch"), ("batch", "online")])
+def test_extract_estimate_prints_both_modes_cost(tmp_path, mode, other):
+    source = write_rows(tmp_path / "rows.jsonl", 4)
+    out = io.StringIO()
+
+    call_command("extract", str(source), "--estimate", "--model", "gpt-4o-mini", "--mode", mode, stdout=out)
+
+    lines = out.getvalue().splitlines()
+    cost = next(line for line in lines if line.startswith("  cost:"))
+    other_cost = next(line for line in lines if line.startswith(f"  in {other} mode:"))
+    assert cost.endswith(f"({mode} mode)")
+    assert other_cost.startswith(f"  in {other} mode:".ljust(22) + "$")
+    if mode == "batch":
+        assert "  duration:           within the provider's 24 h batch window" in lines
+    assert ExtractJob.objects.count() == 0
 
 
 JOBS_URL = "/admin/jobs/extractjob/"

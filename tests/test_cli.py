@@ -519,6 +519,7 @@ def test_jobs_show_gives_the_detail_and_the_first_failed_rows(user):
         "  owner:       alice\n"
         "  method:      single_model\n"
         "  model:       gpt-4o-mini\n"
+        "  mode:        online\n"
         "  rows:        4: 2 done, 1 failed, 0 running, 0 pending, 1 cancelled\n"
         "  progress:    75%\n"
         "  properties:  4\n"

@@ -21,7 +21,7 @@ from jobs.cli import (
     write_properties,
 )
 from jobs.formatting import format_cost, format_duration
-from jobs.models import ExtractJob, JobState
+from jobs.models import ExtractJob, JobMode, JobState
 from jobs.presenter import detail_payload
 from jobs.services import estimates, lifecycle, options
 from jobs.services.errors import JobError
@@ -40,6 +40,7 @@ START_OPTIONS = {
     "task_description": "task_description",
     "sample_size": "sample_size",
     "max_workers": "max_workers",
+    "mode": "mode",
 }
 
 
@@ -57,6 +58,12 @@ class Command(BaseCommand):
         parser.add_argument("--task-description")
         parser.add_argument("--sample-size", type=count_option, help="run a seeded sample of this many rows")
         parser.add_argument("--max-workers", type=count_option, help="concurrent LLM calls (default 16)")
+        parser.add_argument(
+            "--mode",
+            choices=JobMode.values,
+            help="online (live calls, the default) or batch (the provider's Batch API at half the price, "
+            "results within 24 h; run by a qcluster, not --inline)",
+        )
         parser.add_argument(
             "--out", metavar="OUTPUT", help="default: <input stem>.properties.jsonl next to the input"
         )
@@ -94,11 +101,15 @@ class Command(BaseCommand):
                 )
             )
             return
+        if inline and options["mode"] == JobMode.BATCH:
+            # The inline runner makes live calls; a batch is polled by the workers' sweeper.
+            raise CommandError("--inline runs online jobs only; a batch-mode job is run by a qcluster")
         output = Path(out) if out else source.with_name(f"{source.stem}.properties.jsonl")
         output_format(output)  # a bad output path fails before any work is done
         job = start_job(source, user, options)
         self.stdout.write(
-            f"Job {job.id}: {job.count_total} rows ({job.method}, model {job.model_name}), "
+            f"Job {job.id}: {job.count_total} rows ({job.method}, model {job.model_name}"
+            f"{', batch mode' if job.mode == JobMode.BATCH else ''}), "
             f"{'running here' if inline else 'queued for a worker'}"
         )
 
@@ -201,15 +212,26 @@ def start_job(source: Path, username: str | None, given: dict) -> ExtractJob:
         raise CommandError(error_message(exc)) from None
 
 
+def cost_range(cost: dict) -> str:
+    if cost["high"] is None:
+        return "unknown (no price for the model: STRINGSIGHT_PRICES)"
+    return (
+        f"{format_cost(cost['low'])} to {format_cost(cost['high'])}, expected {format_cost(cost['expected'])}"
+    )
+
+
 def estimate_text(estimate: dict) -> str:
-    completion, cost = estimate["completion_tokens"], estimate["cost_usd"]
+    completion = estimate["completion_tokens"]
     expected = completion["expected"]
     seconds = estimate["duration_s"]["expected"]
-    if cost["high"] is None:
-        costs = "unknown (no price for the model: STRINGSIGHT_PRICES)"
+    mode = estimate["mode"]
+    other = next(name for name in estimate["cost_usd_by_mode"] if name != mode)
+    if mode == JobMode.BATCH:
+        duration = "within the provider's 24 h batch window"
+    elif seconds is None:
+        duration = "— (no recent calls of the model to go by)"
     else:
-        costs = f"{format_cost(cost['low'])} to {format_cost(cost['high'])}"
-        costs += f", expected {format_cost(cost['expected'])}"
+        duration = format_duration(seconds)
     return "\n".join(
         [
             f"Estimate (no job started, no LLM call made): {estimate['rows']} rows",
@@ -218,9 +240,9 @@ def estimate_text(estimate: dict) -> str:
             f"  prompt tokens:      {estimate['prompt_tokens']:,}",
             f"  completion tokens:  expected {'—' if expected is None else f'{expected:,}'}, "
             f"at most {completion['max']:,}",
-            f"  cost:               {costs}",
-            "  duration:           "
-            + ("— (no recent calls of the model to go by)" if seconds is None else format_duration(seconds)),
+            f"  cost:               {cost_range(estimate['cost_usd'])} ({mode} mode)",
+            f"  {f'in {other} mode:':<20}{cost_range(estimate['cost_usd_by_mode'][other])}",
+            f"  duration:           {duration}",
         ]
     )
 

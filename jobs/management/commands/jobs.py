@@ -98,6 +98,7 @@ class Command(BaseCommand):
             f"  owner:       {owner_name(job)}",
             f"  method:      {job.method}",
             f"  model:       {job.model_name}",
+            f"  mode:        {job.mode}",
             f"  rows:        {job.count_total}: " + ", ".join(f"{n} {name}" for name, n in outcomes.items()),
             f"  progress:    {detail['progress']:.0%}",
             f"  properties:  {job.properties_count}",
@@ -107,6 +108,7 @@ class Command(BaseCommand):
             f"  cache hits:  {job.cache_hits}",
             f"  budget:      {', '.join(budget)}",
         ]
+        lines += batch_lines(detail)
         if (ahead := detail["queue_position"]) is not None:
             lines.append(f"  queue:       {ahead} queued job{'' if ahead == 1 else 's'} ahead of it")
         if job.state == JobState.RUNNING:
@@ -156,6 +158,21 @@ class Command(BaseCommand):
             f"Resumed job {job.id}: {rows(reopened)} reopened{retried}, {rows(job.count_done, 'done')} kept. "
             "It is queued for a worker (python manage.py qcluster)."
         )
+
+
+def batch_lines(detail: dict) -> list[str]:
+    """A batch-mode job's batches at the provider, one a line, and whether
+    the provider still holds results for it."""
+    lines = []
+    for at, batch in enumerate(detail["provider_batches"]):
+        counts = batch["request_counts"]
+        lines.append(
+            f"  {'batches:' if at == 0 else '':<12} {batch['id']} {batch['status'] or '(no status yet)'}: "
+            f"{counts['completed']} completed, {counts['failed']} failed of {counts['total']}"
+        )
+    if detail["pending_provider_results"]:
+        lines.append("  pending:     the provider holds results not imported yet; counts may still grow")
+    return lines
 
 
 def rows(count: int, kind: str = "") -> str:
