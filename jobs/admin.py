@@ -21,10 +21,10 @@ from django.utils.decorators import method_decorator
 from django.utils.html import format_html
 from django.views.decorators.http import require_GET, require_POST
 
-from . import exports
+from . import exports, presenter
 from .api.throttling import client_address
 from .formatting import format_cost, format_duration, job_id_search
-from .models import ExtractJob, ExtractRow, JobState, Property
+from .models import ExtractJob, ExtractRow, JobMode, JobState, Property, ProviderBatch
 from .services import access, grants, lifecycle, standing, throttle
 
 
@@ -135,6 +135,7 @@ class ExtractJobAdmin(ReadOnlyAdmin):
         "short_id",
         "owner",
         "kind",
+        "mode",
         "state_badge",
         "progress",
         "queue_or_calls",
@@ -145,14 +146,21 @@ class ExtractJobAdmin(ReadOnlyAdmin):
         "created_at",
         "duration",
     )
-    list_filter = ("state", "kind", "model_name", ("owner", admin.RelatedOnlyFieldListFilter), "created_at")
+    list_filter = (
+        "state",
+        "kind",
+        "mode",
+        "model_name",
+        ("owner", admin.RelatedOnlyFieldListFilter),
+        "created_at",
+    )
     list_select_related = ("owner",)
     search_fields = ("owner__username",)
     search_help_text = "A job id (or its first digits) or an owner's username."
     ordering = ("-created_at",)
     actions = ["cancel_jobs", "export_csv", "export_jsonl"]
     fieldsets = (
-        ("Job", {"fields": ("id", "owner", "kind", "state_badge", "error", "method", "model_name")}),
+        ("Job", {"fields": ("id", "owner", "kind", "mode", "state_badge", "error", "method", "model_name")}),
         ("Usage", {"fields": ("prompt_tokens", "completion_tokens", "tokens", "cost", "cache_hits")}),
         (
             "Parameters",
@@ -337,6 +345,29 @@ class ExtractJobAdmin(ReadOnlyAdmin):
             "progress_url": reverse("admin:jobs_extractjob_progress", args=[pk]),
             "properties_url": properties_url(job),
             "rows_page": Paginator(rows, ROWS_PER_PAGE).get_page(request.GET.get("rows_page")),
+            **self.provider_batches_context(job),
+        }
+
+    @staticmethod
+    def provider_batches_context(job: ExtractJob) -> dict:
+        """A batch-mode job's batches, each as the provider reports it and
+        as far as our record of it got; the status's pending flag."""
+        if job.mode != JobMode.BATCH:
+            return {}
+        batches = list(ProviderBatch.objects.filter(job_id=job.pk).order_by("created_at", "attempt"))
+        return {
+            "provider_batches": [
+                {
+                    "id": batch.batch_id or "—",
+                    "attempt": batch.attempt,
+                    "state": batch.state,
+                    "status": batch.provider_status or "—",
+                    "counts": presenter.REQUEST_COUNTS.of(batch.request_counts or {}),
+                    "created_at": batch.created_at,
+                }
+                for batch in batches
+            ],
+            "pending_provider_results": any(presenter.holds_results(batch) for batch in batches),
         }
 
 

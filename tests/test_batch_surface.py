@@ -474,6 +474,67 @@ def test_extract_estimate_prints_both_modes_cost(tmp_path, mode, other):
 JOBS_URL = "/admin/jobs/extractjob/"
 
 
+def test_admin_job_list_shows_and_filters_the_mode(admin_client, user):
+    from tests.test_admin import cells_of, listed_ids
+
+    online, batch = make_job(user), batch_job(user)
+
+    html = admin_client.get(JOBS_URL).content.decode()
+
+    assert (cells_of(html, online)["mode"], cells_of(html, batch)["mode"]) == ("Online", "Batch")
+    assert listed_ids(admin_client.get(JOBS_URL, {"mode__exact": "batch"})) == [str(batch.pk)]
+
+
+def test_admin_job_page_lists_a_batch_jobs_provider_batches(admin_client, user):
+    job = batch_job(user)
+    now = timezone.now()
+    provider_batch(
+        job,
+        batch_id="batch_abc",
+        provider_status="in_progress",
+        request_counts={"total": 3, "completed": 2, "failed": 1},
+        created_at=now - timedelta(seconds=1),
+    )
+    provider_batch(job, state="uploaded", input_file_id="file-1", created_at=now)
+
+    response = admin_client.get(f"{JOBS_URL}{job.pk}/change/")
+
+    html = response.content.decode()
+    assert response.context["provider_batches"] == [
+        {
+            "id": "batch_abc",
+            "attempt": 1,
+            "state": "submitted",
+            "status": "in_progress",
+            "counts": {"total": 3, "completed": 2, "failed": 1},
+            "created_at": ProviderBatch.objects.get(batch_id="batch_abc").created_at,
+        },
+        {
+            "id": "—",
+            "attempt": 1,
+            "state": "uploaded",
+            "status": "—",
+            "counts": {"total": 0, "completed": 0, "failed": 0},
+            "created_at": ProviderBatch.objects.get(state="uploaded").created_at,
+        },
+    ]
+    assert response.context["pending_provider_results"] is True
+    assert 'id="job-provider-batches"' in html
+    assert (
+        '<td class="batch-id">batch_abc</td><td>1</td><td>in_progress</td><td>2</td><td>1</td><td>3</td>'
+        in html
+    )
+    assert 'id="job-pending-provider-results"' in html
+    assert '<div class="readonly">Batch</div>' in html
+
+
+def test_admin_job_page_of_an_online_job_has_no_provider_batches(admin_client, user):
+    html = admin_client.get(f"{JOBS_URL}{make_job(user).pk}/change/").content.decode()
+
+    assert 'id="job-provider-batches"' not in html
+    assert '<div class="readonly">Online</div>' in html
+
+
 def test_batch_bodies_match_the_schema(api, user):
     from tests.test_schema import assert_matches
 
