@@ -20,6 +20,10 @@ export type SeedProperty = Schemas["SeedProperty"];
 export type PromptInfo = Schemas["PromptInfo"];
 export type ErrorBody = Schemas["Error"];
 export type Method = Schemas["MethodEnum"];
+/** `online` (live calls, the default) or `batch` (the provider's Batch API, at its batch price). */
+export type JobMode = Schemas["ModeEnum"];
+/** A batch-mode job's batch at the provider: its id, status and request counts. */
+export type ProviderBatch = Schemas["ProviderBatch"];
 
 type JsonContent<T> = T extends { content: { "application/json": infer Body } } ? Body : never;
 type Ok<Operation> = Operation extends { responses: infer R }

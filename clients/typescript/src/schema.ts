@@ -365,7 +365,7 @@ export interface components {
             job_id: string;
             state: components["schemas"]["StateEnum"];
             message: string;
-            /** @description Final: it never changes after the cancel. */
+            /** @description Final for an online job: it never changes after the cancel. A batch-mode job's grows while its status says pending_provider_results: the provider's results completed before it acknowledged the cancel are imported when it hands them over. */
             properties_count: number;
         };
         CompletionTokens: {
@@ -387,6 +387,12 @@ export interface components {
              * @description The prompts and max_tokens for every call.
              */
             high: number | null;
+        };
+        CostByMode: {
+            /** @description At the list price: live calls. */
+            online: components["schemas"]["Cost"];
+            /** @description At the batch price: the provider's Batch API. */
+            batch: components["schemas"]["Cost"];
         };
         DetectResponse: {
             /**
@@ -420,7 +426,7 @@ export interface components {
         Duration: {
             /**
              * Format: double
-             * @description Seconds, from max_workers, the endpoint's limits and the latency seen recently; null when no recent latency is known.
+             * @description Seconds, from max_workers, the endpoint's limits and the latency seen recently; null when no recent latency is known, and in batch mode (the provider answers within its 24 h window).
              */
             expected: number | null;
         };
@@ -442,7 +448,17 @@ export interface components {
             /** @description With the model's own encoding for OpenAI models, else four characters a token. */
             prompt_tokens: number;
             completion_tokens: components["schemas"]["CompletionTokens"];
+            /**
+             * @description The start's mode: cost_usd's price.
+             *
+             *     * `online` - Online
+             *     * `batch` - Batch
+             */
+            mode: components["schemas"]["ModeEnum"];
+            /** @description At the price of the start's mode. */
             cost_usd: components["schemas"]["Cost"];
+            /** @description The same job's cost in each mode. */
+            cost_usd_by_mode: components["schemas"]["CostByMode"];
             duration_s: components["schemas"]["Duration"];
         };
         ExtractSingleDebug: {
@@ -485,6 +501,13 @@ export interface components {
             include_scores_in_prompt?: boolean | null;
             /** @description Reuse identical earlier answers (default true). */
             use_cache?: boolean | null;
+            /**
+             * @description online only (the default): the row is extracted within the request; batch answers 400.
+             *
+             *     * `online` - Online
+             *     * `batch` - Batch
+             */
+            mode?: components["schemas"]["ModeEnum"] | components["schemas"]["NullEnum"];
             /** @description Accepted for compatibility with StringSight; ignored. */
             output_dir?: string | null;
             /** @description One StringSight row (single_model or side_by_side columns); its __index, if any, is reported back as each property's row_index and __index. */
@@ -524,6 +547,13 @@ export interface components {
              */
             kind: components["schemas"]["KindEnum"];
             /**
+             * @description online: live calls. batch: the provider's Batch API, at its batch price.
+             *
+             *     * `online` - Online
+             *     * `batch` - Batch
+             */
+            mode: components["schemas"]["ModeEnum"];
+            /**
              * Format: double
              * @description Finished rows (done or failed) over all rows, 0..1.
              */
@@ -557,6 +587,10 @@ export interface components {
             queue_position: number | null;
             /** @description While running: the job's LLM calls in flight across all workers. 0 otherwise. */
             calls_in_flight: number;
+            /** @description Batch mode: the job's batches at the provider, oldest first. Empty for online jobs. */
+            provider_batches: components["schemas"]["ProviderBatch"][];
+            /** @description Batch mode: the provider holds results not imported yet, so the counts and properties may still grow, also after a cancel (results the provider completed before it acknowledged the cancel). Always false for online jobs. */
+            pending_provider_results: boolean;
             /** @description Rows per outcome; they add up to count_total. */
             outcomes: components["schemas"]["Outcomes"];
             /**
@@ -592,6 +626,13 @@ export interface components {
              */
             kind: components["schemas"]["KindEnum"];
             /**
+             * @description online: live calls. batch: the provider's Batch API, at its batch price.
+             *
+             *     * `online` - Online
+             *     * `batch` - Batch
+             */
+            mode: components["schemas"]["ModeEnum"];
+            /**
              * Format: double
              * @description Finished rows (done or failed) over all rows, 0..1.
              */
@@ -625,6 +666,10 @@ export interface components {
             queue_position: number | null;
             /** @description While running: the job's LLM calls in flight across all workers. 0 otherwise. */
             calls_in_flight: number;
+            /** @description Batch mode: the job's batches at the provider, oldest first. Empty for online jobs. */
+            provider_batches: components["schemas"]["ProviderBatch"][];
+            /** @description Batch mode: the provider holds results not imported yet, so the counts and properties may still grow, also after a cancel (results the provider completed before it acknowledged the cancel). Always false for online jobs. */
+            pending_provider_results: boolean;
         };
         /**
          * @description * `rows` - Rows
@@ -638,6 +683,12 @@ export interface components {
          * @enum {string}
          */
         MethodEnum: "single_model" | "side_by_side";
+        /**
+         * @description * `online` - Online
+         *     * `batch` - Batch
+         * @enum {string}
+         */
+        ModeEnum: "online" | "batch";
         NullEnum: null;
         Outcomes: {
             done: number;
@@ -702,6 +753,19 @@ export interface components {
             /** Format: uri */
             previous: string | null;
             results: components["schemas"]["Property"][];
+        };
+        ProviderBatch: {
+            /** @description The provider's batch id. */
+            id: string;
+            /** @description The provider's status: validating, in_progress, finalizing, completed, failed, expired, cancelling or cancelled. */
+            status: string;
+            /** @description The provider's count of the batch's requests. */
+            request_counts: components["schemas"]["RequestCounts"];
+        };
+        RequestCounts: {
+            total: number;
+            completed: number;
+            failed: number;
         };
         Result: {
             /** Format: uuid */
@@ -850,6 +914,13 @@ export interface components {
              * @description Stop (state error) before a call would take the tokens used over this.
              */
             max_total_tokens?: number | null;
+            /**
+             * @description online (the default): live calls. batch: the provider's Batch API at its batch price (half the list price by default), results within its 24 h window.
+             *
+             *     * `online` - Online
+             *     * `batch` - Batch
+             */
+            mode?: components["schemas"]["ModeEnum"] | components["schemas"]["NullEnum"];
             /** @description Accepted for compatibility with StringSight; ignored. */
             output_dir?: string | null;
         };
@@ -897,6 +968,11 @@ export interface operations {
                  *     * `single` - Single
                  */
                 kind?: "rows" | "single";
+                /**
+                 * @description * `online` - Online
+                 *     * `batch` - Batch
+                 */
+                mode?: "online" | "batch";
                 model?: string;
                 page_size?: number;
                 /**

@@ -16,6 +16,7 @@ import {
   deleteJob,
   detectAndValidate,
   downloadProperties,
+  estimateJob,
   extractJobCancel,
   extractJobResult,
   extractJobStart,
@@ -224,6 +225,20 @@ describe("bad input", () => {
     assert.deepEqual([format.status, format.field], [400, "format"]);
   });
 
+  test("an unknown mode is a 400 ApiError naming mode, and an estimate gives both modes' cost", async () => {
+    const error = await apiError(extractJobStart({ rows: rows(1, "mode"), mode: "later" }));
+    const estimate = await estimateJob({ rows: rows(2, "mode"), model_name: "gpt-4o-mini", mode: "batch" });
+
+    assert.deepEqual([error.status, error.field, error.detail], [
+      400,
+      "mode",
+      "mode: 'later' is not a mode; use one of online, batch",
+    ]);
+    assert.equal(estimate.mode, "batch");
+    assert.deepEqual(estimate.cost_usd, estimate.cost_usd_by_mode.batch);
+    assert.ok(estimate.cost_usd_by_mode.batch.high < estimate.cost_usd_by_mode.online.high);
+  });
+
   test("a wrong token is a 401 ApiError", async () => {
     const stranger = createClient({ baseUrl: BASE_URL, token: "0".repeat(40) });
 
@@ -307,6 +322,11 @@ describe("a finished job", () => {
     );
     assert.deepEqual(detail.outcomes, { done: 6, failed: 0, running: 0, pending: 0, cancelled: 0 });
     assert.deepEqual([detail.rows_per_second, detail.eta_seconds], [null, null]);
+    // An online job (the default mode): no provider batch, nothing pending there.
+    assert.deepEqual(
+      [detail.mode, detail.provider_batches, detail.pending_provider_results],
+      ["online", [], false],
+    );
   });
 
   test("jobProperties iterates every property in input order, a page at a time", async () => {

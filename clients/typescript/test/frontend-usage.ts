@@ -6,6 +6,7 @@ import {
   configure,
   detectAndValidate,
   downloadProperties,
+  estimateJob,
   extractJobCancel,
   extractJobResult,
   extractJobStart,
@@ -19,6 +20,8 @@ import {
   jobProperties,
   listJobs,
   resumeJob,
+  type JobMode,
+  type ProviderBatch,
 } from "../src/index.js";
 
 declare const allRows: Record<string, any>[];
@@ -61,6 +64,17 @@ export async function typedUsage(): Promise<void> {
   );
   const detail = await getJob(job_id);
   const outcomes: number = detail.outcomes.done + detail.outcomes.cancelled;
+  // Batch mode: the start's mode, the provider's batches and whether results are still to come.
+  const batch = await extractJobStart({ rows: allRows, mode: "batch" });
+  const mode: JobMode = batch.mode;
+  const batches: ProviderBatch[] = (await extractJobStatus(batch.job_id)).provider_batches;
+  const completed: number[] = batches.map((each) => each.request_counts.completed);
+  const pending: boolean = detail.pending_provider_results;
+  const estimate = await estimateJob({ rows: allRows, mode: "batch" });
+  const halfPrice: number | null = estimate.cost_usd_by_mode.batch.high;
+  console.log(mode, completed, pending, halfPrice, estimate.mode === "online");
+  // @ts-expect-error: not a mode
+  await extractJobStart({ rows: allRows, mode: "later" });
   const page = await listJobs({ state: "done", model: "gpt-4o-mini", created_after: new Date(), page_size: 10 });
   const states: string[] = page.results.map((job) => job.state);
   for await (const job of iterateJobs({ state: "cancelled" })) console.log(job.job_id, outcomes, states);
