@@ -10,6 +10,7 @@ import pytest
 from django.utils import timezone
 from django.utils.module_loading import import_string
 from django_q.brokers import get_broker
+from django_q.models import OrmQ
 from django_q.signing import SignedPackage
 
 from extraction.extract import CacheKeys, build_messages
@@ -27,7 +28,8 @@ from jobs.models import (
     ProviderBatchState,
     RowStatus,
 )
-from jobs.services import budgets, grants, lifecycle
+from jobs.services import budgets, grants, lifecycle, recovery
+from jobs.services.errors import JobConflict
 from jobs.worker.engine import WorkerSettings, extraction_spec
 from tests.factories import job_params, run_job, simple_rows
 
@@ -511,3 +513,86 @@ def test_a_result_line_names_its_row_or_why_it_has_no_answer():
         None,
         None,
     ]
+
+
+def test_a_lost_cancel_task_is_made_good_by_the_next_poll(provider, batch_env):
+    batch_env.configure(batch_lines_per_second=1, batch_validating_seconds=0, batch_cancel_seconds=0.2)
+    job = start_batch_job(simple_rows(20))
+    submit.submit_batches(job_id=job.pk)
+    lifecycle.job_cancel(job=job_of(job))
+    OrmQ.objects.all().delete()  # the cancel's task, lost with its worker
+
+    report = poll.poll(provider=provider)
+
+    assert report.cancels_sent == 1
+    poll_until(lambda: not records.pending_provider_results(job_id=job.pk), provider)
+    batch = ProviderBatch.objects.get(job=job)
+    assert (batch.provider_status, batch.state) == ("cancelled", ProviderBatchState.IMPORTED)
+    assert (
+        job_of(job).count_done + ExtractRow.objects.filter(job=job, status=RowStatus.CANCELLED).count() == 20
+    )
+
+
+def test_a_batch_left_preparing_is_uploaded_and_created_once_by_the_next_submit(provider, batch_env):
+    job = start_batch_job(simple_rows(4))
+    lifecycle.job_mark_running(job_id=job.pk)
+    with submit.tempfile.TemporaryFile() as file:
+        batch, lines_written, _ = submit.Submitter(job_of(job), provider).fill(file)
+    # Killed before the upload: the rows are linked, nothing was sent.
+    ProviderBatch.objects.filter(pk=batch.pk).update(updated_at=timezone.now() - timedelta(hours=1))
+
+    submit.submit_batches(job_id=job.pk)
+
+    batch.refresh_from_db()
+    assert (lines_written, batch.state, len(input_lines(provider, batch))) == (4, "submitted", 4)
+    poll_until(lambda: job_of(job).state == JobState.DONE, provider)
+    assert (job_of(job).count_done, len(batch_env.batch_lines())) == (4, 4)
+    assert ProviderBatch.objects.filter(job=job).count() == 1
+
+
+def test_the_sweep_leaves_a_batch_job_running_until_its_batches_are_imported(provider):
+    job = start_batch_job(simple_rows(2))
+    lifecycle.job_mark_running(job_id=job.pk)
+    batch = ProviderBatch.objects.create(
+        job_id=job.pk, state=ProviderBatchState.SUBMITTED, batch_id="batch_x"
+    )
+    ExtractJob.objects.filter(pk=job.pk).update(count_done=2)
+
+    recovery.sweep()
+    during = job_of(job).state
+    ProviderBatch.objects.filter(pk=batch.pk).update(state=ProviderBatchState.IMPORTED)
+    recovery.sweep()
+
+    assert (during, job_of(job).state) == (JobState.RUNNING, JobState.DONE)
+
+
+def test_one_worker_polls_per_interval(batch_env, settings):
+    settings.STRINGSIGHT_BATCH_POLL_SECONDS = 60
+    start_batch_job(simple_rows(1))
+
+    first = poll.poll_if_due()
+    second = poll.poll_if_due()
+
+    assert (first is not None, second) == (True, None)
+
+
+def test_a_resume_leaves_the_rows_the_provider_still_holds_to_their_batch(provider, batch_env):
+    batch_env.configure(batch_lines_per_second=2, batch_validating_seconds=0, batch_cancel_seconds=0.5)
+    job = start_batch_job(simple_rows(8))
+    submit.submit_batches(job_id=job.pk)
+    poll_until(lambda: ProviderBatch.objects.get(job=job).request_counts.get("completed", 0) >= 1, provider)
+    lifecycle.job_cancel(job=job_of(job))
+
+    with pytest.raises(JobConflict, match="no rows to run again"):
+        lifecycle.job_resume(job=job_of(job))
+    poll.cancel_batches(job_id=job.pk)
+    poll_until(lambda: not records.pending_provider_results(job_id=job.pk), provider)
+    completed = job_of(job).count_done
+    lifecycle.job_resume(job=job_of(job))
+    final = poll_until(lambda: (found := job_of(job)).state == JobState.DONE and found, provider)
+
+    assert 0 < completed < 8
+    first, second = ProviderBatch.objects.filter(job=job).order_by("created_at")
+    assert (first.provider_status, second.request_counts["total"]) == ("cancelled", 8 - completed)
+    assert (final.count_done, final.count_failed) == (8, 0)
+    assert len(batch_env.batch_lines()) == 8
