@@ -15,7 +15,7 @@ from jobs.batchmode import importing, lines, records, submit
 from jobs.batchmode.provider import BatchProvider
 from jobs.models import PROPERTY_CONTENT, ExtractJob, ExtractRow, JobState, Property, ProviderBatch, RowStatus
 from jobs.services import lifecycle
-from tests.factories import job_params
+from tests.factories import job_params, simple_rows
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -227,3 +227,26 @@ def test_a_worker_killed_between_completion_and_import_imports_every_line_once(
     assert final.properties_count == Property.objects.filter(job=job).count()
     assert ProviderBatch.objects.get(pk=record.pk).state == "imported"
     assert len(sim.batch_lines()) == 12  # nothing sent again
+
+
+def test_a_worker_sigkilled_mid_import_leaves_every_row_imported_once(start_worker, sim):
+    """A real SIGKILL: 3,000 rows come back in one output file, imported 500
+    lines a transaction; the cluster is killed once the first lines are
+    recorded and before the last, and a new cluster imports the batch again
+    (STRINGSIGHT_LEASE_SECONDS=2: it waits that long for the dead import)."""
+    rows = simple_rows(3000)
+    worker = start_worker("killed", **BATCH_WORKER, STRINGSIGHT_LEASE_SECONDS="2")
+    job = start(rows, mode="batch")
+    wait_for(lambda: ExtractJob.objects.get(pk=job.pk).count_done > 0, interval=0.02)
+    worker.kill()
+    at_kill = ExtractJob.objects.get(pk=job.pk)
+
+    start_worker("again", **BATCH_WORKER, STRINGSIGHT_LEASE_SECONDS="2")
+    final = wait_for(lambda: ended(job))
+
+    assert 0 < at_kill.count_done < 3000, "the kill should land mid-import"
+    assert (final.state, final.count_done, final.count_failed) == (JobState.DONE, 3000, 0)
+    assert final.properties_count == Property.objects.filter(job=job).count()
+    assert set(ExtractRow.objects.filter(job=job).values_list("attempts", flat=True)) == {1}
+    assert len(sim.batch_lines()) == 3000  # nothing sent again
+    assert ProviderBatch.objects.get(job=job).state == "imported"
