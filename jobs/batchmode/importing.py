@@ -11,7 +11,6 @@ half way is simply run again by a later poll.
 """
 
 import itertools
-import logging
 from dataclasses import dataclass, field
 
 from django.conf import settings
@@ -21,6 +20,9 @@ from django.utils import timezone
 from django_q.tasks import async_task
 
 from extraction.extract import NO_PROPERTY, CacheKeys, RowOutcome, build_messages
+
+# The online extraction's rule for asking again, reused as it is (private
+# there, since only extract_row needed it until now).
 from extraction.extract import _asked_twice as asked_twice
 from extraction.extract import _unusable_answer as unusable_answer
 
@@ -41,8 +43,6 @@ from ..worker.engine import WorkerSettings, extraction_spec
 from .lines import ResultLine, outcome_of, read_result_line
 from .provider import BatchProvider
 from .records import OPEN_STATES, worker_id_for
-
-log = logging.getLogger(__name__)
 
 # Lines recorded per transaction.
 LINES_PER_CHUNK = 500
@@ -143,9 +143,10 @@ class Importer:
             outcome = outcome_of(line, row, self.spec, api_key=self.provider.api_key, cache_key=key)
             if first is not None:
                 asked = RowOutcome(
-                    prompt_tokens=first.prompt_tokens, completion_tokens=first.completion_tokens
+                    prompt_tokens=first.prompt_tokens,
+                    completion_tokens=first.completion_tokens,
+                    error=first.error,
                 )
-                asked.error = first.error
                 outcome = asked_twice(asked, outcome)
                 results.counted[row.id] = (first.prompt_tokens, first.completion_tokens)
             elif unusable_answer(outcome) and attempts + 1 < settings.STRINGSIGHT_MAX_ATTEMPTS:
