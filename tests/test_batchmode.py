@@ -2,6 +2,7 @@
 poll, import, re-send, cancel, recovery. The provider is the LLM simulator's
 Batch API over HTTP; no qcluster runs (tests/test_e2e_batch.py has those)."""
 
+import io
 import json
 import time
 from datetime import timedelta
@@ -596,3 +597,25 @@ def test_a_resume_leaves_the_rows_the_provider_still_holds_to_their_batch(provid
     assert (first.provider_status, second.request_counts["total"]) == ("cancelled", 8 - completed)
     assert (final.count_done, final.count_failed) == (8, 0)
     assert len(batch_env.batch_lines()) == 8
+
+
+def test_rows_of_a_batch_the_provider_failed_say_what_it_said(provider, batch_env, settings):
+    settings.STRINGSIGHT_MAX_ATTEMPTS = 1
+    job = start_batch_job(simple_rows(3))
+    lifecycle.job_mark_running(job_id=job.pk)
+    with submit.tempfile.TemporaryFile() as file:
+        batch, _, _ = submit.Submitter(job_of(job), provider).fill(file)
+    # An input file the provider refuses (a line that is not JSON), as a
+    # bug of ours would make it.
+    refused = provider.upload("bad.jsonl", io.BytesIO(b"not a request line\n"))
+    ProviderBatch.objects.filter(pk=batch.pk).update(state=ProviderBatchState.UPLOADED, input_file_id=refused)
+    batch.refresh_from_db()
+    submit.create(batch, provider)
+
+    final = poll_until(lambda: (found := job_of(job)).state == JobState.DONE and found, provider)
+
+    assert ProviderBatch.objects.get(pk=batch.pk).provider_status == "failed"
+    assert (final.count_done, final.count_failed) == (0, 3)
+    (error,) = set(ExtractRow.objects.filter(job=job).values_list("error", flat=True))
+    assert error.startswith("the provider's batch failed: ")
+    assert error != "the provider's batch failed: its input file was refused"  # the provider's own words

@@ -13,18 +13,19 @@ half way is simply run again by a later poll.
 import itertools
 from dataclasses import dataclass, field
 
+import openai
 from django.conf import settings
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 from django_q.tasks import async_task
 
-from extraction.extract import NO_PROPERTY, CacheKeys, RowOutcome, build_messages
-
-# The online extraction's rule for asking again, reused as it is (private
+# The online extraction's rule for asking again is reused as it is (private
 # there, since only extract_row needed it until now).
+from extraction.extract import NO_PROPERTY, CacheKeys, RowOutcome, build_messages
 from extraction.extract import _asked_twice as asked_twice
 from extraction.extract import _unusable_answer as unusable_answer
+from extraction.llm import redact
 
 from ..events import log_event
 from ..models import (
@@ -159,7 +160,7 @@ class Importer:
     def settle_unanswered(self) -> None:
         """Rows of the batch that got no line (an expired, cancelled or
         failed batch): sent again, or failed, like a failed line."""
-        reason = _no_line_reason(self.batch)
+        reason = _no_line_reason(self.batch, self.provider)
         rows = ExtractRow.objects.filter(
             provider_batch=self.batch, status=RowStatus.RUNNING, claimed_by=self.worker_id
         ).values_list("id", "index", "question_id", "input_index")
@@ -301,7 +302,7 @@ def _settle_failed_lines(
     return failed_rows
 
 
-def _no_line_reason(batch: ProviderBatch) -> str:
+def _no_line_reason(batch: ProviderBatch, provider: BatchProvider) -> str:
     batch.refresh_from_db(fields=["provider_status"])
     status = batch.provider_status
     if status == "expired":
@@ -309,5 +310,17 @@ def _no_line_reason(batch: ProviderBatch) -> str:
     if status == "cancelled":
         return "the provider's batch was cancelled before answering this line"
     if status == "failed":
-        return "the provider's batch failed (its input file was refused)"
+        return (
+            f"the provider's batch failed: {_batch_errors(batch, provider) or 'its input file was refused'}"
+        )
     return f"the provider's batch ended ({status}) without a line for this row"
+
+
+def _batch_errors(batch: ProviderBatch, provider: BatchProvider) -> str:
+    """What the provider said of a failed batch (its input file's errors), key struck out."""
+    try:
+        errors = provider.retrieve(batch.batch_id).errors
+    except openai.APIError:
+        return ""
+    said = "; ".join(error.message for error in (errors.data or []) if error.message) if errors else ""
+    return redact(said, provider.api_key)[:300]
