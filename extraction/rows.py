@@ -162,11 +162,15 @@ def _check_types(row: dict, index: int, method: str) -> None:
         value = row[column]
         if not isinstance(value, str) and not _is_number(value):
             raise fail(column, "a string", value)
+        if _is_number(value) and not _is_finite_number(value):
+            raise _not_finite(index, column)
     for column in _RESPONSE_COLUMNS[method]:
         _check_response(row[column], index, column)
     question_id = row.get("question_id")
     if question_id is not None and not isinstance(question_id, str) and not _is_number(question_id):
         raise fail("question_id", "a string or a number", question_id)
+    if _is_number(question_id) and not _is_finite_number(question_id):
+        raise _not_finite(index, "question_id")
     for column in _NAME_COLUMNS[method]:
         value = row.get(column)
         if value is not None and len(str(value)) > MAX_NAME_CHARS:

@@ -263,6 +263,21 @@ def test_a_score_too_large_for_a_float_is_refused_naming_it(api, debug, score, f
     )
 
 
+@pytest.mark.parametrize("column", ["prompt", "model", "question_id"])
+def test_a_name_or_prompt_too_large_for_a_float_is_refused_naming_it(api, column):
+    # Stored, it became null (and the question id "inf").
+    row = '{"prompt": "p", "model": "m", "model_response": "r", "question_id": "q"}'
+    raw = '{"rows": [' + row.replace(f'"{column}": "{column[0]}"', f'"{column}": -1e400') + "]}"
+
+    error = error_of(api.generic("POST", "/extract/jobs/start", raw, content_type="application/json"))
+
+    assert error["field"] == f"rows[0].{column}"
+    assert error["detail"] == (
+        f"rows[0].{column}: expected a finite number, got one too large for a float (JSON has no infinity)"
+    )
+    assert ExtractJob.objects.count() == 0
+
+
 def test_a_nan_score_is_refused(api):
     raw = b'{"rows": [{"prompt": "p", "model": "m", "model_response": "r", "score": NaN}]}'
 
