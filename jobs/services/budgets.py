@@ -5,7 +5,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
-from django.db.models import F, FloatField, Sum
+from django.db.models import Count, F, FloatField, Q, Sum
+from django.db.models.functions import Length
 from django.utils import timezone
 
 from extraction.render import render_row
@@ -55,12 +56,23 @@ def estimate_cost(params: "JobParams", texts: list[str]) -> float | None:
     without a price: a row's prompt is about its JSON text (a little more
     than what is rendered), four characters a token; its answer at most
     max_tokens."""
-    price_input, price_output = price_for(params.model_name) or (None, None)
-    if price_input is None:
+    return _estimate(
+        price_for(params.model_name),
+        system_prompt=params.resolved_system_prompt,
+        max_tokens=params.max_tokens,
+        rows=len(texts),
+        row_chars=sum(map(len, texts)),
+    )
+
+
+def _estimate(
+    prices: tuple[float, float] | None, *, system_prompt: str, max_tokens: int, rows: int, row_chars: int
+) -> float | None:
+    if prices is None:
         return None
-    prompt_chars = len(texts) * len(params.resolved_system_prompt) + sum(map(len, texts))
-    prompt_tokens = prompt_chars / 4 + len(texts)
-    return (prompt_tokens * price_input + len(texts) * params.max_tokens * price_output) / 1e6
+    price_input, price_output = prices
+    prompt_tokens = (rows * len(system_prompt) + row_chars) / 4 + rows
+    return (prompt_tokens * price_input + rows * max_tokens * price_output) / 1e6
 
 
 def _start_of_day(now=None):
@@ -68,7 +80,10 @@ def _start_of_day(now=None):
 
 
 def _jobs_of_today(owner_id):
-    jobs = ExtractJob.objects.filter(created_at__gte=_start_of_day())
+    """Jobs started today, and jobs resumed today that started earlier
+    (daily_since is only ever set after the start's day)."""
+    start = _start_of_day()
+    jobs = ExtractJob.objects.filter(Q(created_at__gte=start) | Q(daily_since__gte=start))
     return jobs.filter(owner_id=owner_id) if owner_id is not None else jobs.filter(owner__isnull=True)
 
 
@@ -78,17 +93,41 @@ _COST = (
 
 
 def spent_today(*, owner_id) -> float:
-    """What the owner's jobs started today (UTC) have cost so far; anonymous
-    callers share one budget."""
-    return _jobs_of_today(owner_id).aggregate(spent=Sum(_COST, output_field=FloatField()))["spent"] or 0.0
+    """What the owner's jobs have cost so far today (UTC): those started
+    today, and what those resumed today have cost since; anonymous callers
+    share one budget."""
+    spent = Sum(_COST - F("daily_cost_before_usd"), output_field=FloatField())
+    return _jobs_of_today(owner_id).aggregate(spent=spent)["spent"] or 0.0
 
 
-def check_daily_budget(*, owner, model_name: str, estimate: float | None) -> None:
-    """At start: the owner's spend today, plus what their running jobs may
-    still spend (their estimates less their cost so far), plus this job's
-    estimate, must stay within STRINGSIGHT_USER_DAILY_BUDGET_USD, else
-    LimitReached. The owner is locked meanwhile, so two starts cannot both
-    take the last of it."""
+def daily_budget_on_resume(job: ExtractJob, rows, *, now) -> dict[str, Any]:
+    """Inside a resume, with the job locked and `rows` (a queryset) the rows
+    it reopens: the job's changes so that its owner's daily budget keeps
+    it as it keeps a start. Its estimate becomes its cost so far plus the
+    reopened rows', checked as a start's is (LimitReached); a job that
+    started on an earlier day counts towards today from now on."""
+    cost = job.cost_usd
+    reopened = rows.aggregate(count=Count("id"), chars=Sum(Length("data")))
+    estimate = _estimate(
+        (job.price_input_per_mtok, job.price_output_per_mtok) if job.has_prices else None,
+        system_prompt=job.resolved_system_prompt,
+        max_tokens=job.max_tokens,
+        rows=reopened["count"],
+        row_chars=reopened["chars"] or 0,
+    )
+    check_daily_budget(owner_id=job.owner_id, model_name=job.model_name, estimate=estimate)
+    changes = {"estimated_cost_usd": None if estimate is None else cost + estimate}
+    if (job.daily_since or job.created_at) < _start_of_day(now):
+        changes.update(daily_since=now, daily_cost_before_usd=cost or 0.0)
+    return changes
+
+
+def check_daily_budget(*, owner_id, model_name: str, estimate: float | None) -> None:
+    """At start (or resume): the owner's spend today, plus what their
+    running jobs may still spend (their estimates less their cost so far),
+    plus this job's estimate, must stay within
+    STRINGSIGHT_USER_DAILY_BUDGET_USD, else LimitReached. The owner is
+    locked meanwhile, so two starts cannot both take the last of it."""
     limit = settings.STRINGSIGHT_USER_DAILY_BUDGET_USD
     if limit is None:
         return
@@ -98,7 +137,6 @@ def check_daily_budget(*, owner, model_name: str, estimate: float | None) -> Non
             f"no price is known for model {model_name!r}, so STRINGSIGHT_USER_DAILY_BUDGET_USD "
             "cannot be kept; add it to STRINGSIGHT_PRICES",
         )
-    owner_id = owner.pk if owner is not None else None
     lock_owner(owner_id)
     jobs = _jobs_of_today(owner_id)
     reserved = sum(
