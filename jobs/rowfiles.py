@@ -11,8 +11,12 @@ from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from extraction.rows import LONE_SURROGATE, holds_lone_surrogates
+
+from .api.parsers import value_bound
 
 INPUT_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 RESPONSE_COLUMNS = ("model_response", "model_a_response", "model_b_response")
@@ -35,9 +39,18 @@ def input_format(name: str) -> str:
     return kind
 
 
-def read_rows(stream: BinaryIO, kind: str):
-    """The rows in `stream`: a list, unless a JSON file holds something else."""
+def read_rows(stream: BinaryIO, kind: str, *, max_values: int | None = None, max_bytes: int | None = None):
+    """The rows in `stream`: a list, unless a JSON file holds something else.
+
+    An upload is read within a start body's limits (`max_values`,
+    `max_bytes`), checked before its rows are built: a few kilobytes of
+    Parquet can hold millions of rows or one long value repeated in each,
+    and a text file's values cost Python far more than their bytes."""
     try:
+        if kind == "parquet":
+            frame = _read_parquet(stream, max_values=max_values, max_bytes=max_bytes)
+        elif max_values is not None:
+            _check_value_bound(stream, kind, max_values)
         if kind == "jsonl":
             return _read_jsonl(stream)
         if kind == "json":
@@ -46,11 +59,46 @@ def read_rows(stream: BinaryIO, kind: str):
             frame = pd.read_csv(
                 stream, dtype=dict.fromkeys(TEXT_COLUMNS, str), keep_default_na=False, na_values=[""]
             )
-        else:
-            frame = pd.read_parquet(stream)
+    except RowFileError:
+        raise
     except (ValueError, OSError) as exc:
         raise RowFileError(f"cannot read it as {kind}: {exc}") from None
     return [_table_row(record) for record in frame.to_dict(orient="records")]
+
+
+def _check_value_bound(stream: BinaryIO, kind: str, limit: int) -> None:
+    """Values bounded from the bytes, as a start body's are (a CSV's cells
+    by its commas and line ends)."""
+    body = stream.read()
+    stream.seek(0)
+    bound = value_bound(body) + (body.count(b"\n") if kind == "csv" else 0)
+    if bound > limit:
+        raise RowFileError(
+            f"it may hold up to {bound} values (counted from its commas, brackets and lines), "
+            f"more than the limit of {limit} (STRINGSIGHT_MAX_JSON_VALUES)"
+        )
+
+
+def _read_parquet(stream: BinaryIO, *, max_values: int | None, max_bytes: int | None) -> pd.DataFrame:
+    """The file's table, its size checked from its metadata (values) and
+    batch by batch as it is decoded (bytes)."""
+    parquet = pq.ParquetFile(stream)
+    rows, columns = parquet.metadata.num_rows, parquet.metadata.num_columns
+    if max_values is not None and rows * columns > max_values:
+        raise RowFileError(
+            f"it holds {rows} rows of {columns} columns, {rows * columns} values, more than the limit "
+            f"of {max_values} (STRINGSIGHT_MAX_JSON_VALUES)"
+        )
+    batches, size = [], 0
+    for batch in parquet.iter_batches(batch_size=1024):
+        size += batch.nbytes
+        if max_bytes is not None and size > max_bytes:
+            raise RowFileError(
+                f"its values take more than {max_bytes} bytes once decoded, more than a request may "
+                "hold (STRINGSIGHT_MAX_REQUEST_BYTES)"
+            )
+        batches.append(batch)
+    return pa.Table.from_batches(batches, schema=parquet.schema_arrow).to_pandas()
 
 
 def _read_jsonl(stream: BinaryIO) -> list:

@@ -260,6 +260,63 @@ def test_detect_and_validate_refuses_a_body_over_the_request_limit(api, settings
     assert response.json()["detail"].endswith("bytes (STRINGSIGHT_MAX_REQUEST_BYTES)")
 
 
+def parquet_of(columns: dict) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.table(columns), buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+def test_an_upload_of_more_values_than_a_start_may_hold_is_refused_before_it_is_read(api, settings):
+    # A few KB of Parquet (its values dictionary-encoded) held millions of
+    # rows: read whole, they cost the web process gigabytes.
+    settings.STRINGSIGHT_MAX_JSON_VALUES = 10_000
+    rows = 4_000
+    content = parquet_of({name: [name[0]] * rows for name in ("prompt", "model", "model_response")})
+    assert len(content) < 2_000
+
+    response = upload(api, "rows.parquet", content)
+
+    assert response.status_code == 400
+    assert response.json()["detail"] == (
+        "file: rows.parquet: it holds 4000 rows of 3 columns, 12000 values, more than the limit of "
+        "10000 (STRINGSIGHT_MAX_JSON_VALUES)"
+    )
+
+
+def test_a_parquet_upload_larger_decoded_than_a_request_may_be_is_refused(api, settings):
+    settings.STRINGSIGHT_MAX_REQUEST_BYTES = 100_000
+    # One long answer, stored once in the file's dictionary, repeated in every row.
+    content = parquet_of({"prompt": ["p"] * 200, "model": ["m"] * 200, "model_response": ["r" * 5_000] * 200})
+    assert len(content) < 20_000
+
+    response = upload(api, "rows.parquet", content)
+
+    assert response.status_code == 400
+    assert response.json()["detail"].startswith("file: rows.parquet: its values take more than 100000 bytes")
+    assert response.json()["detail"].endswith("(STRINGSIGHT_MAX_REQUEST_BYTES)")
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("rows.jsonl", b"{}\n" * 12_000),
+        ("rows.json", b'{"rows": [' + b",".join([b"{}"] * 12_000) + b"]}"),
+        ("rows.csv", b"prompt,model,model_response\n" + b"p,m,r\n" * 4_000),
+    ],
+)
+def test_a_dense_text_upload_is_refused_before_it_is_parsed(api, settings, name, content):
+    settings.STRINGSIGHT_MAX_JSON_VALUES = 10_000
+
+    response = upload(api, name, content)
+
+    assert response.status_code == 400
+    assert response.json()["detail"].startswith(f"file: {name}: it may hold up to ")
+    assert response.json()["detail"].endswith("more than the limit of 10000 (STRINGSIGHT_MAX_JSON_VALUES)")
+
+
 def test_detect_and_validate_needs_a_user_unless_anonymous_mode_is_on(settings):
     content = json.dumps(simple_rows(1)).encode()
 

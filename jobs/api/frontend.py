@@ -3,6 +3,7 @@
 shapes the frontend reads (see the README's "Using the StringSight
 frontend"). Views translate HTTP to service calls and back."""
 
+from django.conf import settings
 from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers
 from rest_framework.parsers import MultiPartParser
@@ -247,7 +248,12 @@ class DetectAndValidateView(APIView):
                 field="file",
             )
         try:
-            rows = rowfiles.read_rows(upload.file, rowfiles.input_format(upload.name or ""))
+            rows = rowfiles.read_rows(
+                upload.file,
+                rowfiles.input_format(upload.name or ""),
+                max_values=settings.STRINGSIGHT_MAX_JSON_VALUES,
+                max_bytes=settings.STRINGSIGHT_MAX_REQUEST_BYTES,
+            )
         except rowfiles.RowFileError as exc:
             return error_response(400, f"file: {upload.name}: {exc}", "invalid", field="file")
         if not isinstance(rows, list):
