@@ -103,10 +103,15 @@ def spent_today(*, owner_id) -> float:
 def daily_budget_on_resume(job: ExtractJob, rows, *, now) -> dict[str, Any]:
     """Inside a resume, with the job locked and `rows` (a queryset) the rows
     it reopens: the job's changes so that its owner's daily budget keeps
-    it as it keeps a start. Its estimate becomes its cost so far plus the
-    reopened rows', checked as a start's is (LimitReached); a job that
-    started on an earlier day counts towards today from now on."""
-    cost = job.cost_usd
+    it as it keeps a start. A job that started on an earlier day counts
+    towards today from now on; with a daily budget, its estimate becomes
+    its cost so far plus the reopened rows', checked as a start's is
+    (LimitReached)."""
+    changes: dict[str, Any] = {}
+    if (job.daily_since or job.created_at) < _start_of_day(now):
+        changes.update(daily_since=now, daily_cost_before_usd=job.cost_usd or 0.0)
+    if settings.STRINGSIGHT_USER_DAILY_BUDGET_USD is None:
+        return changes
     reopened = rows.aggregate(count=Count("id"), chars=Sum(Length("data")))
     estimate = _estimate(
         (job.price_input_per_mtok, job.price_output_per_mtok) if job.has_prices else None,
@@ -116,9 +121,7 @@ def daily_budget_on_resume(job: ExtractJob, rows, *, now) -> dict[str, Any]:
         row_chars=reopened["chars"] or 0,
     )
     check_daily_budget(owner_id=job.owner_id, model_name=job.model_name, estimate=estimate)
-    changes = {"estimated_cost_usd": None if estimate is None else cost + estimate}
-    if (job.daily_since or job.created_at) < _start_of_day(now):
-        changes.update(daily_since=now, daily_cost_before_usd=cost or 0.0)
+    changes["estimated_cost_usd"] = None if estimate is None else job.cost_usd + estimate
     return changes
 
 
