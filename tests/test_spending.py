@@ -194,3 +194,25 @@ def test_a_job_resumed_on_a_later_day_stops_at_that_days_budget(user, sim, setti
     done = ExtractRow.objects.filter(job=job, status="done").count()
     assert 0 < done < 20
     assert budgets.spent_today(owner_id=user.pk) <= 0.01
+
+
+def test_a_claim_counts_the_calls_in_flight_of_the_owners_other_jobs(user, settings):
+    from jobs.services import claims, lifecycle
+
+    first = make_job(user, simple_rows(20), model_name="gpt-4o-mini", max_tokens=1000)
+    second = make_job(user, simple_rows(20), model_name="gpt-4o-mini", max_tokens=1000)
+    for job in (first, second):
+        lifecycle.job_mark_running(job_id=job.id)
+    settings.STRINGSIGHT_USER_DAILY_BUDGET_USD = 0.01
+    # A call reserves its prompt and 2 x 1,000 answer tokens, about $0.0012:
+    # the budget holds eight calls in flight, whichever job makes them.
+    held = claims.claim_rows(job_id=first.id, worker_id="w1", limit=20).rows
+    more = claims.claim_rows(job_id=second.id, worker_id="w2", limit=20).rows
+
+    assert (len(held), len(more)) == (8, 0)
+    second.refresh_from_db()
+    assert second.state == "error"
+    assert second.error.startswith(
+        "daily budget exceeded: $0.0000 of STRINGSIGHT_USER_DAILY_BUDGET_USD $0.0100 spent today and "
+        "$0.0097 held by your other jobs' calls in flight; the next call would go over it"
+    )

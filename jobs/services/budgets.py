@@ -16,6 +16,7 @@ from ..events import log_event
 from ..models import (
     ACTIVE_STATES,
     ExtractJob,
+    ExtractRow,
     JobState,
     RowStatus,
 )
@@ -98,6 +99,18 @@ def spent_today(*, owner_id) -> float:
     share one budget."""
     spent = Sum(_COST - F("daily_cost_before_usd"), output_field=FloatField())
     return _jobs_of_today(owner_id).aggregate(spent=spent)["spent"] or 0.0
+
+
+def held_by_other_jobs(*, owner_id, job_id) -> float:
+    """What the calls in flight of the owner's other jobs of today reserved,
+    in USD: the daily budget holds them as a job's budget holds its own."""
+    jobs = _jobs_of_today(owner_id).filter(state=JobState.RUNNING).exclude(pk=job_id)
+    rows = ExtractRow.objects.filter(job__in=jobs, status=RowStatus.RUNNING)
+    held = (
+        F("reserved_prompt_tokens") * F("job__price_input_per_mtok")
+        + F("reserved_completion_tokens") * F("job__price_output_per_mtok")
+    ) / 1e6
+    return rows.aggregate(held=Sum(held, output_field=FloatField()))["held"] or 0.0
 
 
 def daily_budget_on_resume(job: ExtractJob, rows, *, now) -> dict[str, Any]:
@@ -223,14 +236,20 @@ def within_budget(
     return affordable
 
 
-def end_over_budget(job: ExtractJob, *, now, daily_left: float | None = None) -> None:
+def end_over_budget(
+    job: ExtractJob, *, now, daily_left: float | None = None, held_elsewhere: float = 0.0
+) -> None:
     unfinished = job.count_total - job.count_done - job.count_failed
     daily = settings.STRINGSIGHT_USER_DAILY_BUDGET_USD
     job_budget_left = job.max_cost_usd - job.cost_usd if job.max_cost_usd is not None else float("inf")
     if daily_left is not None and daily_left < job_budget_left:
+        held = ""
+        if held_elsewhere:
+            held = f" and ${held_elsewhere:.4f} held by your other jobs' calls in flight"
         error = (
-            f"daily budget exceeded: ${daily - daily_left:.4f} of STRINGSIGHT_USER_DAILY_BUDGET_USD "
-            f"${daily:.4f} spent today; the next call would go over it, so {unfinished} rows were not run"
+            f"daily budget exceeded: ${daily - daily_left - held_elsewhere:.4f} of "
+            f"STRINGSIGHT_USER_DAILY_BUDGET_USD ${daily:.4f} spent today{held}; the next call would go "
+            f"over it, so {unfinished} rows were not run"
         )
         end_job(job, error=error, now=now)
         return
