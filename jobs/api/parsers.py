@@ -1,11 +1,12 @@
 import io
+import re
 
 import ijson
 from django.conf import settings
 from rest_framework.exceptions import ParseError, ValidationError
 from rest_framework.parsers import JSONParser
 
-from extraction.rows import LONE_SURROGATE, holds_lone_surrogates
+from extraction.rows import LONE_SURROGATE, holds_lone_surrogates, non_finite_path
 from stringsight_site import perf
 
 
@@ -30,9 +31,12 @@ class LimitedJSONParser(JSONParser):
 
         def standard(text: bytes):
             data = super(LimitedJSONParser, self).parse(io.BytesIO(text), media_type, parser_context)
-            # orjson refuses unpaired surrogates, so only this path can let one in.
+            # orjson refuses unpaired surrogates and 1e400, so only this path can let them in.
             if holds_lone_surrogates(text, data):  # it used to be a 500
                 raise ParseError(f"JSON parse error - {LONE_SURROGATE}")
+            if _MAY_OVERFLOW.search(text) and (where := non_finite_path(data)) is not None:
+                # In a row it was stored as null; in a field, DRF called it not a number.
+                raise ValidationError({where: [NOT_FINITE]})
             return data
 
         try:
@@ -47,6 +51,12 @@ class LimitedJSONParser(JSONParser):
                 f"JSON parse error - nested deeper than {limit} levels (STRINGSIGHT_MAX_JSON_DEPTH)"
             )
         return data
+
+
+NOT_FINITE = "expected a finite number, got one too large for a float (JSON has no infinity)"
+# A float literal beyond a double: an exponent of three digits, or 309
+# digits before the point (a longer integer stays an int).
+_MAY_OVERFLOW = re.compile(rb"[0-9][eE]\+?[0-9]{3}|[0-9]{309}")
 
 
 def nested_deeper_than(value, limit: int) -> bool:
