@@ -35,8 +35,10 @@ def input_format(name: str) -> str:
     return kind
 
 
-def read_rows(stream: BinaryIO, kind: str):
-    """The rows in `stream`: a list, unless a JSON file holds something else."""
+def read_rows(stream: BinaryIO, kind: str, *, max_values: int | None = None):
+    """The rows in `stream`: a list, unless a JSON file holds something else.
+    With `max_values`, a table holding more values (its rows and their cells,
+    as a start's JSON would) is refused before its rows are built."""
     try:
         if kind == "jsonl":
             return _read_jsonl(stream)
@@ -44,12 +46,20 @@ def read_rows(stream: BinaryIO, kind: str):
             return _read_json(stream)
         if kind == "csv":
             frame = pd.read_csv(
-                stream, dtype=dict.fromkeys(TEXT_COLUMNS, str), keep_default_na=False, na_values=[""]
+                stream,
+                dtype=dict.fromkeys(TEXT_COLUMNS, str),
+                keep_default_na=False,
+                na_values=[""],
+                # Every row is a value: past the limit, the rest need not be read.
+                nrows=max_values,
             )
         else:
             frame = pd.read_parquet(stream)
-    except (ValueError, OSError) as exc:
+    # A RecursionError: JSON nested thousands deep.
+    except (ValueError, OSError, RecursionError) as exc:
         raise RowFileError(f"cannot read it as {kind}: {exc}") from None
+    if max_values is not None and frame.size + len(frame) > max_values:
+        raise RowFileError(f"more than {max_values} values, the limit (STRINGSIGHT_MAX_JSON_VALUES)")
     return [_table_row(record) for record in frame.to_dict(orient="records")]
 
 
@@ -63,7 +73,7 @@ def _read_jsonl(stream: BinaryIO) -> list:
         try:
             line = raw.decode("utf-8")
             rows.append(json.loads(line))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise ValueError(f"line {number}: {exc}") from None
         if holds_lone_surrogates(line, rows[-1]):
             raise ValueError(f"line {number}: {LONE_SURROGATE}")
