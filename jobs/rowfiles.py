@@ -16,8 +16,6 @@ import pyarrow.parquet as pq
 
 from extraction.rows import LONE_SURROGATE, holds_lone_surrogates
 
-from .api.parsers import value_bound
-
 INPUT_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 RESPONSE_COLUMNS = ("model_response", "model_a_response", "model_b_response")
 # Read as text from CSV, so that a question id "007" or a model named "4" stays as written.
@@ -41,54 +39,49 @@ def input_format(name: str) -> str:
 
 def read_rows(stream: BinaryIO, kind: str, *, max_values: int | None = None, max_bytes: int | None = None):
     """The rows in `stream`: a list, unless a JSON file holds something else.
-
-    An upload is read within a start body's limits (`max_values`,
-    `max_bytes`), checked before its rows are built: a few kilobytes of
-    Parquet can hold millions of rows or one long value repeated in each,
-    and a text file's values cost Python far more than their bytes."""
+    With `max_values`, a table holding more values (its rows and their cells,
+    as a start's JSON would) is refused before its rows are built; a Parquet
+    file from its metadata before it is read, and with `max_bytes` while it
+    is decoded: its few kilobytes can hold millions of rows, or one long
+    value repeated in each."""
     try:
-        if kind == "parquet":
-            frame = _read_parquet(stream, max_values=max_values, max_bytes=max_bytes)
-        elif max_values is not None:
-            _check_value_bound(stream, kind, max_values)
         if kind == "jsonl":
             return _read_jsonl(stream)
         if kind == "json":
             return _read_json(stream)
         if kind == "csv":
             frame = pd.read_csv(
-                stream, dtype=dict.fromkeys(TEXT_COLUMNS, str), keep_default_na=False, na_values=[""]
+                stream,
+                dtype=dict.fromkeys(TEXT_COLUMNS, str),
+                keep_default_na=False,
+                na_values=[""],
+                # Every row is a value: past the limit, the rest need not be read.
+                nrows=max_values,
             )
+        else:
+            frame = _read_parquet(stream, max_values=max_values, max_bytes=max_bytes)
     except RowFileError:
         raise
-    except (ValueError, OSError) as exc:
+    # A RecursionError: JSON nested thousands deep.
+    except (ValueError, OSError, RecursionError) as exc:
         raise RowFileError(f"cannot read it as {kind}: {exc}") from None
+    if max_values is not None and frame.size + len(frame) > max_values:
+        raise RowFileError(_too_many_values(max_values))
     return [_table_row(record) for record in frame.to_dict(orient="records")]
 
 
-def _check_value_bound(stream: BinaryIO, kind: str, limit: int) -> None:
-    """Values bounded from the bytes, as a start body's are (a CSV's cells
-    by its commas and line ends)."""
-    body = stream.read()
-    stream.seek(0)
-    bound = value_bound(body) + (body.count(b"\n") if kind == "csv" else 0)
-    if bound > limit:
-        raise RowFileError(
-            f"it may hold up to {bound} values (counted from its commas, brackets and lines), "
-            f"more than the limit of {limit} (STRINGSIGHT_MAX_JSON_VALUES)"
-        )
+def _too_many_values(limit: int) -> str:
+    return f"more than {limit} values, the limit (STRINGSIGHT_MAX_JSON_VALUES)"
 
 
 def _read_parquet(stream: BinaryIO, *, max_values: int | None, max_bytes: int | None) -> pd.DataFrame:
     """The file's table, its size checked from its metadata (values) and
     batch by batch as it is decoded (bytes)."""
     parquet = pq.ParquetFile(stream)
-    rows, columns = parquet.metadata.num_rows, parquet.metadata.num_columns
-    if max_values is not None and rows * columns > max_values:
-        raise RowFileError(
-            f"it holds {rows} rows of {columns} columns, {rows * columns} values, more than the limit "
-            f"of {max_values} (STRINGSIGHT_MAX_JSON_VALUES)"
-        )
+    rows, columns = parquet.metadata.num_rows, len(parquet.schema_arrow)
+    if max_values is not None and rows * columns + rows > max_values:
+        # Said from the metadata, before anything is read.
+        raise RowFileError(f"{rows} rows of {columns} columns: {_too_many_values(max_values)}")
     batches, size = [], 0
     for batch in parquet.iter_batches(batch_size=1024):
         size += batch.nbytes
@@ -111,7 +104,7 @@ def _read_jsonl(stream: BinaryIO) -> list:
         try:
             line = raw.decode("utf-8")
             rows.append(json.loads(line))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise ValueError(f"line {number}: {exc}") from None
         if holds_lone_surrogates(line, rows[-1]):
             raise ValueError(f"line {number}: {LONE_SURROGATE}")
