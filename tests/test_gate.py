@@ -107,8 +107,11 @@ def test_a_refusal_multiplies_what_is_allowed_once_per_burst_then_growth_is_addi
 def test_a_refusal_under_a_grant_made_after_the_decrease_decreases_again_and_one_under_an_older_grant_not():
     state, leases = EndpointState(allowed=30.0, slow_start=False), {}
     limits = EndpointLimits()
-    first = settle(state, leases, "a", Report(in_flight=30, rate_limited=True), limits, now=10.0, lease_seconds=LEASE)
-    assert first.at == 10.0 and state.allowed == 30 * DECREASE
+    first = settle(
+        state, leases, "a", Report(in_flight=30, rate_limited=True), limits, now=10.0, lease_seconds=LEASE
+    )
+    assert first.at == 10.0
+    assert state.allowed == 30 * DECREASE
 
     # Another holder's call started after the decrease, but under its grant
     # of before it (the holder had not settled yet): the same burst.
