@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 INITIAL_CONCURRENCY = 16
 # A refusal for the endpoint's rate multiplies the calls allowed in flight
 # by this; the refusals of one burst arrive together, so they count once
-# per cooldown.
-DECREASE = 0.8
+# per cooldown. (0.8 kept 20 of 24 calls in flight on average, 0.9 keeps 22.5
+# for about one refusal in 40 calls: BENCHMARKS.md #12.)
+DECREASE = 0.9
 DECREASE_COOLDOWN_SECONDS = 1.0
 # Rates may be used this many seconds ahead (a burst), never more.
 RATE_BURST_SECONDS = 1.0
@@ -192,8 +193,12 @@ class Report:
     waiting: int = 0
     successes: int = 0
     rate_limited: bool = False
-    # When the latest refused call started (epoch s).
-    refused_started_at: float = 0.0
+    # When the grant was made under which the latest refused call started
+    # (epoch s): a call started under a grant older than the lane's last
+    # decrease says nothing about that decrease.
+    refused_granted_at: float = 0.0
+    # The cap the process used when its latest call was refused.
+    refused_cap: int = 0
     pause_until: float = 0.0
     unused_tokens: int = 0
     leaving: bool = False
@@ -210,6 +215,8 @@ class Grant:
     # When the rates have room for the next waiting call, if some were left.
     more_at: float | None
     allowed: float
+    # When the grant was made (epoch s).
+    at: float = 0.0
 
 
 def settle(
@@ -234,13 +241,19 @@ def settle(
     demand = wants + sum(lease.wants for lease in others.values())
     if report.rate_limited:
         # One burst of refusals decreases once; a call refused although it
-        # started after the decrease shows the decrease was not enough.
+        # started under a grant made by or after the decrease shows the
+        # decrease was not enough. (A call started after the decrease under an older
+        # grant, before its process settled, does not.)
         if (
             now - state.decreased_at >= DECREASE_COOLDOWN_SECONDS
-            or report.refused_started_at > state.decreased_at
+            or report.refused_granted_at >= state.decreased_at
         ):
-            in_flight = report.in_flight + sum(lease.in_flight for lease in others.values())
-            state.allowed = max(1.0, min(state.allowed, in_flight) * DECREASE)
+            # What the holders were using when refused: their caps, as calls
+            # that just ended (the refused ones too) no longer count in flight.
+            tried = max(report.in_flight, report.refused_cap) + sum(
+                max(lease.held, lease.in_flight) for lease in others.values()
+            )
+            state.allowed = max(1.0, min(state.allowed, tried) * DECREASE)
             state.decreased_at = now
             state.slow_start = False
     elif report.successes and demand > state.allowed:
@@ -288,6 +301,7 @@ def settle(
         tokens=tokens,
         more_at=more_at,
         allowed=state.allowed,
+        at=now,
     )
 
 
@@ -379,9 +393,13 @@ class _Lane:
         # What the next settle reports.
         self.successes = 0
         self.rate_limited = False
-        self.refused_started_at = 0.0
+        self.refused_granted_at = 0.0
+        self.refused_cap = 0
+        self.refused_cap = 0
         self.pause_until = 0.0
         self.unused_tokens = 0
+        # When the grant in force was made.
+        self.granted_at = 0.0
         self.last_sync = -math.inf
         self.poked: asyncio.Event | None = None
         self.syncer: asyncio.Task | None = None
@@ -397,14 +415,16 @@ class _Lane:
             else [],
             successes=self.successes,
             rate_limited=self.rate_limited,
-            refused_started_at=self.refused_started_at,
+            refused_granted_at=self.refused_granted_at,
+            refused_cap=self.refused_cap,
             pause_until=self.pause_until,
             unused_tokens=self.unused_tokens,
             leaving=leaving,
         )
         self.successes = self.unused_tokens = 0
         self.rate_limited = False
-        self.refused_started_at = 0.0
+        self.refused_granted_at = 0.0
+        self.refused_cap = 0
         self.pause_until = 0.0
         return report
 
@@ -418,7 +438,7 @@ class _LanePermit:
         self._gate = gate
         self._lane = lane
         self._tokens = tokens
-        self._started = time.time()
+        self._granted_at = lane.granted_at
         self.rate_limit: RateLimitInfo | None = None
 
     def report(self, *, tokens=None, rate_limit=None, rate_limited=False) -> None:
@@ -426,7 +446,8 @@ class _LanePermit:
         self.rate_limit = rate_limit
         if rate_limited:
             lane.rate_limited = True
-            lane.refused_started_at = max(lane.refused_started_at, self._started)
+            lane.refused_granted_at = max(lane.refused_granted_at, self._granted_at)
+            lane.refused_cap = max(lane.refused_cap, lane.cap)
             # Until the lane settles, the refused call's place is not taken again.
             lane.cap = max(1, min(lane.cap, lane.in_flight - 1))
         elif tokens is not None:
@@ -593,6 +614,7 @@ class SharingGate:
     def _apply(self, lane: _Lane, grant: Grant) -> None:
         lane.settled = True
         lane.cap = grant.cap
+        lane.granted_at = grant.at
         lane.paused_until = max(lane.paused_until, grant.paused_until)
         lane.more_at = grant.more_at
         unrated = [waiter for waiter in lane.waiters if not waiter.rated]

@@ -162,11 +162,15 @@ def _check_types(row: dict, index: int, method: str) -> None:
         value = row[column]
         if not isinstance(value, str) and not _is_number(value):
             raise fail(column, "a string", value)
+        if _is_number(value) and not _is_finite_number(value):
+            raise _not_finite(index, column)
     for column in _RESPONSE_COLUMNS[method]:
         _check_response(row[column], index, column)
     question_id = row.get("question_id")
     if question_id is not None and not isinstance(question_id, str) and not _is_number(question_id):
         raise fail("question_id", "a string or a number", question_id)
+    if _is_number(question_id) and not _is_finite_number(question_id):
+        raise _not_finite(index, "question_id")
     for column in _NAME_COLUMNS[method]:
         value = row.get(column)
         if value is not None and len(str(value)) > MAX_NAME_CHARS:
@@ -266,16 +270,25 @@ def nul_path(value, path: str = "") -> str | None:
     """Where a NUL character stands in `value` (a key or a string), as
     "prompt" or "model_response[2].content", or None. PostgreSQL cannot
     store NUL in text, nor \\u0000 in jsonb."""
+    return _path_to(value, path, lambda item: isinstance(item, str) and "\x00" in item)
+
+
+def non_finite_path(value, path: str = "") -> str | None:
+    """Where an infinite number (what 1e400 reads as) stands in `value`, or
+    None: JSON cannot write it back, and it was stored as null."""
+    return _path_to(value, path, lambda item: isinstance(item, float) and not math.isfinite(item))
+
+
+def _path_to(value, path: str, found) -> str | None:
     stack = [(path, value)]
     while stack:
         where, item = stack.pop()
-        if isinstance(item, str):
-            if "\x00" in item:
-                return where
-        elif isinstance(item, dict):
+        if found(item):
+            return where
+        if isinstance(item, dict):
             for key, child in item.items():
                 name = f"{where}.{key}" if where else str(key)
-                if "\x00" in str(key):
+                if found(key):
                     return name
                 stack.append((name, child))
         elif isinstance(item, list):

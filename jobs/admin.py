@@ -36,7 +36,11 @@ class LimitedAdminLoginForm(AdminAuthenticationForm):
 
     def clean(self):
         rate = throttle.Rate.parse(settings.STRINGSIGHT_ADMIN_LOGIN_RATE)
-        ident = f"{(self.cleaned_data.get('username') or '').lower()}|{client_address(self.request)}"
+        # The form does not hold the name to its column's length, and no
+        # account's name is longer: the rest would overflow the bucket's.
+        longest = self.username_field.max_length or 254
+        username = (self.cleaned_data.get("username") or "")[:longest].lower()
+        ident = f"{username}|{client_address(self.request)}"
         wait = throttle.throttle_wait(scope="admin_login", ident=ident, rate=rate)
         if wait is not None:
             raise ValidationError(

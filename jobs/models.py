@@ -85,6 +85,11 @@ class ExtractJob(models.Model):
     # and max_tokens of answer): its share of the owner's daily budget
     # while it runs. Null without a price.
     estimated_cost_usd = models.FloatField(null=True, blank=True)
+    # A resume on a later day than the job's start makes its spending count
+    # towards that day from then on: when (null: since its start), and what
+    # it had cost before, which belongs to an earlier day.
+    daily_since = models.DateTimeField(null=True, blank=True)
+    daily_cost_before_usd = models.FloatField(default=0.0)
 
     count_total = models.PositiveIntegerField(default=0)
     count_done = models.PositiveIntegerField(default=0)

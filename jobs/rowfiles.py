@@ -11,6 +11,8 @@ from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from extraction.rows import LONE_SURROGATE, holds_lone_surrogates
 
@@ -35,8 +37,13 @@ def input_format(name: str) -> str:
     return kind
 
 
-def read_rows(stream: BinaryIO, kind: str):
-    """The rows in `stream`: a list, unless a JSON file holds something else."""
+def read_rows(stream: BinaryIO, kind: str, *, max_values: int | None = None, max_bytes: int | None = None):
+    """The rows in `stream`: a list, unless a JSON file holds something else.
+    With `max_values`, a table holding more values (its rows and their cells,
+    as a start's JSON would) is refused before its rows are built; a Parquet
+    file from its metadata before it is read, and with `max_bytes` while it
+    is decoded: its few kilobytes can hold millions of rows, or one long
+    value repeated in each."""
     try:
         if kind == "jsonl":
             return _read_jsonl(stream)
@@ -44,13 +51,47 @@ def read_rows(stream: BinaryIO, kind: str):
             return _read_json(stream)
         if kind == "csv":
             frame = pd.read_csv(
-                stream, dtype=dict.fromkeys(TEXT_COLUMNS, str), keep_default_na=False, na_values=[""]
+                stream,
+                dtype=dict.fromkeys(TEXT_COLUMNS, str),
+                keep_default_na=False,
+                na_values=[""],
+                # Every row is a value: past the limit, the rest need not be read.
+                nrows=max_values,
             )
         else:
-            frame = pd.read_parquet(stream)
-    except (ValueError, OSError) as exc:
+            frame = _read_parquet(stream, max_values=max_values, max_bytes=max_bytes)
+    except RowFileError:
+        raise
+    # A RecursionError: JSON nested thousands deep.
+    except (ValueError, OSError, RecursionError) as exc:
         raise RowFileError(f"cannot read it as {kind}: {exc}") from None
+    if max_values is not None and frame.size + len(frame) > max_values:
+        raise RowFileError(_too_many_values(max_values))
     return [_table_row(record) for record in frame.to_dict(orient="records")]
+
+
+def _too_many_values(limit: int) -> str:
+    return f"more than {limit} values, the limit (STRINGSIGHT_MAX_JSON_VALUES)"
+
+
+def _read_parquet(stream: BinaryIO, *, max_values: int | None, max_bytes: int | None) -> pd.DataFrame:
+    """The file's table, its size checked from its metadata (values) and
+    batch by batch as it is decoded (bytes)."""
+    parquet = pq.ParquetFile(stream)
+    rows, columns = parquet.metadata.num_rows, len(parquet.schema_arrow)
+    if max_values is not None and rows * columns + rows > max_values:
+        # Said from the metadata, before anything is read.
+        raise RowFileError(f"{rows} rows of {columns} columns: {_too_many_values(max_values)}")
+    batches, size = [], 0
+    for batch in parquet.iter_batches(batch_size=1024):
+        size += batch.nbytes
+        if max_bytes is not None and size > max_bytes:
+            raise RowFileError(
+                f"its values take more than {max_bytes} bytes once decoded, more than a request may "
+                "hold (STRINGSIGHT_MAX_REQUEST_BYTES)"
+            )
+        batches.append(batch)
+    return pa.Table.from_batches(batches, schema=parquet.schema_arrow).to_pandas()
 
 
 def _read_jsonl(stream: BinaryIO) -> list:
@@ -63,7 +104,7 @@ def _read_jsonl(stream: BinaryIO) -> list:
         try:
             line = raw.decode("utf-8")
             rows.append(json.loads(line))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise ValueError(f"line {number}: {exc}") from None
         if holds_lone_surrogates(line, rows[-1]):
             raise ValueError(f"line {number}: {LONE_SURROGATE}")

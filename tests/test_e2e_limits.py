@@ -95,7 +95,7 @@ def test_three_jobs_without_configuration_adapt_to_the_providers_limit(api, star
     assert [(job["state"], job["count_done"]) for job in outcomes] == [("done", 60)] * 3
     stats = sim.stats()
     refused = stats["by_outcome"].get("rate_limited", 0)
-    # Measured: 5-10 % of calls refused at this size (180 calls, most of
+    # Measured: 7-13 % of calls refused at this size (180 calls, most of
     # them the first rounds, before the lane has learnt the limit).
     assert refused / stats["requests_total"] <= 0.2
 

@@ -240,6 +240,85 @@ def test_a_file_that_cannot_be_read_is_a_400_naming_the_problem(api, name, conte
         assert body["detail"] == detail
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "detail"),
+    [
+        (
+            "rows.jsonl",
+            b"{}\n" * 6_000,
+            "file: rows.jsonl: more than 50 rows, the limit per job (STRINGSIGHT_MAX_ROWS)",
+        ),
+        (
+            "rows.json",
+            b"[" + b",".join([b"{}"] * 20_000) + b"]",
+            "file: rows.json: more than 10000 values, the limit (STRINGSIGHT_MAX_JSON_VALUES)",
+        ),
+        (
+            "rows.csv",
+            b"prompt\n" + b"p\n" * 20_000,
+            "file: rows.csv: more than 10000 values, the limit (STRINGSIGHT_MAX_JSON_VALUES)",
+        ),
+    ],
+)
+def test_a_dense_file_is_refused_at_the_starts_limits(api, settings, name, content, detail):
+    # Counted before any row is built, as a start's body is.
+    settings.STRINGSIGHT_MAX_JSON_VALUES = 10_000
+    settings.STRINGSIGHT_MAX_ROWS = 50
+
+    response = upload(api, name, content)
+
+    assert response.status_code == 400
+    assert response.json() == {"detail": detail, "code": "invalid", "field": "file"}
+
+
+NESTED = b'{"prompt": "p", "model": "m", "model_response": "r", "x": %s}'
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "detail"),
+    [
+        (
+            "rows.jsonl",
+            NESTED % (b"[" * 100 + b"]" * 100),
+            "file: rows.jsonl: nested deeper than 64 levels (STRINGSIGHT_MAX_JSON_DEPTH)",
+        ),
+        (
+            "rows.json",
+            b"[" + NESTED % (b"[" * 100_000 + b"]" * 100_000) + b"]",
+            "file: rows.json: cannot read it as json: maximum recursion depth exceeded while decoding "
+            "a JSON array from a unicode string",
+        ),
+        (
+            "rows.jsonl",
+            NESTED % (b"[" * 100_000 + b"]" * 100_000),
+            "file: rows.jsonl: cannot read it as jsonl: line 1: maximum recursion depth exceeded while "
+            "decoding a JSON array from a unicode string",
+        ),
+    ],
+)
+def test_a_file_nested_too_deep_is_a_400_naming_the_limit(api, name, content, detail):
+    response = upload(api, name, content)
+
+    assert response.status_code == 400
+    assert response.json() == {"detail": detail, "code": "invalid", "field": "file"}
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "stored"),
+    [
+        ("rows.jsonl", b'{"prompt": "p", "model": "m", "model_response": "r", "x": NaN}\n', None),
+        ("rows.json", b'[{"prompt": "p", "model": "m", "model_response": "r", "x": [1e999]}]', [None]),
+        ("rows.csv", b"prompt,model,model_response,x\np,m,r,-inf\n", None),
+    ],
+)
+def test_numbers_json_cannot_hold_are_previewed_as_null(api, name, content, stored):
+    # As a start stores them; Python's json writes NaN, and 1e999 reads as infinity.
+    body = upload(api, name, content).json()
+
+    assert (body["valid"], body["error"]) == (True, None)
+    assert body["preview"] == [{"prompt": "p", "model": "m", "model_response": "r", "x": stored}]
+
+
 def test_detect_and_validate_needs_the_file_field(api):
     response = api.post("/detect-and-validate", {"other": "x"}, format="multipart")
     as_json = api.post("/detect-and-validate", {"rows": simple_rows(1)}, format="json")
@@ -258,6 +337,45 @@ def test_detect_and_validate_refuses_a_body_over_the_request_limit(api, settings
 
     assert response.status_code == 413
     assert response.json()["detail"].endswith("bytes (STRINGSIGHT_MAX_REQUEST_BYTES)")
+
+
+def parquet_of(columns: dict) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.table(columns), buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+def test_an_upload_of_more_values_than_a_start_may_hold_is_refused_before_it_is_read(api, settings):
+    # A few KB of Parquet (its values dictionary-encoded) held millions of
+    # rows: read whole, they cost the web process gigabytes.
+    settings.STRINGSIGHT_MAX_JSON_VALUES = 10_000
+    rows = 4_000
+    content = parquet_of({name: [name[0]] * rows for name in ("prompt", "model", "model_response")})
+    assert len(content) < 2_000
+
+    response = upload(api, "rows.parquet", content)
+
+    assert response.status_code == 400
+    assert response.json()["detail"] == (
+        "file: rows.parquet: 4000 rows of 3 columns: more than 10000 values, the limit "
+        "(STRINGSIGHT_MAX_JSON_VALUES)"
+    )
+
+
+def test_a_parquet_upload_larger_decoded_than_a_request_may_be_is_refused(api, settings):
+    settings.STRINGSIGHT_MAX_REQUEST_BYTES = 100_000
+    # One long answer, stored once in the file's dictionary, repeated in every row.
+    content = parquet_of({"prompt": ["p"] * 200, "model": ["m"] * 200, "model_response": ["r" * 5_000] * 200})
+    assert len(content) < 20_000
+
+    response = upload(api, "rows.parquet", content)
+
+    assert response.status_code == 400
+    assert response.json()["detail"].startswith("file: rows.parquet: its values take more than 100000 bytes")
+    assert response.json()["detail"].endswith("(STRINGSIGHT_MAX_REQUEST_BYTES)")
 
 
 def test_detect_and_validate_needs_a_user_unless_anonymous_mode_is_on(settings):

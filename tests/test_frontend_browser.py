@@ -1,6 +1,7 @@
 """The StringSight frontend's flow in a real browser: a page of our own
 (tests/pages/frontend_flow.html), served from another origin than the API,
-calls /health, /prompts, /prompt-text, /extract/single and a job's start,
+calls /health, /detect-and-validate, /prompts, /prompt-text (also with a
+stale name, whose error body it shows), /extract/single and a job's start,
 status, cancel and result with `fetch` exactly as the frontend does (no
 credentials, JSON bodies), in anonymous mode with that origin allowed by
 CORS. Debian's Chromium driven by Playwright; a real `qcluster` runs the
@@ -103,7 +104,9 @@ def test_the_frontends_flow_runs_from_another_origin(
         field: page.locator(f"#{field}").inner_text()
         for field in (
             "health",
+            "upload",
             "prompts",
+            "stale-prompt",
             "prompt-text",
             "single",
             "batch",
@@ -121,7 +124,19 @@ def test_the_frontends_flow_runs_from_another_origin(
     opened = set(batch.properties.values_list("input_index", flat=True))
     assert shown == {
         "health": "connected",
+        "upload": f"single_model: {ROWS} rows, valid, 50 previewed",
         "prompts": "2 prompts available: default, agent",
+        # The error's body reaches the page (CORS headers on errors too), short JSON.
+        "stale-prompt": "Failed to load prompt 'defualt': prompt text: "
+        + json.dumps(
+            {
+                "detail": "name: unknown prompt name 'defualt'; known names: default, agent",
+                "code": "invalid",
+                "field": "name",
+                "errors": {"name": ["unknown prompt name 'defualt'; known names: default, agent"]},
+            },
+            separators=(",", ":"),
+        ),
         "prompt-text": f"default: {len(prompt)} characters, task description highlighted",
         "single": f"{single.properties_count} properties for row {FIRST_INDEX}; 0 parsing issues",
         "batch": f"Batch: cancelled • {round(100 * batch.progress)}%",

@@ -104,6 +104,63 @@ def test_a_refusal_multiplies_what_is_allowed_once_per_burst_then_growth_is_addi
     assert state.allowed == pytest.approx(after_first + 19 / after_first)  # about one per round of calls
 
 
+def test_a_refusal_under_a_grant_made_after_the_decrease_decreases_again_and_one_under_an_older_grant_not():
+    state, leases = EndpointState(allowed=30.0, slow_start=False), {}
+    limits = EndpointLimits()
+    first = settle(
+        state, leases, "a", Report(in_flight=30, rate_limited=True), limits, now=10.0, lease_seconds=LEASE
+    )
+    assert first.at == 10.0
+    assert state.allowed == 30 * DECREASE
+
+    # Another holder's call started after the decrease, but under its grant
+    # of before it (the holder had not settled yet): the same burst.
+    settle(
+        state,
+        leases,
+        "b",
+        Report(in_flight=2, rate_limited=True, refused_granted_at=9.9),
+        limits,
+        now=10.1,
+        lease_seconds=LEASE,
+    )
+    assert state.allowed == 30 * DECREASE
+
+    # A call started under the decreased grant is refused: not enough.
+    settle(
+        state,
+        leases,
+        "a",
+        Report(in_flight=26, rate_limited=True, refused_granted_at=first.at),
+        limits,
+        now=10.2,
+        lease_seconds=LEASE,
+    )
+    assert state.allowed == pytest.approx(30 * DECREASE * DECREASE)
+
+
+def test_a_decrease_starts_from_the_caps_in_use_not_from_the_calls_still_in_flight():
+    # Slow start has just doubled 16 to 32; a holder's burst is refused at
+    # once, so when it settles few of its calls are still in flight.
+    state, leases = EndpointState(allowed=32.0, slow_start=True), {}
+    limits = EndpointLimits()
+    settle(state, leases, "b", Report(in_flight=16, waiting=50), limits, now=5.0, lease_seconds=LEASE)
+    settle(state, leases, "a", Report(in_flight=10, waiting=50), limits, now=5.01, lease_seconds=LEASE)
+
+    settle(
+        state,
+        leases,
+        "a",
+        Report(in_flight=9, waiting=50, rate_limited=True, refused_cap=16, refused_granted_at=5.01),
+        limits,
+        now=5.1,
+        lease_seconds=LEASE,
+    )
+
+    # 16 + 16 were in use: the limit lies below 32, not below 9 + 16.
+    assert state.allowed == pytest.approx(32 * DECREASE)
+
+
 def test_a_configured_concurrency_is_never_exceeded_by_the_holders_together():
     state, leases = EndpointState(), {}
     limits = EndpointLimits(max_concurrency=24)

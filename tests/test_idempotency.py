@@ -115,6 +115,20 @@ def test_an_empty_or_overlong_key_is_a_400_naming_the_header(api, key, detail):
     assert ExtractJob.objects.count() == 0
 
 
+@pytest.mark.parametrize("key", ["a\x00b", "a\x1bb", "a\x7fb"])
+def test_a_key_with_a_control_character_is_a_400_naming_the_header(api, key):
+    # Stored as it is: PostgreSQL cannot hold the NUL (it was a 500 there),
+    # and no HTTP client sends the others on purpose.
+    response = start(api, key=key)
+
+    assert response.status_code == 400
+    assert (response.json()["field"], response.json()["detail"]) == (
+        "Idempotency-Key",
+        "Idempotency-Key: the key holds a control character (such as NUL); send printable text",
+    )
+    assert ExtractJob.objects.count() == 0
+
+
 def test_a_key_of_255_characters_is_accepted(api):
     assert [start(api, key="k" * 255).status_code for _ in range(2)] == [201, 200]
 

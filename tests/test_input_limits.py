@@ -15,6 +15,7 @@ pytestmark = pytest.mark.django_db
 
 HUGE = 100000000000000000000  # 10**20: beyond every integer column
 ROW = '{"rows": [{"prompt": "p", "model": "m", "model_response": "r"}]'
+NOT_FINITE = "expected a finite number, got one too large for a float (JSON has no infinity)"
 
 
 @pytest.fixture(params=[False, True], ids=["debug-off", "debug-on"])
@@ -69,14 +70,14 @@ def test_a_cursor_the_api_gave_out_still_pages(api, user):
         ("max_total_tokens", HUGE, "Ensure this value is less than or equal to 9223372036854775807."),
         ("max_tokens", HUGE, f"{HUGE} is above the limit of 32768 (STRINGSIGHT_MAX_TOKENS_CAP)"),
         ("max_workers", HUGE, f"{HUGE} is above the limit of 256 (STRINGSIGHT_MAX_WORKERS)"),
-        ("max_cost_usd", "1e400", "A valid number is required."),
-        ("temperature", "1e400", "A valid number is required."),
+        ("max_cost_usd", "1e400", NOT_FINITE),
+        ("temperature", "1e400", NOT_FINITE),
         ("temperature", "true", "expected a number, got boolean"),
         ("top_p", "false", "expected a number, got boolean"),
         ("temperature", '"0.5"', "expected a number, got string"),
         ("max_cost_usd", "true", "expected a number, got boolean"),
         ("sample_size", "true", "A valid integer is required."),
-        ("max_workers", "1e400", "A valid integer is required."),
+        ("max_workers", "1e400", NOT_FINITE),
     ],
 )
 def test_start_refuses_numbers_no_column_holds_naming_the_field(api, debug, field, value, message):
@@ -92,7 +93,7 @@ def test_start_refuses_numbers_no_column_holds_naming_the_field(api, debug, fiel
     ("field", "value", "message"),
     [
         ("max_total_tokens", HUGE, "Ensure this value is less than or equal to 9223372036854775807."),
-        ("max_cost_usd", "1e400", "A valid number is required."),
+        ("max_cost_usd", "1e400", NOT_FINITE),
         ("max_cost_usd", "true", "expected a number, got boolean"),
     ],
 )
@@ -261,6 +262,38 @@ def test_a_score_too_large_for_a_float_is_refused_naming_it(api, debug, score, f
     assert error["detail"] == (
         f"{field}: expected a finite number, got one too large for a float (JSON has no infinity)"
     )
+
+
+@pytest.mark.parametrize("column", ["prompt", "model", "question_id"])
+def test_a_name_or_prompt_too_large_for_a_float_is_refused_naming_it(api, column):
+    # Stored, it became null (and the question id "inf").
+    row = '{"prompt": "p", "model": "m", "model_response": "r", "question_id": "q"}'
+    raw = '{"rows": [' + row.replace(f'"{column}": "{column[0]}"', f'"{column}": -1e400') + "]}"
+
+    error = error_of(api.generic("POST", "/extract/jobs/start", raw, content_type="application/json"))
+
+    assert error["field"] == f"rows[0].{column}"
+    assert error["detail"] == (
+        f"rows[0].{column}: expected a finite number, got one too large for a float (JSON has no infinity)"
+    )
+    assert ExtractJob.objects.count() == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "field"),
+    [
+        ('"model_response": {"content": "r", "logprob": -1e400}', "rows[0].model_response.logprob"),
+        ('"model_response": "r", "extra": [1, 2.5e999]', "rows[0].extra[1]"),
+    ],
+)
+def test_a_number_too_large_for_a_float_anywhere_in_a_row_is_refused_naming_it(api, debug, value, field):
+    # Stored, it became null.
+    raw = '{"rows": [{"prompt": "p", "model": "m", ' + value + "}]}"
+
+    error = error_of(api.generic("POST", "/extract/jobs/start", raw, content_type="application/json"))
+
+    assert (error["field"], error["detail"]) == (field, f"{field}: {NOT_FINITE}")
+    assert ExtractJob.objects.count() == 0
 
 
 def test_a_nan_score_is_refused(api):

@@ -37,6 +37,19 @@ def test_an_unknown_path_is_a_json_404(debug, path):
     assert response.json() == {"detail": f"not found: {path}", "code": "not_found"}
 
 
+@pytest.mark.parametrize("method", ["post", "delete"])
+def test_a_write_to_a_path_without_its_slash_is_a_json_404_naming_the_path(debug, method):
+    # Django's redirect to the slash would turn a POST into a GET (a start
+    # into a list of jobs), and with DEBUG it raises instead (a 500).
+    response = getattr(Client(raise_request_exception=False), method)("/api/jobs")
+
+    assert response.status_code == 404
+    assert response.json() == {
+        "detail": "not found: /api/jobs (the path ends with a slash: /api/jobs/)",
+        "code": "not_found",
+    }
+
+
 def test_a_method_a_view_refuses_is_a_json_405(debug):
     plain_django = Client().post("/healthz")
     rest_framework = Client().post("/prompts")

@@ -10,7 +10,7 @@ import pytest
 import redis
 from django.db import connection
 
-from extraction.gate import EndpointLimits, LimitsConfig, Report
+from extraction.gate import DECREASE, EndpointLimits, LimitsConfig, Report
 from jobs.models import ExtractJob, ProviderEndpoint, ProviderLease
 from jobs.services import provider_limits
 from jobs.services.provider_limits import DatabaseStore, RedisStore, SharedGate, endpoint_id
@@ -113,7 +113,7 @@ def test_a_refusal_slows_the_lane_for_every_worker_through_redis(redis_lane):
 
     grant = other.settle(lane, "b", Report(waiting=20), limits, 20)
 
-    assert grant.allowed == pytest.approx(16 * 0.8)
+    assert grant.allowed == pytest.approx(16 * DECREASE)
     assert grant.cap == 0  # a still holds what the lane allows
 
 

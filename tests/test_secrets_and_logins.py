@@ -122,3 +122,20 @@ def test_a_right_password_before_the_limit_signs_in(admin_user):
 
     assert response.status_code == 302
     assert client.session["_auth_user_id"] == str(admin_user.pk)
+
+
+@pytest.mark.django_db
+def test_a_failed_sign_in_with_a_name_longer_than_any_account_is_counted_not_a_500(settings):
+    # Its failure was counted under the whole name, longer than the
+    # throttle's column: a 500 on PostgreSQL, before anyone signed in.
+    settings.STRINGSIGHT_ADMIN_LOGIN_RATE = "2/15min"
+    client = Client()
+
+    answers = [
+        client.post(LOGIN, {"username": "a" * 400, "password": "wrong"}, REMOTE_ADDR="198.51.100.1")
+        for _ in range(3)
+    ]
+
+    assert [answer.status_code for answer in answers] == [200, 200, 200]
+    assert "Please enter the correct username and password" in answers[1].content.decode()
+    assert "Too many failed sign-ins for this username" in answers[2].content.decode()

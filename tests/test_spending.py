@@ -143,3 +143,76 @@ def test_a_single_extraction_the_daily_budget_cannot_pay_for_answers_429(api, se
     assert refused.json()["code"] == "daily_budget_exceeded"
     assert refused.json()["detail"].endswith("(STRINGSIGHT_USER_DAILY_BUDGET_USD)")
     assert ExtractJob.objects.count() == 0
+
+
+def stopped_yesterday(job, **fields) -> None:
+    """The job as if started yesterday and stopped then (by a cancel, or by
+    the daily budget), with `fields` spent."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    ExtractJob.objects.filter(pk=job.pk).update(
+        state="error", created_at=timezone.now() - timedelta(days=1, minutes=1), **fields
+    )
+    ExtractRow.objects.filter(job=job).update(status="cancelled")
+
+
+def test_a_resume_the_daily_budget_cannot_pay_for_answers_429_naming_it(api, user, settings):
+    job = make_job(user, simple_rows(20), model_name="gpt-4o-mini", max_tokens=1000)
+    stopped_yesterday(job)
+    settings.STRINGSIGHT_USER_DAILY_BUDGET_USD = 0.002  # 20 rows of up to 1,000 answer tokens: $0.012
+
+    refused = api.post(f"/api/jobs/{job.pk}/resume/", {}, format="json")
+
+    assert refused.status_code == 429
+    assert refused.json()["code"] == "daily_budget_exceeded"
+    assert refused.json()["detail"].endswith("(STRINGSIGHT_USER_DAILY_BUDGET_USD)")
+    job.refresh_from_db()
+    assert job.state == "error"
+    assert set(ExtractRow.objects.filter(job=job).values_list("status", flat=True)) == {"cancelled"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_job_resumed_on_a_later_day_stops_at_that_days_budget(user, sim, settings, no_background_worker):
+    from jobs.services import lifecycle
+
+    settings.STRINGSIGHT_USER_DAILY_BUDGET_USD = 0.01
+    job = make_job(user, simple_rows(20), model_name="gpt-4o-mini", max_tokens=200, max_workers=2)
+    stopped_yesterday(job, prompt_tokens=10**6)  # $0.15 spent yesterday: not today's
+    lifecycle.job_resume(job=job)
+    other = make_job(user, simple_rows(1), model_name="gpt-4o-mini")
+    ExtractJob.objects.filter(pk=other.pk).update(
+        state="done", prompt_tokens=56_000, price_input_per_mtok=0.15, price_output_per_mtok=0.6
+    )  # $0.0084 of $0.01
+
+    run_job(job.id, base_url=sim.base_url)
+
+    job.refresh_from_db()
+    assert job.state == "error"
+    assert job.error.startswith("daily budget exceeded: $0.0")
+    done = ExtractRow.objects.filter(job=job, status="done").count()
+    assert 0 < done < 20
+    assert budgets.spent_today(owner_id=user.pk) <= 0.01
+
+
+def test_a_claim_counts_the_calls_in_flight_of_the_owners_other_jobs(user, settings):
+    from jobs.services import claims, lifecycle
+
+    first = make_job(user, simple_rows(20), model_name="gpt-4o-mini", max_tokens=1000)
+    second = make_job(user, simple_rows(20), model_name="gpt-4o-mini", max_tokens=1000)
+    for job in (first, second):
+        lifecycle.job_mark_running(job_id=job.id)
+    settings.STRINGSIGHT_USER_DAILY_BUDGET_USD = 0.01
+    # A call reserves its prompt and 2 x 1,000 answer tokens, about $0.0012:
+    # the budget holds eight calls in flight, whichever job makes them.
+    held = claims.claim_rows(job_id=first.id, worker_id="w1", limit=20).rows
+    more = claims.claim_rows(job_id=second.id, worker_id="w2", limit=20).rows
+
+    assert (len(held), len(more)) == (8, 0)
+    second.refresh_from_db()
+    assert second.state == "error"
+    assert second.error.startswith(
+        "daily budget exceeded: $0.0000 of STRINGSIGHT_USER_DAILY_BUDGET_USD $0.0100 spent today and "
+        "$0.0097 held by your other jobs' calls in flight; the next call would go over it"
+    )

@@ -126,6 +126,27 @@ def test_behind_a_trusted_proxy_the_address_it_saw_is_the_key(settings):
     }
 
 
+def test_an_address_longer_than_any_is_cut_to_fit_its_bucket(settings):
+    # With more proxies configured than there are, the hop taken is the
+    # client's say: as long as a header allows, past the bucket's column
+    # (a 500 on PostgreSQL).
+    settings.STRINGSIGHT_ALLOW_ANONYMOUS = True
+    settings.STRINGSIGHT_TRUSTED_PROXIES = 2
+    rate(settings, "1/h")
+    client = APIClient()
+
+    def start() -> int:
+        return client.post(
+            "/extract/jobs/start",
+            {"rows": simple_rows(1)},
+            format="json",
+            HTTP_X_FORWARDED_FOR="x" * 1000 + ", 198.51.100.7",
+        ).status_code
+
+    assert [start(), start()] == [201, 429]
+    assert list(ThrottleBucket.objects.values_list("ident", flat=True)) == ["address:" + "x" * 100]
+
+
 @pytest.mark.e2e
 @pytest.mark.django_db(transaction=True)
 def test_the_rate_holds_under_40_parallel_starts_across_two_web_processes(web_server, user):

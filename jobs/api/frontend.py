@@ -3,8 +3,13 @@
 shapes the frontend reads (see the README's "Using the StringSight
 frontend"). Views translate HTTP to service calls and back."""
 
+import io
+import math
+
+from django.conf import settings
 from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers
+from rest_framework.exceptions import ParseError, ValidationError
 from rest_framework.parsers import MultiPartParser
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
@@ -19,6 +24,7 @@ from ..services import options
 from ..services.errors import InvalidInput, with_field
 from .errors import error_response, flatten_errors
 from .hangup import client_socket, hung_up
+from .parsers import nested_deeper_than, within_value_limit
 from .permissions import JobAPIPermission
 from .serializers import MODE_CHOICE_ERROR, ErrorSerializer, RowsField, StartJobSerializer
 
@@ -254,7 +260,7 @@ class DetectAndValidateView(APIView):
                 field="file",
             )
         try:
-            rows = rowfiles.read_rows(upload.file, rowfiles.input_format(upload.name or ""))
+            rows = read_upload(upload)
         except rowfiles.RowFileError as exc:
             return error_response(400, f"file: {upload.name}: {exc}", "invalid", field="file")
         if not isinstance(rows, list):
@@ -266,6 +272,34 @@ class DetectAndValidateView(APIView):
                 field="file",
             )
         return Response(detect_payload(rows))
+
+
+def read_upload(upload):
+    """The upload's rows, read under a start's own limits on values, rows and
+    nesting. JSON is counted from its bytes before any row is built, as a
+    start's body is: a 20 MB file of `{}` lines became 7 million dicts."""
+    kind = rowfiles.input_format(upload.name or "")
+    stream = upload.file
+    if kind in ("json", "jsonl"):
+        content = upload.read()
+        try:
+            within_value_limit(content, "utf-8", lines=kind == "jsonl")
+        except ParseError as exc:
+            raise rowfiles.RowFileError(str(exc.detail).removeprefix("JSON parse error - ")) from None
+        except ValidationError as exc:
+            raise rowfiles.RowFileError(str(exc.detail["rows"][0])) from None
+        stream = io.BytesIO(content)
+    rows = rowfiles.read_rows(
+        stream,
+        kind,
+        max_values=settings.STRINGSIGHT_MAX_JSON_VALUES,
+        max_bytes=settings.STRINGSIGHT_MAX_REQUEST_BYTES,
+    )
+    depth = settings.STRINGSIGHT_MAX_JSON_DEPTH
+    # Counted as in the body of a start holding these rows.
+    if nested_deeper_than({"rows": rows}, depth):
+        raise rowfiles.RowFileError(f"nested deeper than {depth} levels (STRINGSIGHT_MAX_JSON_DEPTH)")
+    return rows
 
 
 def detect_payload(rows: list) -> dict:
@@ -293,6 +327,18 @@ def detect_payload(rows: list) -> dict:
         "missing": [column for column in required if any(column not in row for row in objects)],
         "row_count": len(rows),
         "columns": list(dict.fromkeys(str(column) for row in objects for column in row)),
-        "preview": rows[:PREVIEW_ROWS],
+        "preview": [json_safe(row) for row in rows[:PREVIEW_ROWS]],
         "error": error,
     }
+
+
+def json_safe(value):
+    """`value` as a start stores it: JSON has neither NaN nor infinity, which
+    a file may hold (Python's json writes NaN, 1e999 reads as infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [json_safe(item) for item in value]
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    return value

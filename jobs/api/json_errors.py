@@ -12,6 +12,7 @@ import uuid
 from django.core.exceptions import BadRequest, PermissionDenied, SuspiciousOperation
 from django.http import Http404, JsonResponse
 from django.http.multipartparser import MultiPartParserError
+from django.middleware.common import CommonMiddleware
 from django.views import defaults
 
 from .errors import error_response
@@ -19,6 +20,7 @@ from .errors import error_response
 log = logging.getLogger("stringsight.errors")
 
 HTML_PREFIXES = ("/admin/",)
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 # Exceptions Django answers with a 4xx of its own (see response_for_exception).
 CLIENT_ERRORS = (Http404, PermissionDenied, BadRequest, SuspiciousOperation, MultiPartParserError)
 CODES = {
@@ -67,8 +69,19 @@ class JSONErrorsMiddleware:
 
     def __init__(self, get_response):
         self.get_response = get_response
+        self.common = CommonMiddleware(get_response)
 
     def __call__(self, request):
+        if (
+            request.method not in SAFE_METHODS
+            and not request.path.startswith(HTML_PREFIXES)
+            and self.common.should_redirect_with_slash(request)
+        ):
+            # CommonMiddleware would redirect, and a client follows a 301
+            # with a GET (a start became a list of jobs); with DEBUG it raises.
+            return error_response(
+                404, f"not found: {request.path} (the path ends with a slash: {request.path}/)", "not_found"
+            )
         response = self.get_response(request)
         if response.status_code < 400 or request.path.startswith(HTML_PREFIXES):
             return response

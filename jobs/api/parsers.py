@@ -1,11 +1,12 @@
 import io
+import re
 
 import ijson
 from django.conf import settings
 from rest_framework.exceptions import ParseError, ValidationError
 from rest_framework.parsers import JSONParser
 
-from extraction.rows import LONE_SURROGATE, holds_lone_surrogates
+from extraction.rows import LONE_SURROGATE, holds_lone_surrogates, non_finite_path
 from stringsight_site import perf
 
 
@@ -30,9 +31,12 @@ class LimitedJSONParser(JSONParser):
 
         def standard(text: bytes):
             data = super(LimitedJSONParser, self).parse(io.BytesIO(text), media_type, parser_context)
-            # orjson refuses unpaired surrogates, so only this path can let one in.
+            # orjson refuses unpaired surrogates and 1e400, so only this path can let them in.
             if holds_lone_surrogates(text, data):  # it used to be a 500
                 raise ParseError(f"JSON parse error - {LONE_SURROGATE}")
+            if _MAY_OVERFLOW.search(text) and (where := non_finite_path(data)) is not None:
+                # In a row it was stored as null; in a field, DRF called it not a number.
+                raise ValidationError({where: [NOT_FINITE]})
             return data
 
         try:
@@ -47,6 +51,12 @@ class LimitedJSONParser(JSONParser):
                 f"JSON parse error - nested deeper than {limit} levels (STRINGSIGHT_MAX_JSON_DEPTH)"
             )
         return data
+
+
+NOT_FINITE = "expected a finite number, got one too large for a float (JSON has no infinity)"
+# A float literal beyond a double: an exponent of three digits, or 309
+# digits before the point (a longer integer stays an int).
+_MAY_OVERFLOW = re.compile(rb"[0-9][eE]\+?[0-9]{3}|[0-9]{309}")
 
 
 def nested_deeper_than(value, limit: int) -> bool:
@@ -76,14 +86,16 @@ def value_bound(body: bytes) -> int:
     return len(body.translate(None, _STRUCTURE)) + 1
 
 
-def within_value_limit(body: bytes, encoding: str) -> None:
+def within_value_limit(body: bytes, encoding: str, *, lines: bool = False) -> None:
     """Refuse a body that would hold more values than
     STRINGSIGHT_MAX_JSON_VALUES, or more rows than STRINGSIGHT_MAX_ROWS,
     before it becomes Python objects. Most bodies pass on the bound alone;
     a denser one is walked by ijson's C parser without building anything,
-    counting values and the rows of a start until a limit is passed."""
+    counting values and the rows of a start until a limit is passed. With
+    `lines`, the body is JSON Lines (an uploaded file), each value a row."""
     limit = settings.STRINGSIGHT_MAX_JSON_VALUES
-    bound = value_bound(body)
+    # A line's first value follows a line break, not a comma or bracket.
+    bound = value_bound(body) + (body.count(b"\n") if lines else 0)
     if bound <= limit:
         return
     if encoding.lower().replace("_", "-") not in ("utf-8", "utf8"):
@@ -92,7 +104,7 @@ def within_value_limit(body: bytes, encoding: str) -> None:
         except (LookupError, UnicodeError):
             return  # the parser refuses it with its own message
     try:
-        count_values(body, value_limit=limit, row_limit=settings.STRINGSIGHT_MAX_ROWS)
+        count_values(body, value_limit=limit, row_limit=settings.STRINGSIGHT_MAX_ROWS, lines=lines)
     except ijson.JSONError as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "not JSON"
         if "overflow" not in first_line:
@@ -104,19 +116,21 @@ def within_value_limit(body: bytes, encoding: str) -> None:
         ) from None
 
 
-def count_values(body: bytes, *, value_limit: int, row_limit: int) -> tuple[int, int]:
-    """(values, rows in a top-level "rows" list), stopping with a 400 at the
-    first value or row beyond its limit. Memory stays flat: only events."""
+def count_values(body: bytes, *, value_limit: int, row_limit: int, lines: bool = False) -> tuple[int, int]:
+    """(values, rows in a top-level "rows" list, or with `lines` the values
+    of JSON Lines), stopping with a 400 at the first value or row beyond its
+    limit. Memory stays flat: only events."""
     values = rows = depth = 0
-    key = rows_depth = None
-    for event, value in ijson.basic_parse(body, use_float=True):
+    key = None
+    rows_depth = 0 if lines else None
+    for event, value in ijson.basic_parse(body, use_float=True, multiple_values=lines):
         if event == "map_key":
             if depth == 1:
                 key = value
             continue
         if event in ("end_map", "end_array"):
             depth -= 1
-            if depth == 1:
+            if depth == 1 and not lines:
                 rows_depth = None
             continue
         values += 1
@@ -132,6 +146,6 @@ def count_values(body: bytes, *, value_limit: int, row_limit: int) -> tuple[int,
                 )
         if event in ("start_map", "start_array"):
             depth += 1
-            if event == "start_array" and depth == 2 and key == "rows":
+            if event == "start_array" and depth == 2 and key == "rows" and not lines:
                 rows_depth = 2
     return values, rows

@@ -33,6 +33,9 @@ def caller_ident(request) -> str:
     return f"address:{client_address(request)}"
 
 
+ADDRESS_CHARS = 100  # an IPv6 address with a port and a zone takes about 60
+
+
 def client_address(request) -> str:
     """The connection's address; behind STRINGSIGHT_TRUSTED_PROXIES proxies,
     the address the farthest of them saw (each proxy appends the address it
@@ -43,4 +46,6 @@ def client_address(request) -> str:
     if not proxies:
         return remote
     hops = [hop.strip() for hop in request.META.get("HTTP_X_FORWARDED_FOR", "").split(",") if hop.strip()]
-    return hops[-proxies] if len(hops) >= proxies else remote
+    # Cut to fit a throttle bucket: with more proxies set than there are,
+    # the hop is the client's say, as long as a header allows.
+    return hops[-proxies][:ADDRESS_CHARS] if len(hops) >= proxies else remote

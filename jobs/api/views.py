@@ -4,6 +4,7 @@ service calls and back."""
 
 import hashlib
 import json
+import re
 import uuid
 
 from django.core.exceptions import ValidationError as DjangoValidationError
@@ -51,6 +52,9 @@ JOB_ID_QUERY = OpenApiParameter(
 )
 JOB_ID_PATH = OpenApiParameter("job_id", str, OpenApiParameter.PATH, description="The job's UUID.")
 IDEMPOTENCY_KEY = "Idempotency-Key"
+# C0 controls and DEL; bytes 0x80-0x9f stay allowed, as a header's
+# non-ASCII bytes arrive decoded as Latin-1.
+KEY_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 IDEMPOTENCY_KEY_HEADER = OpenApiParameter(
     IDEMPOTENCY_KEY,
     str,
@@ -412,6 +416,11 @@ def idempotent_start(request) -> IdempotentStart | None:
         raise ValidationError({IDEMPOTENCY_KEY: ["the header is empty; send a unique key, or no header"]})
     if len(key) > 255:
         raise ValidationError({IDEMPOTENCY_KEY: [f"{len(key)} characters is more than the limit of 255"]})
+    if KEY_CONTROL_CHARACTERS.search(key):
+        # The key is stored as it is, and PostgreSQL cannot hold a NUL.
+        raise ValidationError(
+            {IDEMPOTENCY_KEY: ["the key holds a control character (such as NUL); send printable text"]}
+        )
     digest = hashlib.sha256(request.content_type.partition(";")[0].strip().lower().encode())
     digest.update(b"\n")
     digest.update(request.body)

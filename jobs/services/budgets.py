@@ -5,7 +5,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
-from django.db.models import F, FloatField, Sum
+from django.db.models import Count, F, FloatField, Q, Sum
+from django.db.models.functions import Length
 from django.utils import timezone
 
 from extraction.render import render_row
@@ -15,6 +16,7 @@ from ..events import log_event
 from ..models import (
     ACTIVE_STATES,
     ExtractJob,
+    ExtractRow,
     JobMode,
     JobState,
     RowStatus,
@@ -71,15 +73,26 @@ DAILY_BUDGET_EXCEEDED = "daily_budget_exceeded"
 
 def estimate_cost(params: "JobParams", texts: list[str]) -> float | None:
     """The most a job of these rows (their JSON texts) may cost at its
-    mode's price, or None without a price: a row's prompt is about its JSON
-    text (a little more than what is rendered), four characters a token;
-    its answer at most max_tokens."""
-    price_input, price_output = price_for(params.model_name, params.mode) or (None, None)
-    if price_input is None:
+    mode's price, or None without a price: a row's prompt is about its JSON text (a little more
+    than what is rendered), four characters a token; its answer at most
+    max_tokens."""
+    return _estimate(
+        price_for(params.model_name, params.mode),
+        system_prompt=params.resolved_system_prompt,
+        max_tokens=params.max_tokens,
+        rows=len(texts),
+        row_chars=sum(map(len, texts)),
+    )
+
+
+def _estimate(
+    prices: tuple[float, float] | None, *, system_prompt: str, max_tokens: int, rows: int, row_chars: int
+) -> float | None:
+    if prices is None:
         return None
-    prompt_chars = len(texts) * len(params.resolved_system_prompt) + sum(map(len, texts))
-    prompt_tokens = prompt_chars / 4 + len(texts)
-    return (prompt_tokens * price_input + len(texts) * params.max_tokens * price_output) / 1e6
+    price_input, price_output = prices
+    prompt_tokens = (rows * len(system_prompt) + row_chars) / 4 + rows
+    return (prompt_tokens * price_input + rows * max_tokens * price_output) / 1e6
 
 
 def _start_of_day(now=None):
@@ -87,7 +100,10 @@ def _start_of_day(now=None):
 
 
 def _jobs_of_today(owner_id):
-    jobs = ExtractJob.objects.filter(created_at__gte=_start_of_day())
+    """Jobs started today, and jobs resumed today that started earlier
+    (daily_since is only ever set after the start's day)."""
+    start = _start_of_day()
+    jobs = ExtractJob.objects.filter(Q(created_at__gte=start) | Q(daily_since__gte=start))
     return jobs.filter(owner_id=owner_id) if owner_id is not None else jobs.filter(owner__isnull=True)
 
 
@@ -97,17 +113,56 @@ _COST = (
 
 
 def spent_today(*, owner_id) -> float:
-    """What the owner's jobs started today (UTC) have cost so far; anonymous
-    callers share one budget."""
-    return _jobs_of_today(owner_id).aggregate(spent=Sum(_COST, output_field=FloatField()))["spent"] or 0.0
+    """What the owner's jobs have cost so far today (UTC): those started
+    today, and what those resumed today have cost since; anonymous callers
+    share one budget."""
+    spent = Sum(_COST - F("daily_cost_before_usd"), output_field=FloatField())
+    return _jobs_of_today(owner_id).aggregate(spent=spent)["spent"] or 0.0
 
 
-def check_daily_budget(*, owner, model_name: str, estimate: float | None) -> None:
-    """At start: the owner's spend today, plus what their running jobs may
-    still spend (their estimates less their cost so far), plus this job's
-    estimate, must stay within STRINGSIGHT_USER_DAILY_BUDGET_USD, else
-    LimitReached. The owner is locked meanwhile, so two starts cannot both
-    take the last of it."""
+def held_by_other_jobs(*, owner_id, job_id) -> float:
+    """What the calls in flight of the owner's other jobs of today reserved,
+    in USD: the daily budget holds them as a job's budget holds its own."""
+    jobs = _jobs_of_today(owner_id).filter(state=JobState.RUNNING).exclude(pk=job_id)
+    rows = ExtractRow.objects.filter(job__in=jobs, status=RowStatus.RUNNING)
+    held = (
+        F("reserved_prompt_tokens") * F("job__price_input_per_mtok")
+        + F("reserved_completion_tokens") * F("job__price_output_per_mtok")
+    ) / 1e6
+    return rows.aggregate(held=Sum(held, output_field=FloatField()))["held"] or 0.0
+
+
+def daily_budget_on_resume(job: ExtractJob, rows, *, now) -> dict[str, Any]:
+    """Inside a resume, with the job locked and `rows` (a queryset) the rows
+    it reopens: the job's changes so that its owner's daily budget keeps
+    it as it keeps a start. A job that started on an earlier day counts
+    towards today from now on; with a daily budget, its estimate becomes
+    its cost so far plus the reopened rows', checked as a start's is
+    (LimitReached)."""
+    changes: dict[str, Any] = {}
+    if (job.daily_since or job.created_at) < _start_of_day(now):
+        changes.update(daily_since=now, daily_cost_before_usd=job.cost_usd or 0.0)
+    if settings.STRINGSIGHT_USER_DAILY_BUDGET_USD is None:
+        return changes
+    reopened = rows.aggregate(count=Count("id"), chars=Sum(Length("data")))
+    estimate = _estimate(
+        (job.price_input_per_mtok, job.price_output_per_mtok) if job.has_prices else None,
+        system_prompt=job.resolved_system_prompt,
+        max_tokens=job.max_tokens,
+        rows=reopened["count"],
+        row_chars=reopened["chars"] or 0,
+    )
+    check_daily_budget(owner_id=job.owner_id, model_name=job.model_name, estimate=estimate)
+    changes["estimated_cost_usd"] = None if estimate is None else job.cost_usd + estimate
+    return changes
+
+
+def check_daily_budget(*, owner_id, model_name: str, estimate: float | None) -> None:
+    """At start (or resume): the owner's spend today, plus what their
+    running jobs may still spend (their estimates less their cost so far),
+    plus this job's estimate, must stay within
+    STRINGSIGHT_USER_DAILY_BUDGET_USD, else LimitReached. The owner is
+    locked meanwhile, so two starts cannot both take the last of it."""
     limit = settings.STRINGSIGHT_USER_DAILY_BUDGET_USD
     if limit is None:
         return
@@ -117,7 +172,6 @@ def check_daily_budget(*, owner, model_name: str, estimate: float | None) -> Non
             f"no price is known for model {model_name!r}, so STRINGSIGHT_USER_DAILY_BUDGET_USD "
             "cannot be kept; add it to STRINGSIGHT_PRICES",
         )
-    owner_id = owner.pk if owner is not None else None
     lock_owner(owner_id)
     jobs = _jobs_of_today(owner_id)
     reserved = sum(
@@ -201,14 +255,20 @@ def within_budget(
     return affordable
 
 
-def end_over_budget(job: ExtractJob, *, now, daily_left: float | None = None) -> None:
+def end_over_budget(
+    job: ExtractJob, *, now, daily_left: float | None = None, held_elsewhere: float = 0.0
+) -> None:
     unfinished = job.count_total - job.count_done - job.count_failed
     daily = settings.STRINGSIGHT_USER_DAILY_BUDGET_USD
     job_budget_left = job.max_cost_usd - job.cost_usd if job.max_cost_usd is not None else float("inf")
     if daily_left is not None and daily_left < job_budget_left:
+        held = ""
+        if held_elsewhere:
+            held = f" and ${held_elsewhere:.4f} held by your other jobs' calls in flight"
         error = (
-            f"daily budget exceeded: ${daily - daily_left:.4f} of STRINGSIGHT_USER_DAILY_BUDGET_USD "
-            f"${daily:.4f} spent today; the next call would go over it, so {unfinished} rows were not run"
+            f"daily budget exceeded: ${daily - daily_left - held_elsewhere:.4f} of "
+            f"STRINGSIGHT_USER_DAILY_BUDGET_USD ${daily:.4f} spent today{held}; the next call would go "
+            f"over it, so {unfinished} rows were not run"
         )
         end_job(job, error=error, now=now)
         return

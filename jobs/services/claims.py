@@ -25,7 +25,7 @@ from ..models import (
     RowStatus,
     WorkerSlots,
 )
-from .budgets import Reservation, end_over_budget, spent_today, within_budget
+from .budgets import Reservation, end_over_budget, held_by_other_jobs, spent_today, within_budget
 from .cache import remember_answers
 from .sql import ClaimedRow, finish_rows, insert_properties, lock_if_running, take_pending_rows
 
@@ -103,15 +103,16 @@ def claim_rows(*, job_id, worker_id: str, limit: int) -> Claim:
                 "id", "index", "question_id", "data", "input_index"
             )[:limit]
         )
-        daily_left = None
+        daily_left, held_elsewhere = None, 0.0
         if daily is not None and job.has_prices:
             # The owner's spend today includes this job's; its calls in
-            # flight are counted by within_budget.
-            daily_left = daily - spent_today(owner_id=job.owner_id)
+            # flight are counted by within_budget, their other jobs' here.
+            held_elsewhere = held_by_other_jobs(owner_id=job.owner_id, job_id=job_id)
+            daily_left = daily - spent_today(owner_id=job.owner_id) - held_elsewhere
         reserved = Reservation(held["prompt"] or 0, held["completion"] or 0)
         affordable = within_budget(job, picked, reserved, daily_left=daily_left)
         if picked and not affordable and not running:
-            end_over_budget(job, now=now, daily_left=daily_left)
+            end_over_budget(job, now=now, daily_left=daily_left, held_elsewhere=held_elsewhere)
             return Claim(rows=[], job_running=False, pending_left=False)
         ExtractRow.objects.filter(pk__in=[row["id"] for row, _ in affordable]).update(
             status=RowStatus.RUNNING,

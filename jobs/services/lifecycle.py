@@ -29,7 +29,13 @@ from ..models import (
     Property,
     RowStatus,
 )
-from .budgets import check_daily_budget, estimate_cost, price_for, require_price
+from .budgets import (
+    check_daily_budget,
+    daily_budget_on_resume,
+    estimate_cost,
+    price_for,
+    require_price,
+)
 from .claims import claim_rows
 from .errors import JobConflict
 from .idempotency import IdempotentStart, StartOutcome, start_replay, take_idempotency_key
@@ -57,8 +63,9 @@ def job_start(
     texts = [encoded_rows[at] if encoded_rows else encode_row(rows[at]) for at in picked]
     estimate = estimate_cost(params, texts)
     with transaction.atomic():
-        check_active_jobs(owner_id=owner.pk if owner is not None else None)
-        check_daily_budget(owner=owner, model_name=params.model_name, estimate=estimate)
+        owner_id = owner.pk if owner is not None else None
+        check_active_jobs(owner_id=owner_id)
+        check_daily_budget(owner_id=owner_id, model_name=params.model_name, estimate=estimate)
         job = _create_job(owner=owner, params=params, count_total=len(picked), estimated_cost_usd=estimate)
         if idempotency is not None:
             # Before the rows: a concurrent start with the same key waits
@@ -104,8 +111,9 @@ def single_row_start(
     not pay for the call). Raises LimitReached as job_start does."""
     estimate = estimate_cost(params, [encoded_row])
     with transaction.atomic():
-        check_active_jobs(owner_id=owner.pk if owner is not None else None)
-        check_daily_budget(owner=owner, model_name=params.model_name, estimate=estimate)
+        owner_id = owner.pk if owner is not None else None
+        check_active_jobs(owner_id=owner_id)
+        check_daily_budget(owner_id=owner_id, model_name=params.model_name, estimate=estimate)
         job = _create_job(
             owner=owner, params=params, count_total=1, kind=JobKind.SINGLE, estimated_cost_usd=estimate
         )
@@ -263,6 +271,7 @@ def job_resume(
         if locked.mode == JobMode.BATCH:
             # Rows a batch still holds come back with its import.
             rows = rows.exclude(pk__in=rows_at_provider(job.pk).values("pk"))
+        budget_changes = daily_budget_on_resume(locked, rows, now=timezone.now())
         retried_failures = rows.filter(status=RowStatus.FAILED).count() if retry_failed else 0
         reopened = rows.update(
             status=RowStatus.PENDING,
@@ -280,6 +289,7 @@ def job_resume(
             "finished_at": None,
             "cancelled_at": None,
             "count_failed": F("count_failed") - retried_failures,
+            **budget_changes,
         }
         if max_cost_usd is not None:
             changes["max_cost_usd"] = max_cost_usd
