@@ -139,9 +139,9 @@ async def extract_row(
     messages = messages or build_messages(row, spec)
     first = await _ask(client, messages, row, question_id=question_id, spec=spec, gate=gate)
     outcome = first
-    if _unusable_answer(first):
+    if unusable_answer(first):
         second = await _ask(client, messages, row, question_id=question_id, spec=spec, gate=gate)
-        outcome = _asked_twice(first, second)
+        outcome = asked_twice(first, second)
     # Only answers that gave properties are worth reusing: a failed answer
     # should be asked again next time.
     if outcome.error is None:
@@ -176,13 +176,13 @@ async def _ask(
     return outcome_from_answer(text, row, question_id=question_id, spec=spec, completion=completion)
 
 
-def _unusable_answer(outcome: RowOutcome) -> bool:
+def unusable_answer(outcome: RowOutcome) -> bool:
     """The LLM answered, but with no valid property (not a refusal, nor a
     call that failed for good: asking again would not change those)."""
     return outcome.error is not None and outcome.error.startswith(NO_PROPERTY)
 
 
-def _asked_twice(first: RowOutcome, second: RowOutcome) -> RowOutcome:
+def asked_twice(first: RowOutcome, second: RowOutcome) -> RowOutcome:
     """The second answer's outcome, paying for both calls; if it failed
     too, its error gives both reasons."""
     second.attempts += first.attempts

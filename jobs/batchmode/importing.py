@@ -20,11 +20,14 @@ from django.db.models import F
 from django.utils import timezone
 from django_q.tasks import async_task
 
-# The online extraction's rule for asking again is reused as it is (private
-# there, since only extract_row needed it until now).
-from extraction.extract import NO_PROPERTY, CacheKeys, RowOutcome, build_messages
-from extraction.extract import _asked_twice as asked_twice
-from extraction.extract import _unusable_answer as unusable_answer
+from extraction.extract import (
+    NO_PROPERTY,
+    CacheKeys,
+    RowOutcome,
+    asked_twice,
+    build_messages,
+    unusable_answer,
+)
 from extraction.llm import redact
 
 from ..events import log_event
