@@ -29,6 +29,7 @@ from bench import (
     b10_body_memory,
     b11_fairness,
     b12_provider_limits,
+    b13_batch,
     harness,
 )
 
@@ -46,6 +47,7 @@ BENCHMARKS = {
     "10": b10_body_memory,
     "11": b11_fairness,
     "12": b12_provider_limits,
+    "13": b13_batch,
 }
 
 
