@@ -18,6 +18,16 @@ class ApiError(RuntimeError):
     pass
 
 
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    """Poll `predicate` until it returns something true, and return that."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise ApiError(f"timed out waiting for {what}")
+        time.sleep(interval)
+    return value
+
+
 class Response:
     def __init__(self, status: int, body: bytes, seconds: float):
         self.status = status

@@ -14,14 +14,13 @@
 """
 
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: the repository root must be importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import harness
-from bench.api import Api, ApiError, timestamp
+from bench.api import Api, timestamp, wait_for
 from bench.measure import Report
 from bench.rows import airline_rows, start_body
 
@@ -51,15 +50,6 @@ def users(session, count: int, web) -> list[Api]:
 
 def start(api: Api, rows: list[dict], **params) -> str:
     return api.expect(api.start(start_body(rows, **params)), 201)["job_id"]
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise ApiError(f"timed out waiting for {what}")
-        time.sleep(interval)
-    return value
 
 
 def job_times(job_id) -> dict:

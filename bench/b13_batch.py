@@ -13,14 +13,13 @@ use_cache false, so neither is answered from the other's answers.
 """
 
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: the repository root must be importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import harness
-from bench.api import ApiError, job_figures, run_job
+from bench.api import job_figures, run_job, wait_for
 from bench.measure import Report
 from bench.rows import airline_rows, rows_description, start_body
 
@@ -38,15 +37,6 @@ def build_parser():
         "--lines-per-second", type=float, help="the simulator's batch speed in the cancel trial (50; smoke 4)"
     )
     return parser
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise ApiError(f"timed out waiting for {what}")
-        time.sleep(interval)
-    return value
 
 
 def job_record(job_id: str):
@@ -140,10 +130,13 @@ def cancel_trial(session: harness.Session, report: Report, rows: list[dict], *, 
             ),
             600,
             f"{started} lines completed at the provider",
+            0.1,
         )
         response = api.cancel(job_id)
         answer = api.expect(response)
-        wait_for(lambda: not pending_provider_results(job_id=job_id), 600, "the cancelled batch's import")
+        wait_for(
+            lambda: not pending_provider_results(job_id=job_id), 600, "the cancelled batch's import", 0.1
+        )
     completed = {
         int(line["custom_id"].split(":")[1])
         for line in session.simulator.batch_lines()

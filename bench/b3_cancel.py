@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script: the repository root must be im
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import harness
-from bench.api import Api, ApiError
+from bench.api import Api, ApiError, wait_for
 from bench.measure import Report, percentile
 from bench.rows import airline_rows, start_body
 
@@ -42,15 +42,6 @@ def build_parser():
     return parser
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.01):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise ApiError(f"timed out waiting for {what}")
-        time.sleep(interval)
-    return value
-
-
 def trial(
     session: harness.Session, api: Api, *, number: int, rows: int, in_flight: int, settle: float, run_for=0.0
 ):
@@ -58,7 +49,7 @@ def trial(
     since = simulator.stats()["requests_total"]
     body = start_body(airline_rows(rows, first=number * rows), max_workers=in_flight)
     job_id = api.expect(api.start(body), 201)["job_id"]
-    wait_for(lambda: simulator.stats()["in_flight"] >= in_flight, 60, f"{in_flight} calls in flight")
+    wait_for(lambda: simulator.stats()["in_flight"] >= in_flight, 60, f"{in_flight} calls in flight", 0.01)
     time.sleep(run_for)
 
     cancel_sent = time.time()
@@ -66,7 +57,7 @@ def trial(
     answer = api.expect(response)
     if answer["state"] != "cancelled":
         raise ApiError(f"cancel answered {answer}")
-    wait_for(lambda: simulator.stats()["in_flight"] == 0, 30, "every call to end")
+    wait_for(lambda: simulator.stats()["in_flight"] == 0, 30, "every call to end", 0.01)
     # A call that starts late would show up in this time.
     time.sleep(settle)
 

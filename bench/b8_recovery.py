@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: the repository root must be im
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import harness
-from bench.api import ApiError, timestamp
+from bench.api import ApiError, timestamp, wait_for
 from bench.measure import Report
 from bench.rows import airline_rows, rows_description, start_body
 
@@ -42,15 +42,6 @@ def build_parser():
     parser.add_argument("--max-workers", type=int, help="the job's concurrency (default 16, smoke 2)")
     parser.add_argument("--kill-after", type=float, default=0.2, help="share of rows done at the kill")
     return parser
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise ApiError(f"timed out waiting for {what}")
-        time.sleep(interval)
-    return value
 
 
 def kill(cluster) -> float:
