@@ -88,6 +88,12 @@ def add_arguments(parser: argparse.ArgumentParser):
         default=defaults.batch_cancel_seconds,
         help="how long a batch stays cancelling (its lines go on) before it is cancelled",
     )
+    parser.add_argument(
+        "--batch-create-delay-seconds",
+        type=float,
+        default=defaults.batch_create_delay_seconds,
+        help="how long POST /v1/batches waits, the batch already created, before answering",
+    )
 
 
 def options_from(arguments: dict) -> SimulatorOptions:

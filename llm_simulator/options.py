@@ -56,6 +56,9 @@ class SimulatorOptions:
     batch_expiry_seconds: float = 86400.0
     # How long a batch stays cancelling before it is cancelled; its lines go on meanwhile.
     batch_cancel_seconds: float = 0.2
+    # How long POST /v1/batches waits before answering; the batch is created first, so
+    # a client that dies meanwhile leaves a batch it never learnt the id of.
+    batch_create_delay_seconds: float = 0.0
 
     def __post_init__(self):
         for name in ("latency_ms", "jitter_ms"):
@@ -116,7 +119,7 @@ def check_batch_options(options) -> None:
     """Raise OptionError naming a bad Batch API option."""
     if not isinstance(options.batch_api, bool):
         raise OptionError("batch_api must be true or false")
-    for name in ("batch_validating_seconds", "batch_cancel_seconds"):
+    for name in ("batch_validating_seconds", "batch_cancel_seconds", "batch_create_delay_seconds"):
         _check_number(name, getattr(options, name), maximum=math.inf)
     _check_number("batch_rate_failed", options.batch_rate_failed, maximum=1.0)
     for name in ("batch_lines_per_second", "batch_expiry_seconds"):

@@ -265,6 +265,8 @@ class _Server:
         handler = self.routes.get((request.method, request.path))
         if request.path.startswith(("/v1/files", "/v1/batches")) and self.simulator.options.batch_api:
             status, payload = self._batch_api(request)
+            if await self._create_answer_held(conn, request, status):
+                return False
         elif handler:
             status, payload = handler(request)
         elif any(path == request.path for _, path in self.routes):
@@ -293,6 +295,15 @@ class _Server:
             # Server shutdown or an unexpected error: the record must still end.
             simulator.end_call(call, aborted=True)
         return request.keep_alive
+
+    async def _create_answer_held(self, conn: _Connection, request: _Request, status: int) -> bool:
+        """Hold a created batch's answer batch_create_delay_seconds; True if the client left
+        meanwhile. The batch exists during the wait, as when a provider's answer is lost: a
+        client killed now leaves a batch that only its metadata can lead back to."""
+        delay = self.simulator.options.batch_create_delay_seconds
+        if (request.method, request.path, status) != ("POST", "/v1/batches", 200) or not delay:
+            return False
+        return await conn.closed_within(delay)
 
     async def _held_while_paused(self, conn: _Connection) -> bool:
         """Wait while the simulator is paused; True if the client left meanwhile."""

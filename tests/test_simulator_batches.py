@@ -225,6 +225,19 @@ def test_a_cancelled_batch_keeps_the_lines_answered_until_the_cancel_took_effect
     assert [line["status"] for line in sim.batch_lines()] == [200] * len(answered)
 
 
+def test_a_held_create_makes_the_batch_before_answering(client, sim):
+    # The client gives up before the answer: the batch exists all the same,
+    # found only by its metadata, and runs to its end.
+    sim.configure(batch_create_delay_seconds=30.0)
+
+    with pytest.raises(openai.APITimeoutError):
+        submit(client.with_options(timeout=2.0), numbered_lines(2), {"stringsight_batch": "held"})
+    listed = client.batches.list(limit=100).data
+
+    assert [batch.metadata for batch in listed] == [{"stringsight_batch": "held"}]
+    assert wait_until_ended(client, listed[0].id).status == "completed"
+
+
 def test_a_finished_batch_cannot_be_cancelled(client):
     batch = wait_until_ended(client, submit(client, numbered_lines(1)).id)
 
@@ -324,7 +337,14 @@ def test_batch_options_are_checked(sim):
 
 def test_the_command_line_sets_the_batch_options():
     process, base_url = start_simulator(
-        "--no-batch-api", "--batch-rate-failed", "0.25", "--batch-cancel-seconds", "3", command=MODULE
+        "--no-batch-api",
+        "--batch-rate-failed",
+        "0.25",
+        "--batch-cancel-seconds",
+        "3",
+        "--batch-create-delay-seconds",
+        "1.5",
+        command=MODULE,
     )
     try:
         config = SimulatorClient(base_url).config()
@@ -338,4 +358,5 @@ def test_the_command_line_sets_the_batch_options():
         "batch_rate_failed": 0.25,
         "batch_expiry_seconds": 86400.0,
         "batch_cancel_seconds": 3.0,
+        "batch_create_delay_seconds": 1.5,
     }
