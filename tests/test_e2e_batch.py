@@ -166,7 +166,9 @@ def test_a_worker_killed_between_upload_and_create_leaves_one_batch_and_every_ro
     job's task is dropped from the broker as a killed worker's would be,
     and the clock is moved past the time its create call could still be
     under way. A real worker then finds the record (its poll enqueues the
-    submission again) and creates the batch once."""
+    submission again) and creates the batch once. Here the create never
+    reached the provider; the real SIGKILL below covers a batch created
+    whose answer was lost."""
     job = start(airline_rows[:12], mode="batch")
     OrmQ.objects.all().delete()
     lifecycle.job_mark_running(job_id=job.pk)
@@ -192,6 +194,42 @@ def test_a_worker_killed_between_upload_and_create_leaves_one_batch_and_every_ro
     assert ProviderBatch.objects.filter(job=job).count() == 1
     assert (final.state, final.count_done) == (JobState.DONE, 12)
     assert sorted(row_of(line["custom_id"]) for line in sim.batch_lines()) == list(range(12))
+    assert final.properties_count == Property.objects.filter(job=job).count()
+
+
+def test_a_worker_sigkilled_while_its_create_is_unanswered_leaves_one_batch_and_every_row_once(
+    start_worker, sim, here_too, airline_rows
+):
+    """A real SIGKILL between upload and the create's answer: the simulator
+    creates the batch and holds its answer 30 s, longer than the workers'
+    LLM timeout (10 s), so the killed worker never learnt the batch's id.
+    A new cluster waits that timeout and a lease for the dead worker's
+    call, then finds the batch by its metadata instead of creating another."""
+    worker_settings = {**BATCH_WORKER, "STRINGSIGHT_LLM_TIMEOUT": "10", "STRINGSIGHT_LEASE_SECONDS": "2"}
+    sim.configure(batch_create_delay_seconds=30)
+    killed = start_worker("killed", **worker_settings)
+    job = start(airline_rows[:12], mode="batch")
+
+    def create_unanswered():
+        record = ProviderBatch.objects.filter(job=job, state="uploaded", batch_id="").first()
+        listed = here_too.client.batches.list(limit=100).data
+        return record and [b for b in listed if (b.metadata or {}).get("stringsight_batch") == str(record.pk)]
+
+    wait_for(create_unanswered)
+    killed.kill()
+    sim.configure(batch_create_delay_seconds=0)
+    start_worker("again", **worker_settings)
+    final = wait_for(lambda: ended(job))
+
+    record = ProviderBatch.objects.get(job=job)
+    at_provider = [(b.id, b.metadata) for b in here_too.client.batches.list(limit=100)]
+    # The worker died inside its create call, not after the call timed out.
+    assert "left to the recovery" not in killed.log_path.read_text()
+    assert at_provider == [(record.batch_id, {"stringsight_batch": str(record.pk)})]
+    assert (record.state, record.attempt) == ("imported", 1)
+    assert (final.state, final.count_done, final.count_failed) == (JobState.DONE, 12, 0)
+    assert sorted(row_of(line["custom_id"]) for line in sim.batch_lines()) == list(range(12))
+    assert set(ExtractRow.objects.filter(job=job).values_list("attempts", flat=True)) == {1}
     assert final.properties_count == Property.objects.filter(job=job).count()
 
 
