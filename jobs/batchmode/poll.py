@@ -11,7 +11,6 @@ from datetime import timedelta
 
 import openai
 from django.conf import settings
-from django.db import IntegrityError, transaction
 from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 from django_q.brokers import get_broker
@@ -22,12 +21,12 @@ from ..models import (
     ACTIVE_STATES,
     ExtractJob,
     ExtractRow,
-    Heartbeat,
     JobMode,
     ProviderBatch,
     ProviderBatchState,
     RowStatus,
 )
+from ..services.recovery import take_turn
 from .importing import import_batch
 from .provider import TERMINAL_STATUSES, BatchProvider
 from .records import OPEN_STATES
@@ -48,21 +47,12 @@ class PollReport:
 
 def poll_if_due(*, now=None) -> PollReport | None:
     """Poll unless some worker did within STRINGSIGHT_BATCH_POLL_SECONDS:
-    the conditional update of the poll's heartbeat lets one through per
-    interval, as for the sweep (recovery.sweep_if_due)."""
+    the poll's heartbeat lets one through per interval, as for the sweep."""
     now = now or timezone.now()
     if not _anything_to_poll():
         return None
-    due = now - timedelta(seconds=settings.STRINGSIGHT_BATCH_POLL_SECONDS)
-    beats = Heartbeat.objects.filter(name=POLL_HEARTBEAT)
-    if beats.filter(at__gt=due).exists():
+    if not take_turn(POLL_HEARTBEAT, seconds=settings.STRINGSIGHT_BATCH_POLL_SECONDS, now=now):
         return None
-    if not beats.filter(at__lte=due).update(at=now):
-        try:
-            with transaction.atomic():
-                Heartbeat.objects.create(name=POLL_HEARTBEAT, at=now)
-        except IntegrityError:
-            return None  # another worker polls just now
     return poll(now=now)
 
 

@@ -77,18 +77,26 @@ def sweep_if_due(*, now=None) -> SweepReport | None:
     per interval, on whichever machine. django-q2's own schedules cannot
     run more often than once a minute."""
     now = now or timezone.now()
-    due = now - timedelta(seconds=settings.STRINGSIGHT_SWEEP_SECONDS)
-    beats = Heartbeat.objects.filter(name="sweep")
+    if not take_turn("sweep", seconds=settings.STRINGSIGHT_SWEEP_SECONDS, now=now):
+        return None
+    return sweep(now=now)
+
+
+def take_turn(name: str, *, seconds: float, now) -> bool:
+    """True for one caller per `seconds`, across every worker process and
+    machine: the conditional UPDATE of the heartbeat `name` lets one through."""
+    due = now - timedelta(seconds=seconds)
+    beats = Heartbeat.objects.filter(name=name)
     # A read first: on SQLite it never waits for the write lock.
     if beats.filter(at__gt=due).exists():
-        return None
+        return False
     if not beats.filter(at__lte=due).update(at=now):
         try:
             with transaction.atomic():
-                Heartbeat.objects.create(name="sweep", at=now)
+                Heartbeat.objects.create(name=name, at=now)
         except IntegrityError:
-            return None  # another worker swept just now
-    return sweep(now=now)
+            return False  # another worker took this turn just now
+    return True
 
 
 def release_expired_leases(*, now) -> tuple[int, int]:
