@@ -106,16 +106,21 @@ def test_yesterdays_spend_does_not_count(api, user, settings):
     assert start(api, max_tokens=1000).status_code == 201
 
 
+def another_job_spent_today(user) -> None:
+    """A done job of the user's that spent $0.0084 today."""
+    other = make_job(user, simple_rows(1), model_name="gpt-4o-mini")
+    ExtractJob.objects.filter(pk=other.pk).update(
+        state="done", prompt_tokens=56_000, price_input_per_mtok=0.15, price_output_per_mtok=0.6
+    )
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_running_job_stops_at_the_daily_budget(user, sim, settings, no_background_worker):
     settings.STRINGSIGHT_USER_DAILY_BUDGET_USD = 0.01
     job = make_job(user, simple_rows(20), model_name="gpt-4o-mini", max_tokens=200, max_workers=2)
     # Another of the user's jobs spends all but a few calls' worth meanwhile
     # (a call reserves its prompt and 2 x 200 answer tokens, about $0.00026).
-    other = make_job(user, simple_rows(1), model_name="gpt-4o-mini")
-    ExtractJob.objects.filter(pk=other.pk).update(
-        state="done", prompt_tokens=56_000, price_input_per_mtok=0.15, price_output_per_mtok=0.6
-    )  # $0.0084 of $0.01
+    another_job_spent_today(user)  # $0.0084 of $0.01
 
     run_job(job.id, base_url=sim.base_url)
 
@@ -181,10 +186,7 @@ def test_a_job_resumed_on_a_later_day_stops_at_that_days_budget(user, sim, setti
     job = make_job(user, simple_rows(20), model_name="gpt-4o-mini", max_tokens=200, max_workers=2)
     stopped_yesterday(job, prompt_tokens=10**6)  # $0.15 spent yesterday: not today's
     lifecycle.job_resume(job=job)
-    other = make_job(user, simple_rows(1), model_name="gpt-4o-mini")
-    ExtractJob.objects.filter(pk=other.pk).update(
-        state="done", prompt_tokens=56_000, price_input_per_mtok=0.15, price_output_per_mtok=0.6
-    )  # $0.0084 of $0.01
+    another_job_spent_today(user)  # $0.0084 of $0.01
 
     run_job(job.id, base_url=sim.base_url)
 
